@@ -1,0 +1,1 @@
+//! Circuit breakers: one per scope key, with a pure state machine. (In progress.)

@@ -1,0 +1,213 @@
+//! Injectable time.
+//!
+//! Every decision in this crate is a pure function of stored state and a
+//! [`Timestamp`]. The middlewares read the time from a [`Clock`], so tests
+//! drive time with a [`ManualClock`] instead of sleeping.
+//!
+//! A [`Timestamp`] counts nanoseconds since the Unix epoch, so state written by
+//! one process (to a file or Redis) still means something to the next. The
+//! default [`SystemClock`] reads the wall clock once, at construction, and then
+//! advances with a monotonic counter: a wall-clock step (NTP, a suspended VM)
+//! never makes time run backwards inside a process.
+//!
+//! ```
+//! use pmcp_resilience::clock::{Clock, ManualClock};
+//! use std::time::Duration;
+//!
+//! let clock = ManualClock::new();
+//! let t0 = clock.now();
+//! clock.advance(Duration::from_millis(250));
+//! assert_eq!(clock.now().saturating_since(t0), Duration::from_millis(250));
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// A point in time: nanoseconds since the Unix epoch.
+///
+/// Small (one `u64`) so that it persists and ships as is.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The Unix epoch.
+    pub const ZERO: Timestamp = Timestamp(0);
+
+    /// A timestamp from nanoseconds since the Unix epoch.
+    pub const fn from_nanos(nanos: u64) -> Self {
+        Timestamp(nanos)
+    }
+
+    /// A timestamp from milliseconds since the Unix epoch (saturating).
+    pub const fn from_millis(millis: u64) -> Self {
+        Timestamp(millis.saturating_mul(1_000_000))
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub const fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// Milliseconds since the Unix epoch, rounded down.
+    pub const fn as_millis(self) -> u64 {
+        self.0 / 1_000_000
+    }
+
+    /// This timestamp plus `d`, saturating at the far future.
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(duration_nanos(d)))
+    }
+
+    /// This timestamp minus `d`, saturating at the epoch.
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_sub(duration_nanos(d)))
+    }
+
+    /// Time elapsed from `earlier` to `self`, or zero if `earlier` is later.
+    pub fn saturating_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    /// The same instant as a [`SystemTime`], for reporting.
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.0)
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Timestamp({}.{:09}s)",
+            self.0 / 1_000_000_000,
+            self.0 % 1_000_000_000
+        )
+    }
+}
+
+/// A [`Duration`] in nanoseconds, saturating at `u64::MAX` (about 584 years).
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A source of [`Timestamp`]s.
+///
+/// Implementations must be cheap (it is called on every request) and must not
+/// go backwards.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The production clock: wall time at start-up, advanced monotonically.
+///
+/// Reading it costs one `quanta` counter read (about 10 ns), not a system call.
+#[derive(Clone)]
+pub struct SystemClock {
+    counter: quanta::Clock,
+    origin_raw: u64,
+    origin_wall: u64,
+}
+
+impl fmt::Debug for SystemClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SystemClock")
+            .field("origin_wall", &Timestamp(self.origin_wall))
+            .finish()
+    }
+}
+
+impl SystemClock {
+    /// A clock anchored to the wall clock now.
+    pub fn new() -> Self {
+        let counter = quanta::Clock::new();
+        let origin_raw = counter.raw();
+        let origin_wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(duration_nanos)
+            .unwrap_or(0);
+        SystemClock {
+            counter,
+            origin_raw,
+            origin_wall,
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = self
+            .counter
+            .delta_as_nanos(self.origin_raw, self.counter.raw());
+        Timestamp(self.origin_wall.saturating_add(elapsed))
+    }
+}
+
+/// A clock that moves only when told to: for tests and simulations.
+///
+/// Clones share the same time.
+#[derive(Clone, Debug)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A manual clock starting at 2026-01-01T00:00:00Z (a realistic, non-zero time).
+    pub fn new() -> Self {
+        Self::starting_at(Timestamp::from_millis(1_767_225_600_000))
+    }
+
+    /// A manual clock starting at `start`.
+    pub fn starting_at(start: Timestamp) -> Self {
+        ManualClock {
+            nanos: Arc::new(AtomicU64::new(start.0)),
+        }
+    }
+
+    /// Move time forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let step = duration_nanos(d);
+        // fetch_update never fails with a closure that always returns Some.
+        let _ = self
+            .nanos
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(step))
+            });
+    }
+
+    /// Set the time; earlier values are ignored so the clock never goes back.
+    pub fn set(&self, to: Timestamp) {
+        self.nanos.fetch_max(to.0, Ordering::AcqRel);
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.nanos.load(Ordering::Acquire))
+    }
+}
+
+/// A shared clock handle, as the builders take it.
+pub type SharedClock = Arc<dyn Clock>;
+
+/// The default clock used by the builders.
+pub(crate) fn default_clock() -> SharedClock {
+    Arc::new(SystemClock::new())
+}

@@ -1,0 +1,53 @@
+//! Errors of this crate.
+//!
+//! Configuration mistakes are caught by the builders and returned as
+//! [`ConfigError`]; failures of a state store are [`StoreError`]s. Rejections
+//! of requests are pmcp's own errors (`pmcp::Error::CircuitBreakerOpen`,
+//! `pmcp::Error::RateLimited`), so existing callers keep working.
+
+use std::borrow::Cow;
+
+/// An invalid configuration, found when a builder's `build()` runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting has a value that cannot work.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The setting, as named by the builder method.
+        field: &'static str,
+        /// What is wrong and what to change.
+        reason: Cow<'static, str>,
+    },
+    /// The chosen persistence is not available in this build or for this middleware.
+    #[error("unsupported persistence: {0}")]
+    UnsupportedPersistence(Cow<'static, str>),
+}
+
+impl ConfigError {
+    /// An [`ConfigError::Invalid`] for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A failure of a state store (file, Redis, or a custom store).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored state could not be read (corrupt, truncated or foreign data).
+    #[error("stored state is corrupt: {0}")]
+    Corrupt(String),
+    /// An I/O error of a file store.
+    #[error("state store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Another failure, described.
+    #[error("state store error: {0}")]
+    Other(String),
+}

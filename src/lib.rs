@@ -1,0 +1,35 @@
+//! Scoped, persistent, observable circuit breakers and rate limiters for
+//! [pmcp](https://crates.io/crates/pmcp), the Rust SDK for the Model Context
+//! Protocol.
+//!
+//! The middlewares of this crate are drop-in replacements for pmcp's
+//! `CircuitBreakerMiddleware` and `RateLimitMiddleware`: they implement
+//! `pmcp::shared::AdvancedMiddleware` and reject with the same errors, but
+//! keep one breaker or limiter per key ([`scope::Scope`]), can keep their
+//! state in a file or Redis, and report what they do.
+//!
+//! # Layout
+//!
+//! - [`clock`]: injectable time; every decision is a pure function of state and time.
+//! - [`scope`]: how a request maps to a key.
+//! - [`registry`]: the bounded map of per-key state.
+//! - [`circuit_breaker`]: the breaker's state machine, middleware and metrics.
+//! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
+//! - [`persistence`]: where state lives (memory, file, Redis, your own store).
+//! - [`error`]: configuration and store errors.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod circuit_breaker;
+pub mod clock;
+pub mod error;
+pub mod persistence;
+pub mod rate_limit;
+pub mod registry;
+pub mod scope;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use error::{ConfigError, StoreError};
+pub use registry::{RegistryLimits, RegistryStats};
+pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};

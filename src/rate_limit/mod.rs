@@ -1,0 +1,1 @@
+//! Rate limiters: one per scope key, four strategies. (In progress.)

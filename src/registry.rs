@@ -1,0 +1,346 @@
+//! The bounded, sharded map of per-key state shared by breakers and limiters.
+//!
+//! Every key costs memory, and keys come from requests (session ids, tool
+//! names), so an untrusted client that rotates them must not be able to grow
+//! the map without bound. The registry enforces two limits:
+//!
+//! - **idle eviction**: a key not seen for [`RegistryLimits::idle_after`] is
+//!   dropped, but only when its state says dropping it loses nothing
+//!   ([`KeyState::is_evictable`]: a closed breaker, a limiter back at full
+//!   capacity). An open or half-open breaker is never evicted.
+//! - **a hard cap** of [`RegistryLimits::max_keys`]: when a new key arrives at
+//!   the cap, idle evictable keys of its shard are swept first; if the map is
+//!   still full, the request is served by the shared **overflow** entry
+//!   ([`OVERFLOW_KEY`]), so all keys beyond the cap share one breaker or one
+//!   limiter. Each such request is counted in [`RegistryStats::overflowed`].
+//!   Sharing errs on the safe side: a flood of new keys is limited together
+//!   instead of each getting a fresh budget.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+
+use crate::clock::Timestamp;
+use crate::error::ConfigError;
+use crate::scope::ScopeKey;
+
+/// The key that serves requests beyond the registry's cap.
+pub const OVERFLOW_KEY: &str = "overflow";
+
+/// Per-key state kept in a registry.
+pub(crate) trait KeyState: Send + 'static {
+    /// Whether the key can be dropped at `now` without changing any future
+    /// decision (it would be recreated in the same state).
+    fn is_evictable(&self, now: Timestamp) -> bool;
+}
+
+/// Bounds on the number of keys a breaker or limiter keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// Most keys kept at once (default 100,000).
+    pub max_keys: usize,
+    /// A key unused this long may be evicted if its state allows (default 10 minutes).
+    pub idle_after: Duration,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits {
+            max_keys: 100_000,
+            idle_after: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RegistryLimits {
+    /// Checks the limits, as the builders do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_keys == 0 {
+            return Err(ConfigError::invalid("max_keys", "must be at least 1"));
+        }
+        if self.idle_after.is_zero() {
+            return Err(ConfigError::invalid(
+                "idle_after",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Counters describing a registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    /// Keys held now (the overflow entry included).
+    pub keys: usize,
+    /// Keys dropped because they were idle and evictable.
+    pub evicted: u64,
+    /// Requests served by the overflow entry because the registry was full.
+    pub overflowed: u64,
+}
+
+struct Slot<S> {
+    key: ScopeKey,
+    hash: u64,
+    last_seen: Timestamp,
+    state: S,
+}
+
+#[repr(align(64))]
+struct Shard<S> {
+    table: Mutex<HashTable<Slot<S>>>,
+}
+
+/// A sharded map from [`ScopeKey`] to state, bounded by [`RegistryLimits`].
+pub(crate) struct Registry<S> {
+    shards: Box<[Shard<S>]>,
+    shard_mask: u64,
+    hasher: foldhash::quality::RandomState,
+    limits: RegistryLimits,
+    len: AtomicUsize,
+    evicted: AtomicU64,
+    overflowed: AtomicU64,
+}
+
+impl<S: KeyState> Registry<S> {
+    pub(crate) fn new(limits: RegistryLimits) -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let count = (threads * 8).next_power_of_two().clamp(16, 256);
+        let shards = (0..count)
+            .map(|_| Shard {
+                table: Mutex::new(HashTable::new()),
+            })
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        Registry {
+            shards,
+            shard_mask: (count - 1) as u64,
+            hasher: foldhash::quality::RandomState::default(),
+            limits,
+            len: AtomicUsize::new(0),
+            evicted: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn limits(&self) -> RegistryLimits {
+        self.limits
+    }
+
+    fn shard_of(&self, hash: u64) -> &Shard<S> {
+        // The table uses the low bits of the hash; the shard takes the high ones.
+        &self.shards[((hash >> 57) & self.shard_mask) as usize % self.shards.len()]
+    }
+
+    /// Runs `f` on the state of `key` under its shard's lock, creating the
+    /// state with `init` if the key is new. At the cap, `f` runs on the
+    /// overflow entry instead and the returned flag is `true`.
+    pub(crate) fn with<R>(
+        &self,
+        key: &str,
+        now: Timestamp,
+        init: impl FnOnce() -> S,
+        f: impl FnOnce(&mut S) -> R,
+    ) -> (R, bool) {
+        let hash = self.hasher.hash_one(key);
+        let shard = self.shard_of(hash);
+        let mut table = shard.table.lock();
+        if let Some(slot) = table.find_mut(hash, |s| s.key.as_str() == key) {
+            slot.last_seen = now;
+            return (f(&mut slot.state), false);
+        }
+        if self.len.load(Ordering::Relaxed) >= self.limits.max_keys {
+            self.sweep_locked(&mut table, now);
+        }
+        if self.len.load(Ordering::Relaxed) < self.limits.max_keys {
+            self.len.fetch_add(1, Ordering::Relaxed);
+            let slot = table
+                .insert_unique(
+                    hash,
+                    Slot {
+                        key: ScopeKey::new(key),
+                        hash,
+                        last_seen: now,
+                        state: init(),
+                    },
+                    |s| s.hash,
+                )
+                .into_mut();
+            return (f(&mut slot.state), false);
+        }
+        drop(table);
+        self.overflowed.fetch_add(1, Ordering::Relaxed);
+        (self.with_overflow(now, init, f), true)
+    }
+
+    fn with_overflow<R>(
+        &self,
+        now: Timestamp,
+        init: impl FnOnce() -> S,
+        f: impl FnOnce(&mut S) -> R,
+    ) -> R {
+        let hash = self.hasher.hash_one(OVERFLOW_KEY);
+        let mut table = self.shard_of(hash).table.lock();
+        // The overflow entry is allowed one place beyond the cap.
+        let slot = match table.find_mut(hash, |s| s.key.as_str() == OVERFLOW_KEY) {
+            Some(slot) => slot,
+            None => {
+                self.len.fetch_add(1, Ordering::Relaxed);
+                table
+                    .insert_unique(
+                        hash,
+                        Slot {
+                            key: ScopeKey::new(OVERFLOW_KEY),
+                            hash,
+                            last_seen: now,
+                            state: init(),
+                        },
+                        |s| s.hash,
+                    )
+                    .into_mut()
+            }
+        };
+        slot.last_seen = now;
+        f(&mut slot.state)
+    }
+
+    /// Runs `f` on the state of `key` if it exists.
+    pub(crate) fn peek<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+        let hash = self.hasher.hash_one(key);
+        let mut table = self.shard_of(hash).table.lock();
+        table
+            .find_mut(hash, |s| s.key.as_str() == key)
+            .map(|slot| f(&mut slot.state))
+    }
+
+    fn sweep_locked(&self, table: &mut HashTable<Slot<S>>, now: Timestamp) {
+        let idle_after = self.limits.idle_after;
+        let before = table.len();
+        table.retain(|slot| {
+            let idle = now.saturating_since(slot.last_seen) >= idle_after;
+            !(idle && slot.key.as_str() != OVERFLOW_KEY && slot.state.is_evictable(now))
+        });
+        let removed = before - table.len();
+        if removed > 0 {
+            self.len.fetch_sub(removed, Ordering::Relaxed);
+            self.evicted.fetch_add(removed as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops every idle, evictable key; returns how many were dropped.
+    pub(crate) fn evict_idle(&self, now: Timestamp) -> u64 {
+        let before = self.evicted.load(Ordering::Relaxed);
+        for shard in self.shards.iter() {
+            self.sweep_locked(&mut shard.table.lock(), now);
+        }
+        self.evicted.load(Ordering::Relaxed) - before
+    }
+
+    /// Visits every key and its state (one shard locked at a time).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&ScopeKey, &mut S)) {
+        for shard in self.shards.iter() {
+            let mut table = shard.table.lock();
+            for slot in table.iter_mut() {
+                f(&slot.key, &mut slot.state);
+            }
+        }
+    }
+
+    pub(crate) fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            keys: self.len.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter {
+        hits: u32,
+        pinned: bool,
+    }
+
+    impl KeyState for Counter {
+        fn is_evictable(&self, _now: Timestamp) -> bool {
+            !self.pinned
+        }
+    }
+
+    fn limits(max_keys: usize) -> RegistryLimits {
+        RegistryLimits {
+            max_keys,
+            idle_after: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn same_key_same_state() {
+        let r = Registry::<Counter>::new(limits(10));
+        let t = Timestamp::from_millis(1);
+        for _ in 0..3 {
+            r.with("a", t, Counter::default, |c| c.hits += 1);
+        }
+        assert_eq!(r.peek("a", |c| c.hits), Some(3));
+        assert_eq!(r.peek("b", |c| c.hits), None);
+        assert_eq!(r.stats().keys, 1);
+    }
+
+    #[test]
+    fn cap_sends_new_keys_to_overflow_and_counts_them() {
+        let r = Registry::<Counter>::new(limits(2));
+        let t = Timestamp::from_millis(1);
+        assert!(!r.with("a", t, Counter::default, |c| c.hits += 1).1);
+        assert!(!r.with("b", t, Counter::default, |c| c.hits += 1).1);
+        assert!(r.with("c", t, Counter::default, |c| c.hits += 1).1);
+        assert!(r.with("d", t, Counter::default, |c| c.hits += 1).1);
+        assert_eq!(r.peek(OVERFLOW_KEY, |c| c.hits), Some(2));
+        assert_eq!(r.stats().overflowed, 2);
+        assert_eq!(r.stats().keys, 3);
+    }
+
+    #[test]
+    fn idle_evictable_keys_make_room_but_pinned_ones_stay() {
+        let r = Registry::<Counter>::new(limits(1000));
+        let t0 = Timestamp::from_millis(1_000);
+        for i in 0..100 {
+            r.with(&format!("k{i}"), t0, Counter::default, |c| {
+                c.pinned = i % 10 == 0
+            });
+        }
+        let later = t0.saturating_add(Duration::from_secs(11));
+        assert_eq!(r.evict_idle(later), 90);
+        assert_eq!(r.stats().keys, 10);
+        assert_eq!(r.peek("k10", |c| c.pinned), Some(true));
+        assert_eq!(r.peek("k11", |c| c.pinned), None);
+    }
+
+    #[test]
+    fn not_yet_idle_keys_are_kept() {
+        let r = Registry::<Counter>::new(limits(1000));
+        let t0 = Timestamp::from_millis(1_000);
+        r.with("a", t0, Counter::default, |_| ());
+        assert_eq!(r.evict_idle(t0.saturating_add(Duration::from_secs(9))), 0);
+    }
+
+    #[test]
+    fn a_flood_of_keys_stays_under_the_cap() {
+        let r = Registry::<Counter>::new(limits(1000));
+        let mut t = Timestamp::from_millis(1_000);
+        for i in 0..50_000 {
+            t = t.saturating_add(Duration::from_millis(1));
+            r.with(&format!("session-{i}"), t, Counter::default, |c| {
+                c.hits += 1
+            });
+            assert!(r.stats().keys <= 1001);
+        }
+        assert!(r.stats().evicted > 0, "idle keys were swept to make room");
+    }
+}

@@ -1,0 +1,497 @@
+//! Which breaker or limiter a request belongs to.
+//!
+//! A [`Scope`] turns a JSON-RPC request into a [`ScopeKey`]: one circuit
+//! breaker or one rate limiter exists per distinct key. The same enum serves
+//! both middlewares ([`CircuitBreakerScope`] and [`RateLimitScope`] are names
+//! for it).
+//!
+//! ```
+//! use pmcp_resilience::scope::{RequestTarget, Scope};
+//! use pmcp::types::{JSONRPCRequest, RequestId};
+//!
+//! let request = JSONRPCRequest {
+//!     jsonrpc: "2.0".into(),
+//!     method: "tools/call".into(),
+//!     params: Some(serde_json::json!({"name": "search", "arguments": {}})),
+//!     id: RequestId::from(1i64),
+//! };
+//! let target = RequestTarget::default().with_server_url("http://127.0.0.1:8080/mcp");
+//! assert_eq!(Scope::PerTool.key(&request, &target).as_str(), "tool:search");
+//! assert_eq!(
+//!     Scope::PerEndpoint.key(&request, &target).as_str(),
+//!     "endpoint:tools/call@http://127.0.0.1:8080/mcp"
+//! );
+//! ```
+//!
+//! # Where the server URL and the session id come from
+//!
+//! pmcp's protocol middleware sees neither the server URL nor the session id
+//! (its `MiddlewareContext` carries only a request id and metadata). They
+//! reach the key, in this order of precedence:
+//!
+//! 1. the context metadata entries [`SERVER_URL_METADATA`] and
+//!    [`SESSION_ID_METADATA`], when a middleware earlier in the chain sets them;
+//! 2. the [`RequestTarget`] bound to the middleware handle (for example
+//!    `CircuitBreakerMiddleware::for_server(url)`), whose session id may be
+//!    read live from the transport after `initialize`;
+//! 3. otherwise the documented fallback: the key [`UNKNOWN_SERVER`] or
+//!    [`NO_SESSION`], so such requests share one breaker or limiter. The
+//!    middlewares log a warning the first time this happens.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use pmcp::types::JSONRPCRequest;
+
+/// Context metadata entry naming the server URL of a request.
+pub const SERVER_URL_METADATA: &str = "pmcp_resilience.server_url";
+/// Context metadata entry naming the MCP session id of a request.
+pub const SESSION_ID_METADATA: &str = "pmcp_resilience.session_id";
+/// The server part of a key when no server URL is known.
+pub const UNKNOWN_SERVER: &str = "unknown-server";
+/// The session part of a key when no session id is known.
+pub const NO_SESSION: &str = "no-session";
+/// The longest untrusted part (session id, tool name, method, URL, custom key)
+/// kept verbatim in a key, in bytes; longer parts are cut and suffixed with a
+/// hash of the whole, so distinct long values stay distinct.
+pub const MAX_KEY_PART: usize = 200;
+
+/// A function computing a custom scope key from a request.
+pub type KeyFn = Arc<dyn Fn(&JSONRPCRequest) -> String + Send + Sync>;
+
+/// A function returning the current session id (read after `initialize`).
+pub type SessionSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// How requests are grouped into independent breakers or limiters.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum Scope {
+    /// One breaker or limiter for all requests.
+    #[default]
+    Global,
+    /// One per server URL.
+    PerServer,
+    /// One per JSON-RPC method (`tools/call`, `resources/read`, ...).
+    PerMethod,
+    /// One per method and server URL.
+    PerEndpoint,
+    /// One per MCP session id.
+    PerSession,
+    /// One per tool for `tools/call` (by the `name` parameter); other methods
+    /// get one per method.
+    PerTool,
+    /// One per key returned by the function.
+    Custom(KeyFn),
+}
+
+/// The scope of a circuit breaker (the feature request's name).
+pub type CircuitBreakerScope = Scope;
+/// The scope of a rate limiter (the feature request's name).
+pub type RateLimitScope = Scope;
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Custom(_) => f.write_str("Custom(..)"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+impl Scope {
+    /// A short, bounded name for the scope kind, used as a metrics label
+    /// (`global`, `server`, `method`, `endpoint`, `session`, `tool`, `custom`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::PerServer => "server",
+            Scope::PerMethod => "method",
+            Scope::PerEndpoint => "endpoint",
+            Scope::PerSession => "session",
+            Scope::PerTool => "tool",
+            Scope::Custom(_) => "custom",
+        }
+    }
+
+    /// The key of `request` under this scope, with the server URL and session
+    /// id taken from `target`.
+    pub fn key(&self, request: &JSONRPCRequest, target: &RequestTarget) -> ScopeKey {
+        self.key_with(request, || target.server_url(), || target.session_id())
+    }
+
+    /// The key with the server URL and session id supplied lazily (only the
+    /// scopes that need them call the closures).
+    pub(crate) fn key_with<U, S>(&self, request: &JSONRPCRequest, url: U, session: S) -> ScopeKey
+    where
+        U: FnOnce() -> Option<Arc<str>>,
+        S: FnOnce() -> Option<String>,
+    {
+        let key = match self {
+            Scope::Global => return ScopeKey(Arc::from("global")),
+            Scope::PerServer => {
+                let url = url();
+                join(&["server:", &part(url.as_deref().unwrap_or(UNKNOWN_SERVER))])
+            }
+            Scope::PerMethod => join(&["method:", &part(&request.method)]),
+            Scope::PerEndpoint => {
+                let url = url();
+                join(&[
+                    "endpoint:",
+                    &part(&request.method),
+                    "@",
+                    &part(url.as_deref().unwrap_or(UNKNOWN_SERVER)),
+                ])
+            }
+            Scope::PerSession => {
+                let session = session();
+                join(&["session:", &part(session.as_deref().unwrap_or(NO_SESSION))])
+            }
+            Scope::PerTool => match tool_name(request) {
+                Some(tool) => join(&["tool:", &part(tool)]),
+                None => join(&["method:", &part(&request.method)]),
+            },
+            Scope::Custom(f) => {
+                let custom = f(request);
+                join(&["custom:", &part(&custom)])
+            }
+        };
+        ScopeKey(Arc::from(key))
+    }
+
+    /// Whether resolving this scope needs the server URL.
+    pub(crate) fn needs_server_url(&self) -> bool {
+        matches!(self, Scope::PerServer | Scope::PerEndpoint)
+    }
+
+    /// Whether resolving this scope needs the session id.
+    pub(crate) fn needs_session(&self) -> bool {
+        matches!(self, Scope::PerSession)
+    }
+}
+
+/// The tool name of a `tools/call` request.
+pub(crate) fn tool_name(request: &JSONRPCRequest) -> Option<&str> {
+    if request.method != "tools/call" {
+        return None;
+    }
+    request.params.as_ref()?.get("name")?.as_str()
+}
+
+/// Joins key parts already made safe by [`part`].
+fn join(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.push_str(p);
+    }
+    out
+}
+
+/// An untrusted key part, bounded in length and free of control characters.
+///
+/// Clean parts are borrowed as they are. Others are rewritten: control
+/// characters become `?`, and anything longer than [`MAX_KEY_PART`] is cut on
+/// a character boundary and suffixed with `#` and a hash of the whole value,
+/// so that distinct long values keep distinct keys.
+fn part(raw: &str) -> Cow<'_, str> {
+    if raw.len() <= MAX_KEY_PART && !raw.bytes().any(|b| b.is_ascii_control()) {
+        return Cow::Borrowed(raw);
+    }
+    let mut cleaned: String = raw
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if cleaned.len() > MAX_KEY_PART {
+        let mut cut = MAX_KEY_PART - 17;
+        while !cleaned.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        cleaned.truncate(cut);
+        let hash = foldhash::fast::FixedState::with_seed(0x5eed).hash_one(raw);
+        cleaned.push_str(&format!("#{hash:016x}"));
+    }
+    Cow::Owned(cleaned)
+}
+
+/// The key of one breaker or limiter: cheap to clone, bounded in length.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeKey(Arc<str>);
+
+impl ScopeKey {
+    /// A key from text, made safe the same way request-derived keys are.
+    pub fn new(raw: &str) -> Self {
+        ScopeKey(Arc::from(part(raw).as_ref()))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScopeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ScopeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for ScopeKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ScopeKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a middleware handle knows about where its requests go: the server
+/// URL and a source of the MCP session id.
+///
+/// ```
+/// use pmcp_resilience::scope::RequestTarget;
+///
+/// let target = RequestTarget::default()
+///     .with_server_url("http://127.0.0.1:8080/mcp")
+///     .with_session_source(|| Some("session-1".to_string()));
+/// assert_eq!(target.session_id().as_deref(), Some("session-1"));
+/// ```
+#[derive(Clone, Default)]
+pub struct RequestTarget {
+    server_url: Option<Arc<str>>,
+    session: Option<SessionSource>,
+}
+
+impl fmt::Debug for RequestTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestTarget")
+            .field("server_url", &self.server_url)
+            .field("session", &self.session.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+impl RequestTarget {
+    /// Requests go to the server at `url`.
+    pub fn with_server_url(mut self, url: impl AsRef<str>) -> Self {
+        self.server_url = Some(Arc::from(url.as_ref()));
+        self
+    }
+
+    /// Requests belong to the session returned by `source` at request time
+    /// (for pmcp's streamable HTTP transport:
+    /// `move || transport.session_id()`, as clones share state).
+    pub fn with_session_source<F>(mut self, source: F) -> Self
+    where
+        F: Fn() -> Option<String> + Send + Sync + 'static,
+    {
+        self.session = Some(Arc::new(source));
+        self
+    }
+
+    /// Requests belong to the fixed session `id`.
+    pub fn with_session_id(self, id: impl Into<String>) -> Self {
+        let id = id.into();
+        self.with_session_source(move || Some(id.clone()))
+    }
+
+    /// The server URL, if known.
+    pub fn server_url(&self) -> Option<Arc<str>> {
+        self.server_url.clone()
+    }
+
+    /// The current session id, if known.
+    pub fn session_id(&self) -> Option<String> {
+        self.session.as_ref().and_then(|s| s())
+    }
+}
+
+/// Resolves a request's key inside pmcp's middleware chain: metadata first,
+/// then the bound target (see the module docs).
+pub(crate) fn key_in_context(
+    scope: &Scope,
+    request: &JSONRPCRequest,
+    context: &pmcp::shared::MiddlewareContext,
+    target: &RequestTarget,
+) -> ResolvedKey {
+    let missing_url = std::cell::Cell::new(false);
+    let missing_session = std::cell::Cell::new(false);
+    let key = scope.key_with(
+        request,
+        || {
+            let url = context
+                .get_metadata(SERVER_URL_METADATA)
+                .map(Arc::from)
+                .or_else(|| target.server_url());
+            missing_url.set(url.is_none());
+            url
+        },
+        || {
+            let session = context
+                .get_metadata(SESSION_ID_METADATA)
+                .or_else(|| target.session_id());
+            missing_session.set(session.is_none());
+            session
+        },
+    );
+    let missing = if missing_url.get() {
+        Some(MissingPart::ServerUrl)
+    } else if missing_session.get() {
+        Some(MissingPart::SessionId)
+    } else {
+        None
+    };
+    ResolvedKey { key, missing }
+}
+
+/// A key and, if the fallback was used, which part was missing.
+#[derive(Debug, Clone)]
+pub(crate) struct ResolvedKey {
+    pub(crate) key: ScopeKey,
+    pub(crate) missing: Option<MissingPart>,
+}
+
+/// A part of the key that was not known for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MissingPart {
+    ServerUrl,
+    SessionId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmcp::types::RequestId;
+    use serde_json::json;
+
+    fn request(method: &str, params: Option<serde_json::Value>) -> JSONRPCRequest {
+        JSONRPCRequest {
+            jsonrpc: "2.0".into(),
+            method: method.into(),
+            params,
+            id: RequestId::from(7i64),
+        }
+    }
+
+    fn target() -> RequestTarget {
+        RequestTarget::default()
+            .with_server_url("http://127.0.0.1:1/mcp")
+            .with_session_id("abc")
+    }
+
+    #[test]
+    fn every_scope_resolves() {
+        let r = request("tools/call", Some(json!({"name": "echo", "arguments": {}})));
+        let t = target();
+        assert_eq!(Scope::Global.key(&r, &t).as_str(), "global");
+        assert_eq!(
+            Scope::PerServer.key(&r, &t).as_str(),
+            "server:http://127.0.0.1:1/mcp"
+        );
+        assert_eq!(Scope::PerMethod.key(&r, &t).as_str(), "method:tools/call");
+        assert_eq!(
+            Scope::PerEndpoint.key(&r, &t).as_str(),
+            "endpoint:tools/call@http://127.0.0.1:1/mcp"
+        );
+        assert_eq!(Scope::PerSession.key(&r, &t).as_str(), "session:abc");
+        assert_eq!(Scope::PerTool.key(&r, &t).as_str(), "tool:echo");
+        let custom = Scope::Custom(Arc::new(|r: &JSONRPCRequest| {
+            r.params
+                .as_ref()
+                .and_then(|p| p.get("user_id"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default")
+                .to_string()
+        }));
+        assert_eq!(custom.key(&r, &t).as_str(), "custom:default");
+        let with_user = request("tools/call", Some(json!({"user_id": "u1"})));
+        assert_eq!(custom.key(&with_user, &t).as_str(), "custom:u1");
+    }
+
+    #[test]
+    fn per_tool_falls_back_to_method() {
+        let t = target();
+        assert_eq!(
+            Scope::PerTool.key(&request("ping", None), &t).as_str(),
+            "method:ping"
+        );
+        let no_name = request("tools/call", Some(json!({"arguments": {}})));
+        assert_eq!(
+            Scope::PerTool.key(&no_name, &t).as_str(),
+            "method:tools/call"
+        );
+    }
+
+    #[test]
+    fn missing_url_and_session_use_documented_fallbacks() {
+        let r = request("ping", None);
+        let empty = RequestTarget::default();
+        assert_eq!(
+            Scope::PerServer.key(&r, &empty).as_str(),
+            "server:unknown-server"
+        );
+        assert_eq!(
+            Scope::PerEndpoint.key(&r, &empty).as_str(),
+            "endpoint:ping@unknown-server"
+        );
+        assert_eq!(
+            Scope::PerSession.key(&r, &empty).as_str(),
+            "session:no-session"
+        );
+        let ctx = pmcp::shared::MiddlewareContext::default();
+        let resolved = key_in_context(&Scope::PerSession, &r, &ctx, &empty);
+        assert_eq!(resolved.missing, Some(MissingPart::SessionId));
+        let resolved = key_in_context(&Scope::PerServer, &r, &ctx, &empty);
+        assert_eq!(resolved.missing, Some(MissingPart::ServerUrl));
+        let resolved = key_in_context(&Scope::PerMethod, &r, &ctx, &empty);
+        assert_eq!(resolved.missing, None);
+    }
+
+    #[test]
+    fn context_metadata_wins_over_bound_target() {
+        let r = request("ping", None);
+        let ctx = pmcp::shared::MiddlewareContext::default();
+        ctx.set_metadata(SERVER_URL_METADATA.into(), "http://other/".into());
+        ctx.set_metadata(SESSION_ID_METADATA.into(), "s2".into());
+        let t = target();
+        assert_eq!(
+            key_in_context(&Scope::PerServer, &r, &ctx, &t).key.as_str(),
+            "server:http://other/"
+        );
+        assert_eq!(
+            key_in_context(&Scope::PerSession, &r, &ctx, &t)
+                .key
+                .as_str(),
+            "session:s2"
+        );
+    }
+
+    #[test]
+    fn untrusted_parts_are_bounded_and_cleaned() {
+        let t = target();
+        let long_a = "a".repeat(10_000);
+        let mut long_b = long_a.clone();
+        long_b.push('b');
+        let ka = Scope::PerTool.key(&request("tools/call", Some(json!({"name": long_a}))), &t);
+        let kb = Scope::PerTool.key(&request("tools/call", Some(json!({"name": long_b}))), &t);
+        assert!(ka.as_str().len() <= MAX_KEY_PART + "tool:".len());
+        assert_ne!(ka, kb, "long values must keep distinct keys");
+        let evil = Scope::PerTool.key(
+            &request("tools/call", Some(json!({"name": "a\nb\u{0}c"}))),
+            &t,
+        );
+        assert_eq!(evil.as_str(), "tool:a?b?c");
+        let multibyte = "é".repeat(500);
+        let km = ScopeKey::new(&multibyte);
+        assert!(km.as_str().len() <= MAX_KEY_PART);
+    }
+}
