@@ -15,6 +15,7 @@
 //! - [`registry`]: the bounded map of per-key state.
 //! - [`circuit_breaker`]: the breaker's state machine, middleware and metrics.
 //! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
+//! - [`metrics`]: settings shared by the metrics of both middlewares.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
 //! - [`error`]: configuration and store errors.
 
@@ -24,6 +25,7 @@
 pub mod circuit_breaker;
 pub mod clock;
 pub mod error;
+pub mod metrics;
 pub mod persistence;
 pub mod rate_limit;
 pub mod registry;
@@ -31,5 +33,7 @@ pub mod scope;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{ConfigError, StoreError};
+pub use metrics::MetricsConfig;
+pub use persistence::StatePersistence;
 pub use registry::{RegistryLimits, RegistryStats};
 pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};

@@ -1,0 +1,44 @@
+//! Settings shared by the metrics of breakers and limiters.
+
+/// How a middleware aggregates its metrics.
+///
+/// ```
+/// use pmcp_resilience::metrics::MetricsConfig;
+///
+/// let config = MetricsConfig::default().per_key(false);
+/// assert!(config.enabled);
+/// assert!(!config.per_key);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// Count requests at all (default `true`). When `false`, the counters stay
+    /// at zero and the per-request cost of counting is saved.
+    pub enabled: bool,
+    /// Keep the per-key view (`current_state`, `current_usage`) up to date
+    /// (default `true`).
+    pub per_key: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            per_key: true,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Turns counting on or off.
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Turns the per-key view on or off.
+    pub fn per_key(mut self, per_key: bool) -> Self {
+        self.per_key = per_key;
+        self
+    }
+}
