@@ -1,0 +1,229 @@
+//! Real pmcp streamable-HTTP servers on 127.0.0.1 for end-to-end tests.
+//!
+//! A [`TestServer`] is a real pmcp `Server` served by `pmcp::axum`, with an
+//! HTTP switch in front of it so a test can make it answer every request with
+//! an HTTP status (503, ...) and heal it again, and tools whose behaviour a test
+//! controls. Nothing here is a stub of pmcp: the client talks HTTP over loopback.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use parking_lot::Mutex;
+use pmcp::server::streamable_http_server::StreamableHttpServerConfig;
+use pmcp::shared::AdvancedMiddleware;
+use pmcp::shared::streamable_http::{
+    StreamableHttpTransport, StreamableHttpTransportConfigBuilder,
+};
+use pmcp::types::capabilities::ServerCapabilities;
+use pmcp::{Client, ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
+use serde_json::{Value, json};
+
+/// What the tools and the HTTP switch of a [`TestServer`] do now.
+#[derive(Default)]
+pub struct Behaviour {
+    /// When non-zero, every HTTP request is answered with this status and
+    /// never reaches pmcp.
+    pub http_status: AtomicU16,
+    /// When true, the `flaky` tool fails with an internal error.
+    pub flaky_fails: AtomicBool,
+    /// Calls that reached each tool's code.
+    pub tool_calls: Mutex<HashMap<String, u64>>,
+    /// HTTP requests that reached the server at all.
+    pub http_requests: AtomicU64,
+}
+
+impl Behaviour {
+    pub fn calls(&self, tool: &str) -> u64 {
+        self.tool_calls.lock().get(tool).copied().unwrap_or(0)
+    }
+
+    fn record(&self, tool: &str) {
+        *self.tool_calls.lock().entry(tool.to_string()).or_default() += 1;
+    }
+}
+
+/// A running pmcp server on loopback.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub behaviour: Arc<Behaviour>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestServer {
+    /// Answer every HTTP request with `status` (for example 503) until healed.
+    pub fn answer_http(&self, status: StatusCode) {
+        self.behaviour
+            .http_status
+            .store(status.as_u16(), Ordering::SeqCst);
+    }
+
+    /// Serve normally again and let the `flaky` tool succeed.
+    pub fn heal(&self) {
+        self.behaviour.http_status.store(0, Ordering::SeqCst);
+        self.behaviour.flaky_fails.store(false, Ordering::SeqCst);
+    }
+
+    /// Make the `flaky` tool fail (JSON-RPC internal error) until healed.
+    pub fn break_flaky(&self) {
+        self.behaviour.flaky_fails.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Tool {
+    name: &'static str,
+    behaviour: Arc<Behaviour>,
+}
+
+#[async_trait]
+impl ToolHandler for Tool {
+    async fn handle(&self, args: Value, _extra: RequestHandlerExtra) -> pmcp::Result<Value> {
+        self.behaviour.record(self.name);
+        match self.name {
+            "echo" => Ok(json!({ "echo": args.get("message").cloned().unwrap_or(Value::Null) })),
+            "fail" => Err(pmcp::Error::internal("the fail tool always fails")),
+            "flaky" if self.behaviour.flaky_fails.load(Ordering::SeqCst) => {
+                Err(pmcp::Error::internal("flaky tool is failing"))
+            }
+            "flaky" => Ok(json!({ "ok": true })),
+            "slow" => {
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(100);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(json!({ "slept_ms": ms }))
+            }
+            "strict" => Err(pmcp::Error::validation("strict wants a `value` argument")),
+            other => Err(pmcp::Error::internal(format!("unknown test tool {other}"))),
+        }
+    }
+}
+
+/// Starts a pmcp server on 127.0.0.1 with the tools `echo`, `fail`, `flaky`,
+/// `slow` and `strict`, handling requests concurrently.
+pub async fn start_server(name: &str) -> TestServer {
+    let behaviour = Arc::new(Behaviour::default());
+    let mut builder = Server::builder()
+        .name(name)
+        .version("1.0.0")
+        .capabilities(ServerCapabilities::tools_only());
+    for tool in ["echo", "fail", "flaky", "slow", "strict"] {
+        builder = builder.tool(
+            tool,
+            Tool {
+                name: tool,
+                behaviour: behaviour.clone(),
+            },
+        );
+    }
+    let server = match builder.build() {
+        Ok(server) => server,
+        Err(e) => panic!("test server {name} failed to build: {e}"),
+    };
+    let config = pmcp::axum::RouterConfig {
+        server_config: StreamableHttpServerConfig {
+            enable_json_response: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let switch = behaviour.clone();
+    let app = pmcp::axum::concurrent_router_with_config(Arc::new(server), config).layer(
+        axum::middleware::from_fn(move |req: Request<Body>, next: Next| {
+            let switch = switch.clone();
+            async move {
+                switch.http_requests.fetch_add(1, Ordering::SeqCst);
+                let status = switch.http_status.load(Ordering::SeqCst);
+                match StatusCode::from_u16(status) {
+                    Ok(code) if status != 0 => (code, "switched off by the test").into_response(),
+                    _ => next.run(req).await,
+                }
+            }
+        }),
+    );
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => panic!("cannot bind a loopback port: {e}"),
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => panic!("no local address: {e}"),
+    };
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    TestServer {
+        addr,
+        url: format!("http://{addr}/"),
+        behaviour,
+        task,
+    }
+}
+
+/// A loopback URL where nothing listens (connection refused).
+pub async fn down_url() -> String {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => panic!("cannot bind a loopback port: {e}"),
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => panic!("no local address: {e}"),
+    };
+    drop(listener);
+    format!("http://{addr}/")
+}
+
+/// A pmcp streamable-HTTP transport to `url` (JSON responses).
+pub fn transport(url: &str) -> StreamableHttpTransport {
+    let parsed = match url::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => panic!("bad test url {url}: {e}"),
+    };
+    StreamableHttpTransport::new(StreamableHttpTransportConfigBuilder::new(parsed).build())
+}
+
+/// A client over `transport` with `middlewares`, not yet initialized.
+pub fn client<T: pmcp::shared::Transport + 'static>(
+    transport: T,
+    middlewares: Vec<Arc<dyn AdvancedMiddleware>>,
+) -> Client<T> {
+    let mut builder = ClientBuilder::new(transport);
+    for m in middlewares {
+        builder = builder.with_middleware(m);
+    }
+    builder.build()
+}
+
+/// Initializes `client`, panicking with the error if it fails.
+pub async fn initialize<T: pmcp::shared::Transport + 'static>(client: &mut Client<T>) {
+    if let Err(e) = client.initialize(pmcp::ClientCapabilities::minimal()).await {
+        panic!("initialize failed: {e}");
+    }
+}
+
+/// Calls `tool` with `args`, returning the error if any.
+pub async fn call<T: pmcp::shared::Transport + 'static>(
+    client: &Client<T>,
+    tool: &str,
+    args: Value,
+) -> pmcp::Result<Value> {
+    client
+        .call_tool(tool.to_string(), args)
+        .await
+        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+}
