@@ -227,3 +227,4 @@ pub async fn call<T: pmcp::shared::Transport + 'static>(
         .await
         .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
 }
+pub mod redis;
