@@ -21,13 +21,20 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     stream.read_to_end(&mut raw).await.expect("read");
     let raw = String::from_utf8(raw).expect("utf-8");
     let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
     let content_type = head
         .lines()
         .find_map(|l| l.strip_prefix("content-type: "))
         .unwrap_or_default()
         .to_owned();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -51,7 +58,10 @@ fn dechunk(mut body: &str) -> String {
 /// `name{labels} value` lines, as (name, labels, value).
 fn parse(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (series, value) = line.rsplit_once(' ').expect("value");
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
@@ -91,9 +101,15 @@ fn parse(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
     out
 }
 
-fn value(samples: &[(String, BTreeMap<String, String>, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
-    let want: BTreeMap<String, String> =
-        labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+fn value(
+    samples: &[(String, BTreeMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let found: Vec<f64> = samples
         .iter()
         .filter(|(n, l, _)| n == name && *l == want)
@@ -107,31 +123,38 @@ fn value(samples: &[(String, BTreeMap<String, String>, f64)], name: &str, labels
 async fn serve_exposes_text_and_json_over_http() {
     let rejected = Arc::new(AtomicU64::new(0));
     let counter = rejected.clone();
-    let breaker = move || {
-        let mut r = BreakerReport::new("upstream", "server");
-        r.keys.push(
-            BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
-                .with_counts(42, counter.load(Ordering::Relaxed), 10, 1),
-        );
-        r.rejected = counter.load(Ordering::Relaxed);
-        Report::CircuitBreaker(r)
-    };
+    let breaker =
+        move || {
+            let mut r = BreakerReport::new("upstream", "server");
+            r.keys.push(
+                BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
+                    .with_counts(42, counter.load(Ordering::Relaxed), 10, 1),
+            );
+            r.rejected = counter.load(Ordering::Relaxed);
+            Report::CircuitBreaker(r)
+        };
     let limiter = || {
         let mut r = LimiterReport::new("per-session", "session");
         for i in 0..5_000 {
-            r.keys.push(LimiterKeyReport::new(format!("session-{i}"), 5, 10).with_counts(2, 1));
+            r.keys
+                .push(LimiterKeyReport::new(format!("session-{i}"), 5, 10).with_counts(2, 1));
         }
         r.allowed = 10_000;
         r.rejected = 5_000;
         Report::RateLimit(r)
     };
     let metrics = MetricsMiddleware::builder()
-        .exporter(MetricsExporter::Prometheus { endpoint: "/metrics".into() })
+        .exporter(MetricsExporter::Prometheus {
+            endpoint: "/metrics".into(),
+        })
         .source(Arc::new(breaker))
         .source(Arc::new(limiter))
         .build()
         .expect("valid config");
-    let server = metrics.serve("127.0.0.1:0".parse().expect("addr")).await.expect("serve");
+    let server = metrics
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("serve");
     let addr = server.local_addr();
     assert_ne!(addr.port(), 0);
     assert_eq!(server.metrics_url(), format!("http://{addr}/metrics"));
@@ -144,14 +167,35 @@ async fn serve_exposes_text_and_json_over_http() {
     let key = [("scope", "server"), ("key", "https://api.example.com")];
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &key), 1.0);
     assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &key), 42.0);
-    assert_eq!(value(&s, "mcp_circuit_breaker_requests_rejected_total", &key), 15.0);
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_requests_rejected_total", &key),
+        15.0
+    );
     let one_hot = |state| {
-        value(&s, "mcp_circuit_breaker_state_info", &[("scope", "server"), ("key", "https://api.example.com"), ("state", state)])
+        value(
+            &s,
+            "mcp_circuit_breaker_state_info",
+            &[
+                ("scope", "server"),
+                ("key", "https://api.example.com"),
+                ("state", state),
+            ],
+        )
     };
-    assert_eq!((one_hot("closed"), one_hot("open"), one_hot("half_open")), (0.0, 1.0, 0.0));
-    let usage: Vec<_> = s.iter().filter(|(n, _, _)| n == "mcp_rate_limit_current_usage").collect();
+    assert_eq!(
+        (one_hot("closed"), one_hot("open"), one_hot("half_open")),
+        (0.0, 1.0, 0.0)
+    );
+    let usage: Vec<_> = s
+        .iter()
+        .filter(|(n, _, _)| n == "mcp_rate_limit_current_usage")
+        .collect();
     assert!(!usage.is_empty() && usage.len() <= 64, "{}", usage.len());
-    assert!(usage.iter().all(|(_, l, v)| l["scope"] == "session" && l["key"].starts_with("h:") && *v == 0.5));
+    assert!(
+        usage
+            .iter()
+            .all(|(_, l, v)| l["scope"] == "session" && l["key"].starts_with("h:") && *v == 0.5)
+    );
     let allowed: f64 = s
         .iter()
         .filter(|(n, _, _)| n == "mcp_rate_limit_requests_allowed_total")
@@ -162,7 +206,14 @@ async fn serve_exposes_text_and_json_over_http() {
     // Scrape time, not export time: a change shows on the next scrape.
     rejected.store(16, Ordering::Relaxed);
     let (_, _, body) = get(addr, "/metrics").await;
-    assert_eq!(value(&parse(&body), "mcp_circuit_breaker_requests_rejected_total", &key), 16.0);
+    assert_eq!(
+        value(
+            &parse(&body),
+            "mcp_circuit_breaker_requests_rejected_total",
+            &key
+        ),
+        16.0
+    );
 
     let (status, content_type, body) = get(addr, "/metrics.json").await;
     assert_eq!(status, 200);

@@ -21,9 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::observe::report::{
-    BreakerKeyReport, BreakerStateReport, LimiterKeyReport, scope_label,
-};
+use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport, scope_label};
 
 /// The `key` label of the aggregate of the keys beyond the cap.
 pub const OTHER_KEY: &str = "__other__";
@@ -228,7 +226,10 @@ mod tests {
     fn hashing_is_stable() {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(hashed_key("a"), format!("h:{:02}", 0xaf63_dc4c_8601_ec8c_u64 % 64));
+        assert_eq!(
+            hashed_key("a"),
+            format!("h:{:02}", 0xaf63_dc4c_8601_ec8c_u64 % 64)
+        );
     }
 
     #[test]

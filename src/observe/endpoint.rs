@@ -34,8 +34,12 @@ impl MetricsMiddleware {
                 &format!("{}.json", self.endpoint()),
                 get(move || async move {
                     match serde_json::to_string(&json.snapshot_json()) {
-                        Ok(body) => ([(header::CONTENT_TYPE, JSON_CONTENT_TYPE)], body).into_response(),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                        Ok(body) => {
+                            ([(header::CONTENT_TYPE, JSON_CONTENT_TYPE)], body).into_response()
+                        }
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                        }
                     }
                 }),
             )

@@ -12,12 +12,12 @@ use pmcp::types::{JSONRPCRequest, JSONRPCResponse, jsonrpc::ResponsePayload};
 use serde_json::Value;
 
 use crate::error::ConfigError;
+use crate::observe::MetricsError;
+use crate::observe::collector::ResilienceCollector;
 use crate::observe::histogram::HistogramSnapshot;
-use crate::observe::prometheus::ResilienceCollector;
 use crate::observe::report::ReportSource;
 use crate::observe::requests::RequestStats;
 use crate::observe::snapshot::Shared;
-use crate::observe::MetricsError;
 
 /// Context metadata key holding the JSON-RPC method of the request.
 ///
@@ -216,7 +216,9 @@ fn validate_endpoint(endpoint: &str) -> Result<(), ConfigError> {
     if endpoint.len() < 2 || endpoint.ends_with('/') {
         return Err(ConfigError::invalid(
             "exporter",
-            format!("endpoint `{endpoint}` must name a path and not end with '/', such as \"/metrics\""),
+            format!(
+                "endpoint `{endpoint}` must name a path and not end with '/', such as \"/metrics\""
+            ),
         ));
     }
     if endpoint
@@ -225,7 +227,9 @@ fn validate_endpoint(endpoint: &str) -> Result<(), ConfigError> {
     {
         return Err(ConfigError::invalid(
             "exporter",
-            format!("endpoint `{endpoint}` must be a plain path, without spaces, '{{', '}}', '*', '?', '#' or '%'"),
+            format!(
+                "endpoint `{endpoint}` must be a plain path, without spaces, '{{', '}}', '*', '?', '#' or '%'"
+            ),
         ));
     }
     Ok(())

@@ -89,10 +89,10 @@
 //! others.
 
 pub mod cardinality;
+mod collector;
 mod endpoint;
 mod histogram;
 mod middleware;
-mod prometheus;
 mod report;
 mod requests;
 mod snapshot;

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use crate::observe::cardinality::bound_keys;
 use crate::observe::histogram::HistogramSnapshot;
 use crate::observe::report::{
-    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
-    Report, ReportSource, StoreReport,
+    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport, Report,
+    ReportSource, StoreReport,
 };
 use crate::observe::requests::{MethodSnapshot, RequestStats};
 use crate::registry::RegistryStats;

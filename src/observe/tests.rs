@@ -17,8 +17,14 @@ fn breaker_report() -> Report {
         BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Closed)
             .with_counts(42, 15, 900, 2),
     );
-    r.keys.push(BreakerKeyReport::new("https://b.example.com", BreakerStateReport::Open).with_counts(7, 3, 1, 1));
-    r.keys.push(BreakerKeyReport::new("https://c.example.com", BreakerStateReport::HalfOpen));
+    r.keys.push(
+        BreakerKeyReport::new("https://b.example.com", BreakerStateReport::Open)
+            .with_counts(7, 3, 1, 1),
+    );
+    r.keys.push(BreakerKeyReport::new(
+        "https://c.example.com",
+        BreakerStateReport::HalfOpen,
+    ));
     r.total_requests = 968;
     r.successful = 901;
     r.failed = 49;
@@ -37,8 +43,10 @@ fn breaker_report() -> Report {
 
 fn limiter_report() -> Report {
     let mut r = LimiterReport::new("calls", "method");
-    r.keys.push(LimiterKeyReport::new("tools/call", 85, 100).with_counts(9523, 47));
-    r.keys.push(LimiterKeyReport::new("tools/list", 0, 0).with_counts(1, 0));
+    r.keys
+        .push(LimiterKeyReport::new("tools/call", 85, 100).with_counts(9523, 47));
+    r.keys
+        .push(LimiterKeyReport::new("tools/list", 0, 0).with_counts(1, 0));
     r.total = 9571;
     r.allowed = 9524;
     r.rejected = 47;
@@ -72,39 +80,131 @@ fn collector_exports_the_requested_names_labels_and_values() {
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &api), Some(0.0));
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &b), Some(1.0));
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &c), Some(2.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &api), Some(42.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_requests_rejected_total", &api), Some(15.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_successes_total", &api), Some(900.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_transitions_total", &b), Some(1.0));
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_failures_total", &api),
+        Some(42.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_requests_rejected_total", &api),
+        Some(15.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_successes_total", &api),
+        Some(900.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_transitions_total", &b),
+        Some(1.0)
+    );
     let tc = [("scope", "method"), ("key", "tools/call")];
-    assert_eq!(value(&s, "mcp_rate_limit_requests_allowed_total", &tc), Some(9523.0));
-    assert_eq!(value(&s, "mcp_rate_limit_requests_rejected_total", &tc), Some(47.0));
+    assert_eq!(
+        value(&s, "mcp_rate_limit_requests_allowed_total", &tc),
+        Some(9523.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_rate_limit_requests_rejected_total", &tc),
+        Some(47.0)
+    );
     assert_eq!(value(&s, "mcp_rate_limit_current_usage", &tc), Some(0.85));
     let tl = [("scope", "method"), ("key", "tools/list")];
     assert_eq!(value(&s, "mcp_rate_limit_current_usage", &tl), Some(0.0));
-    let calls = |outcome| [("name", "upstream"), ("scope", "server"), ("outcome", outcome)];
-    assert_eq!(value(&s, "mcp_circuit_breaker_calls_total", &calls("failed")), Some(49.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_calls_total", &calls("rejected")), Some(18.0));
+    let calls = |outcome| {
+        [
+            ("name", "upstream"),
+            ("scope", "server"),
+            ("outcome", outcome),
+        ]
+    };
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_calls_total", &calls("failed")),
+        Some(49.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_calls_total", &calls("rejected")),
+        Some(18.0)
+    );
     let keys = |state| [("name", "upstream"), ("scope", "server"), ("state", state)];
-    assert_eq!(value(&s, "mcp_circuit_breaker_keys", &keys("open")), Some(1.0));
-    assert_eq!(value(&s, "mcp_circuit_breaker_keys", &keys("closed")), Some(1.0));
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_keys", &keys("open")),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_keys", &keys("closed")),
+        Some(1.0)
+    );
     let lim = [("name", "calls"), ("scope", "method")];
     assert_eq!(value(&s, "mcp_rate_limit_waits_total", &lim), Some(2.0));
-    assert_eq!(value(&s, "mcp_rate_limit_requests_total", &lim), Some(9571.0));
-    assert_eq!(value(&s, "mcp_rate_limit_wait_seconds_count", &lim), Some(2.0));
-    assert_eq!(value(&s, "mcp_rate_limit_wait_seconds_sum", &lim), Some(2.3));
+    assert_eq!(
+        value(&s, "mcp_rate_limit_requests_total", &lim),
+        Some(9571.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_rate_limit_wait_seconds_count", &lim),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_rate_limit_wait_seconds_sum", &lim),
+        Some(2.3)
+    );
     let le = |le| [("name", "calls"), ("scope", "method"), ("le", le)];
-    assert_eq!(value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("0.25")), Some(0.0));
-    assert_eq!(value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("0.5")), Some(1.0));
-    assert_eq!(value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("+Inf")), Some(2.0));
-    let src = [("component", "circuit_breaker"), ("name", "upstream"), ("scope", "server")];
+    assert_eq!(
+        value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("0.25")),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("0.5")),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_rate_limit_wait_seconds_bucket", &le("+Inf")),
+        Some(2.0)
+    );
+    let src = [
+        ("component", "circuit_breaker"),
+        ("name", "upstream"),
+        ("scope", "server"),
+    ];
     assert_eq!(value(&s, "mcp_resilience_keys", &src), Some(3.0));
-    assert_eq!(value(&s, "mcp_resilience_key_evictions_total", &src), Some(5.0));
-    assert_eq!(value(&s, "mcp_resilience_key_overflows_total", &src), Some(2.0));
-    assert_eq!(value(&s, "mcp_resilience_store_mode", &[("kind", "redis"), ("mode", "fail_open")]), Some(1.0));
-    assert_eq!(value(&s, "mcp_resilience_store_mode", &[("kind", "redis"), ("mode", "normal")]), Some(0.0));
-    assert_eq!(value(&s, "mcp_resilience_store_mode", &[("kind", "memory"), ("mode", "normal")]), Some(1.0));
-    assert_eq!(value(&s, "mcp_resilience_store_latency_seconds_count", &[("kind", "redis")]), Some(1.0));
+    assert_eq!(
+        value(&s, "mcp_resilience_key_evictions_total", &src),
+        Some(5.0)
+    );
+    assert_eq!(
+        value(&s, "mcp_resilience_key_overflows_total", &src),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_resilience_store_mode",
+            &[("kind", "redis"), ("mode", "fail_open")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_resilience_store_mode",
+            &[("kind", "redis"), ("mode", "normal")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_resilience_store_mode",
+            &[("kind", "memory"), ("mode", "normal")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_resilience_store_latency_seconds_count",
+            &[("kind", "redis")]
+        ),
+        Some(1.0)
+    );
     assert!(text.contains("# TYPE mcp_circuit_breaker_state gauge"));
     assert!(text.contains("# TYPE mcp_circuit_breaker_failures_total counter"));
     assert!(text.contains("# TYPE mcp_rate_limit_wait_seconds histogram"));
@@ -132,7 +232,10 @@ fn state_info_is_one_hot() {
         }
         assert_eq!(total, 1.0);
     }
-    let series = s.iter().filter(|x| x.name == "mcp_circuit_breaker_state_info").count();
+    let series = s
+        .iter()
+        .filter(|x| x.name == "mcp_circuit_breaker_state_info")
+        .count();
     assert_eq!(series, 9);
 }
 
@@ -146,15 +249,22 @@ fn values_are_read_at_scrape_time() {
         Report::CircuitBreaker(r)
     })]);
     let key = [("scope", "global"), ("key", "global")];
-    assert_eq!(value(&parse(&m.render()), "mcp_circuit_breaker_state", &key), Some(0.0));
+    assert_eq!(
+        value(&parse(&m.render()), "mcp_circuit_breaker_state", &key),
+        Some(0.0)
+    );
     *state.lock() = BreakerStateReport::Open;
-    assert_eq!(value(&parse(&m.render()), "mcp_circuit_breaker_state", &key), Some(1.0));
+    assert_eq!(
+        value(&parse(&m.render()), "mcp_circuit_breaker_state", &key),
+        Some(1.0)
+    );
 }
 
 fn session_limiter(n: usize) -> Report {
     let mut r = LimiterReport::new("per-session", "session");
     for i in 0..n {
-        r.keys.push(LimiterKeyReport::new(format!("sess-{i:05}"), 1, 10).with_counts(1, 0));
+        r.keys
+            .push(LimiterKeyReport::new(format!("sess-{i:05}"), 1, 10).with_counts(1, 0));
     }
     Report::RateLimit(r)
 }
@@ -175,7 +285,11 @@ fn ten_thousand_session_keys_stay_under_the_cap() {
             .iter()
             .filter(|x| x.name == "mcp_rate_limit_requests_allowed_total")
             .collect();
-        assert!(series.len() <= cap + 1, "{} series for cap {cap}", series.len());
+        assert!(
+            series.len() <= cap + 1,
+            "{} series for cap {cap}",
+            series.len()
+        );
         assert!(series.len() <= 64 + 1);
         assert!(series.iter().all(|x| !x.labels["key"].starts_with("sess-")));
         let total: f64 = series.iter().map(|x| x.value).sum();
@@ -190,9 +304,15 @@ fn many_server_keys_fold_into_other() {
         .source(Arc::new(|| {
             let mut r = BreakerReport::new("b", "server");
             for i in 0..1_000u64 {
-                r.keys.push(BreakerKeyReport::new(format!("srv-{i:04}"), BreakerStateReport::Closed).with_counts(i, 0, 0, 0));
+                r.keys.push(
+                    BreakerKeyReport::new(format!("srv-{i:04}"), BreakerStateReport::Closed)
+                        .with_counts(i, 0, 0, 0),
+                );
             }
-            r.keys.push(BreakerKeyReport::new("quiet-but-open", BreakerStateReport::Open));
+            r.keys.push(BreakerKeyReport::new(
+                "quiet-but-open",
+                BreakerStateReport::Open,
+            ));
             Report::CircuitBreaker(r)
         }))
         .build()
@@ -206,7 +326,13 @@ fn many_server_keys_fold_into_other() {
         .filter(|x| x.name == "mcp_circuit_breaker_failures_total")
         .collect();
     assert_eq!(failures.len(), 6);
-    let labelled = |key: &str| value(&s, "mcp_circuit_breaker_failures_total", &[("scope", "server"), ("key", key)]);
+    let labelled = |key: &str| {
+        value(
+            &s,
+            "mcp_circuit_breaker_failures_total",
+            &[("scope", "server"), ("key", key)],
+        )
+    };
     assert_eq!(labelled("quiet-but-open"), Some(0.0));
     assert_eq!(labelled("srv-0999"), Some(999.0));
     assert_eq!(labelled("srv-0996"), Some(996.0));
@@ -220,14 +346,19 @@ fn odd_keys_are_escaped() {
     let odd = "a\"b\\c\nd é {x=\"1\"}";
     let m = metrics_with(vec![Arc::new(move || {
         let mut r = BreakerReport::new("b", "endpoint");
-        r.keys.push(BreakerKeyReport::new(odd, BreakerStateReport::Open));
+        r.keys
+            .push(BreakerKeyReport::new(odd, BreakerStateReport::Open));
         Report::CircuitBreaker(r)
     })]);
     let text = m.render();
     assert!(text.contains(r#"key="a\"b\\c\nd é {x=\"1\"}""#), "{text}");
     let s = parse(&text);
     assert_eq!(
-        value(&s, "mcp_circuit_breaker_state", &[("scope", "endpoint"), ("key", odd)]),
+        value(
+            &s,
+            "mcp_circuit_breaker_state",
+            &[("scope", "endpoint"), ("key", odd)]
+        ),
         Some(1.0)
     );
 }
@@ -236,18 +367,23 @@ fn odd_keys_are_escaped() {
 fn two_sources_with_the_same_scope_and_key_merge() {
     let one = || {
         let mut r = BreakerReport::new("a", "server");
-        r.keys.push(BreakerKeyReport::new("x", BreakerStateReport::Closed).with_counts(1, 0, 0, 0));
+        r.keys
+            .push(BreakerKeyReport::new("x", BreakerStateReport::Closed).with_counts(1, 0, 0, 0));
         Report::CircuitBreaker(r)
     };
     let two = || {
         let mut r = BreakerReport::new("b", "server");
-        r.keys.push(BreakerKeyReport::new("x", BreakerStateReport::Open).with_counts(2, 0, 0, 0));
+        r.keys
+            .push(BreakerKeyReport::new("x", BreakerStateReport::Open).with_counts(2, 0, 0, 0));
         Report::CircuitBreaker(r)
     };
     let m = metrics_with(vec![Arc::new(one), Arc::new(two)]);
     let s = parse(&m.render());
     let key = [("scope", "server"), ("key", "x")];
-    assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &key), Some(3.0));
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_failures_total", &key),
+        Some(3.0)
+    );
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &key), Some(1.0));
 }
 
@@ -283,7 +419,9 @@ fn json_snapshot_aggregates_every_source() {
     assert_eq!(json["circuit_breakers"][0]["registry"]["evicted"], 5);
     assert_eq!(json["rate_limits"][0]["keys"][0]["key"], "tools/call");
     assert_eq!(json["rate_limits"][0]["keys"][0]["usage"], 0.85);
-    let session_keys = json["rate_limits"][1]["keys"].as_array().map_or(0, Vec::len);
+    let session_keys = json["rate_limits"][1]["keys"]
+        .as_array()
+        .map_or(0, Vec::len);
     assert!(session_keys <= 64, "{session_keys}");
 }
 
@@ -294,15 +432,31 @@ fn builder_rejects_bad_settings() {
         Err(ConfigError::Invalid { field, .. }) => field,
         Err(e) => panic!("unexpected {e}"),
     };
-    assert_eq!(err(MetricsMiddleware::builder().export_interval(Duration::ZERO)), "export_interval");
-    assert_eq!(err(MetricsMiddleware::builder().max_label_keys(0)), "max_label_keys");
+    assert_eq!(
+        err(MetricsMiddleware::builder().export_interval(Duration::ZERO)),
+        "export_interval"
+    );
+    assert_eq!(
+        err(MetricsMiddleware::builder().max_label_keys(0)),
+        "max_label_keys"
+    );
     for endpoint in ["metrics", "/", "/metrics/", "/me trics", "/{x}"] {
-        let b = MetricsMiddleware::builder().exporter(MetricsExporter::Prometheus { endpoint: endpoint.into() });
+        let b = MetricsMiddleware::builder().exporter(MetricsExporter::Prometheus {
+            endpoint: endpoint.into(),
+        });
         assert_eq!(err(b), "exporter", "{endpoint}");
     }
     let registry = prometheus::Registry::new();
-    assert!(MetricsMiddleware::builder().registry(registry.clone()).build().is_ok());
-    assert_eq!(err(MetricsMiddleware::builder().registry(registry)), "registry");
+    assert!(
+        MetricsMiddleware::builder()
+            .registry(registry.clone())
+            .build()
+            .is_ok()
+    );
+    assert_eq!(
+        err(MetricsMiddleware::builder().registry(registry)),
+        "registry"
+    );
 }
 
 #[test]
@@ -312,13 +466,22 @@ fn a_users_registry_renders_its_own_metrics_too() {
     let Ok(mine) = mine else { panic!("counter") };
     assert!(registry.register(Box::new(mine.clone())).is_ok());
     mine.inc();
-    let m = match MetricsMiddleware::builder().registry(registry.clone()).source(Arc::new(breaker_report)).build() {
+    let m = match MetricsMiddleware::builder()
+        .registry(registry.clone())
+        .source(Arc::new(breaker_report))
+        .build()
+    {
         Ok(m) => m,
         Err(e) => panic!("{e}"),
     };
     let s = parse(&m.render());
     assert_eq!(value(&s, "my_app_things_total", &[]), Some(1.0));
-    assert!(registry.gather().iter().any(|f| f.name() == "mcp_circuit_breaker_state"));
+    assert!(
+        registry
+            .gather()
+            .iter()
+            .any(|f| f.name() == "mcp_circuit_breaker_state")
+    );
 }
 
 fn request(id: i64, method: &str) -> JSONRPCRequest {
@@ -340,14 +503,24 @@ async fn middleware_records_counts_durations_and_errors_through_the_chain() {
     for id in 0..3 {
         let context = MiddlewareContext::with_request_id(id.to_string());
         let mut req = request(id, "tools/call");
-        assert!(chain.process_request_with_context(&mut req, &context).await.is_ok());
+        assert!(
+            chain
+                .process_request_with_context(&mut req, &context)
+                .await
+                .is_ok()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut resp = if id == 2 {
             JSONRPCResponse::error(RequestId::from(id), JSONRPCError::new(-32603, "boom"))
         } else {
             JSONRPCResponse::success(RequestId::from(id), serde_json::json!({}))
         };
-        assert!(chain.process_response_with_context(&mut resp, &context).await.is_ok());
+        assert!(
+            chain
+                .process_response_with_context(&mut resp, &context)
+                .await
+                .is_ok()
+        );
     }
     assert_eq!(m.get_request_count("tools/call"), 3);
     assert_eq!(m.get_error_count("tools/call"), 1);
@@ -358,14 +531,32 @@ async fn middleware_records_counts_durations_and_errors_through_the_chain() {
     assert!(m.get_average_duration("tools/call") >= 20_000);
 
     let s = parse(&m.render());
-    assert_eq!(value(&s, "mcp_requests_total", &[("method", "tools/call")]), Some(3.0));
     assert_eq!(
-        value(&s, "mcp_request_errors_total", &[("method", "tools/call"), ("code", "-32603")]),
+        value(&s, "mcp_requests_total", &[("method", "tools/call")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_request_errors_total",
+            &[("method", "tools/call"), ("code", "-32603")]
+        ),
         Some(1.0)
     );
-    assert_eq!(value(&s, "mcp_request_duration_seconds_count", &[("method", "tools/call")]), Some(3.0));
     assert_eq!(
-        value(&s, "mcp_request_duration_seconds_bucket", &[("method", "tools/call"), ("le", "0.01")]),
+        value(
+            &s,
+            "mcp_request_duration_seconds_count",
+            &[("method", "tools/call")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "mcp_request_duration_seconds_bucket",
+            &[("method", "tools/call"), ("le", "0.01")]
+        ),
         Some(0.0)
     );
 }
@@ -398,17 +589,31 @@ async fn chain_errors_are_counted_once_under_the_method() {
     chain.add(Arc::new(Rejecting));
     let context = MiddlewareContext::with_request_id("1".into());
     let mut req = request(1, "tools/call");
-    assert!(chain.process_request_with_context(&mut req, &context).await.is_err());
+    assert!(
+        chain
+            .process_request_with_context(&mut req, &context)
+            .await
+            .is_err()
+    );
     // Rejected before this middleware ran: counted as a request and an error.
     assert_eq!(m.get_request_count("tools/call"), 1);
     assert_eq!(m.get_error_count("tools/call"), 1);
     let context = MiddlewareContext::with_request_id("2".into());
     let mut req = request(2, "prompts/list");
-    assert!(chain.process_request_with_context(&mut req, &context).await.is_err());
+    assert!(
+        chain
+            .process_request_with_context(&mut req, &context)
+            .await
+            .is_err()
+    );
     assert_eq!(m.get_error_count(UNKNOWN_METHOD), 1);
     let s = parse(&m.render());
     assert_eq!(
-        value(&s, "mcp_request_errors_total", &[("method", "tools/call"), ("code", "-32005")]),
+        value(
+            &s,
+            "mcp_request_errors_total",
+            &[("method", "tools/call"), ("code", "-32005")]
+        ),
         Some(1.0)
     );
 }
@@ -427,7 +632,10 @@ async fn hostile_methods_fold_into_other() {
     let s = parse(&m.render());
     let series = s.iter().filter(|x| x.name == "mcp_requests_total").count();
     assert_eq!(series, 4);
-    assert_eq!(value(&s, "mcp_requests_total", &[("method", OTHER_METHOD)]), Some(997.0));
+    assert_eq!(
+        value(&s, "mcp_requests_total", &[("method", OTHER_METHOD)]),
+        Some(997.0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -449,7 +657,10 @@ async fn export_task_emits_a_snapshot_every_interval() {
     tokio::time::sleep(Duration::from_secs(21)).await;
     assert_eq!(m.export_count(), 2);
     let last = m.last_export();
-    assert_eq!(last.map(|j| j["totals"]["circuit_breakers"]["keys_open"].clone()), Some(serde_json::json!(1)));
+    assert_eq!(
+        last.map(|j| j["totals"]["circuit_breakers"]["keys_open"].clone()),
+        Some(serde_json::json!(1))
+    );
     task.stop();
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(m.export_count(), 2);

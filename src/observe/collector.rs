@@ -40,28 +40,138 @@ const SOURCE: &[&str] = &["component", "name", "scope"];
 
 /// Every family the collector exports, in output order.
 const SPECS: &[Spec] = &[
-    spec("mcp_requests_total", "MCP requests seen by the metrics middleware.", MetricType::COUNTER, &["method"]),
-    spec("mcp_request_errors_total", "MCP requests answered with a JSON-RPC error or failed in the middleware chain, by error code.", MetricType::COUNTER, &["method", "code"]),
-    spec("mcp_request_duration_seconds", "Time from sending an MCP request to its response.", MetricType::HISTOGRAM, &["method"]),
-    spec("mcp_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", MetricType::GAUGE, SCOPE_KEY),
-    spec("mcp_circuit_breaker_state_info", "Circuit breaker state, one-hot: 1 for the current state, 0 for the others.", MetricType::GAUGE, &["scope", "key", "state"]),
-    spec("mcp_circuit_breaker_failures_total", "Calls the circuit breaker counted as failures.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_circuit_breaker_requests_rejected_total", "Calls the circuit breaker rejected.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_circuit_breaker_successes_total", "Calls the circuit breaker counted as successes.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_circuit_breaker_transitions_total", "Circuit breaker state changes.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_circuit_breaker_calls_total", "Calls through a circuit breaker, all keys, by outcome.", MetricType::COUNTER, &["name", "scope", "outcome"]),
-    spec("mcp_circuit_breaker_keys", "Keys of a circuit breaker in each state.", MetricType::GAUGE, &["name", "scope", "state"]),
-    spec("mcp_rate_limit_requests_allowed_total", "Requests the rate limiter allowed.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_rate_limit_requests_rejected_total", "Requests the rate limiter rejected.", MetricType::COUNTER, SCOPE_KEY),
-    spec("mcp_rate_limit_current_usage", "Fraction of the limit in use, 0 to 1.", MetricType::GAUGE, SCOPE_KEY),
-    spec("mcp_rate_limit_requests_total", "Requests through a rate limiter, all keys.", MetricType::COUNTER, &["name", "scope"]),
-    spec("mcp_rate_limit_waits_total", "Requests that waited for rate limit capacity.", MetricType::COUNTER, &["name", "scope"]),
-    spec("mcp_rate_limit_wait_seconds", "Time requests waited for rate limit capacity.", MetricType::HISTOGRAM, &["name", "scope"]),
-    spec("mcp_resilience_keys", "Keys held by a breaker or limiter registry.", MetricType::GAUGE, SOURCE),
-    spec("mcp_resilience_key_evictions_total", "Idle keys evicted from a breaker or limiter registry.", MetricType::COUNTER, SOURCE),
-    spec("mcp_resilience_key_overflows_total", "Requests served by the shared overflow key because the registry was full.", MetricType::COUNTER, SOURCE),
-    spec("mcp_resilience_store_mode", "Number of breakers and limiters whose store of this kind is in this failure-policy mode.", MetricType::GAUGE, &["kind", "mode"]),
-    spec("mcp_resilience_store_latency_seconds", "Latency of state store operations.", MetricType::HISTOGRAM, &["kind"]),
+    spec(
+        "mcp_requests_total",
+        "MCP requests seen by the metrics middleware.",
+        MetricType::COUNTER,
+        &["method"],
+    ),
+    spec(
+        "mcp_request_errors_total",
+        "MCP requests answered with a JSON-RPC error or failed in the middleware chain, by error code.",
+        MetricType::COUNTER,
+        &["method", "code"],
+    ),
+    spec(
+        "mcp_request_duration_seconds",
+        "Time from sending an MCP request to its response.",
+        MetricType::HISTOGRAM,
+        &["method"],
+    ),
+    spec(
+        "mcp_circuit_breaker_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+        MetricType::GAUGE,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_circuit_breaker_state_info",
+        "Circuit breaker state, one-hot: 1 for the current state, 0 for the others.",
+        MetricType::GAUGE,
+        &["scope", "key", "state"],
+    ),
+    spec(
+        "mcp_circuit_breaker_failures_total",
+        "Calls the circuit breaker counted as failures.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_circuit_breaker_requests_rejected_total",
+        "Calls the circuit breaker rejected.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_circuit_breaker_successes_total",
+        "Calls the circuit breaker counted as successes.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_circuit_breaker_transitions_total",
+        "Circuit breaker state changes.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_circuit_breaker_calls_total",
+        "Calls through a circuit breaker, all keys, by outcome.",
+        MetricType::COUNTER,
+        &["name", "scope", "outcome"],
+    ),
+    spec(
+        "mcp_circuit_breaker_keys",
+        "Keys of a circuit breaker in each state.",
+        MetricType::GAUGE,
+        &["name", "scope", "state"],
+    ),
+    spec(
+        "mcp_rate_limit_requests_allowed_total",
+        "Requests the rate limiter allowed.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_rate_limit_requests_rejected_total",
+        "Requests the rate limiter rejected.",
+        MetricType::COUNTER,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_rate_limit_current_usage",
+        "Fraction of the limit in use, 0 to 1.",
+        MetricType::GAUGE,
+        SCOPE_KEY,
+    ),
+    spec(
+        "mcp_rate_limit_requests_total",
+        "Requests through a rate limiter, all keys.",
+        MetricType::COUNTER,
+        &["name", "scope"],
+    ),
+    spec(
+        "mcp_rate_limit_waits_total",
+        "Requests that waited for rate limit capacity.",
+        MetricType::COUNTER,
+        &["name", "scope"],
+    ),
+    spec(
+        "mcp_rate_limit_wait_seconds",
+        "Time requests waited for rate limit capacity.",
+        MetricType::HISTOGRAM,
+        &["name", "scope"],
+    ),
+    spec(
+        "mcp_resilience_keys",
+        "Keys held by a breaker or limiter registry.",
+        MetricType::GAUGE,
+        SOURCE,
+    ),
+    spec(
+        "mcp_resilience_key_evictions_total",
+        "Idle keys evicted from a breaker or limiter registry.",
+        MetricType::COUNTER,
+        SOURCE,
+    ),
+    spec(
+        "mcp_resilience_key_overflows_total",
+        "Requests served by the shared overflow key because the registry was full.",
+        MetricType::COUNTER,
+        SOURCE,
+    ),
+    spec(
+        "mcp_resilience_store_mode",
+        "Number of breakers and limiters whose store of this kind is in this failure-policy mode.",
+        MetricType::GAUGE,
+        &["kind", "mode"],
+    ),
+    spec(
+        "mcp_resilience_store_latency_seconds",
+        "Latency of state store operations.",
+        MetricType::HISTOGRAM,
+        &["kind"],
+    ),
 ];
 
 enum Sample {
@@ -98,7 +208,10 @@ impl Families {
         if let Sample::Histogram(h) = entry
             && !h.merge(snapshot)
         {
-            tracing::debug!(metric = name, "histograms with different buckets not merged");
+            tracing::debug!(
+                metric = name,
+                "histograms with different buckets not merged"
+            );
         }
     }
 
@@ -197,24 +310,63 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             ("failed", r.failed),
             ("rejected", r.rejected),
         ] {
-            f.add("mcp_circuit_breaker_calls_total", &[&r.name, r.scope, outcome], n as f64);
+            f.add(
+                "mcp_circuit_breaker_calls_total",
+                &[&r.name, r.scope, outcome],
+                n as f64,
+            );
         }
         for (state, n) in ["closed", "open", "half_open"].iter().zip(b.states) {
-            f.add("mcp_circuit_breaker_keys", &[&r.name, r.scope, state], n as f64);
+            f.add(
+                "mcp_circuit_breaker_keys",
+                &[&r.name, r.scope, state],
+                n as f64,
+            );
         }
-        source_stats(&mut f, "circuit_breaker", &r.name, r.scope, &r.registry, &r.store);
+        source_stats(
+            &mut f,
+            "circuit_breaker",
+            &r.name,
+            r.scope,
+            &r.registry,
+            &r.store,
+        );
     }
     for ((scope, key), row) in &breaker_rows {
         let labels = [*scope, key.as_str()];
-        f.add("mcp_circuit_breaker_state", &labels, row.state.gauge_value());
+        f.add(
+            "mcp_circuit_breaker_state",
+            &labels,
+            row.state.gauge_value(),
+        );
         for state in BreakerStateReport::ALL {
             let hot = if state == row.state { 1.0 } else { 0.0 };
-            f.add("mcp_circuit_breaker_state_info", &[scope, key, state.label()], hot);
+            f.add(
+                "mcp_circuit_breaker_state_info",
+                &[scope, key, state.label()],
+                hot,
+            );
         }
-        f.add("mcp_circuit_breaker_failures_total", &labels, row.failures as f64);
-        f.add("mcp_circuit_breaker_requests_rejected_total", &labels, row.rejections as f64);
-        f.add("mcp_circuit_breaker_successes_total", &labels, row.successes as f64);
-        f.add("mcp_circuit_breaker_transitions_total", &labels, row.transitions as f64);
+        f.add(
+            "mcp_circuit_breaker_failures_total",
+            &labels,
+            row.failures as f64,
+        );
+        f.add(
+            "mcp_circuit_breaker_requests_rejected_total",
+            &labels,
+            row.rejections as f64,
+        );
+        f.add(
+            "mcp_circuit_breaker_successes_total",
+            &labels,
+            row.successes as f64,
+        );
+        f.add(
+            "mcp_circuit_breaker_transitions_total",
+            &labels,
+            row.transitions as f64,
+        );
     }
 
     let mut limiter_rows: BTreeMap<(&str, String), LimiterKeyReport> = BTreeMap::new();
@@ -228,15 +380,42 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
                 }
             }
         }
-        f.add("mcp_rate_limit_requests_total", &[&r.name, r.scope], r.total as f64);
-        f.add("mcp_rate_limit_waits_total", &[&r.name, r.scope], r.waited as f64);
-        f.histogram("mcp_rate_limit_wait_seconds", &[&r.name, r.scope], &r.wait_time);
-        source_stats(&mut f, "rate_limit", &r.name, r.scope, &r.registry, &r.store);
+        f.add(
+            "mcp_rate_limit_requests_total",
+            &[&r.name, r.scope],
+            r.total as f64,
+        );
+        f.add(
+            "mcp_rate_limit_waits_total",
+            &[&r.name, r.scope],
+            r.waited as f64,
+        );
+        f.histogram(
+            "mcp_rate_limit_wait_seconds",
+            &[&r.name, r.scope],
+            &r.wait_time,
+        );
+        source_stats(
+            &mut f,
+            "rate_limit",
+            &r.name,
+            r.scope,
+            &r.registry,
+            &r.store,
+        );
     }
     for ((scope, key), row) in &limiter_rows {
         let labels = [*scope, key.as_str()];
-        f.add("mcp_rate_limit_requests_allowed_total", &labels, row.allowed as f64);
-        f.add("mcp_rate_limit_requests_rejected_total", &labels, row.rejected as f64);
+        f.add(
+            "mcp_rate_limit_requests_allowed_total",
+            &labels,
+            row.allowed as f64,
+        );
+        f.add(
+            "mcp_rate_limit_requests_rejected_total",
+            &labels,
+            row.rejected as f64,
+        );
         f.add("mcp_rate_limit_current_usage", &labels, row.usage());
     }
     f.into_families()
@@ -252,8 +431,16 @@ fn source_stats(
 ) {
     let labels = [component, name, scope];
     f.add("mcp_resilience_keys", &labels, registry.keys as f64);
-    f.add("mcp_resilience_key_evictions_total", &labels, registry.evicted as f64);
-    f.add("mcp_resilience_key_overflows_total", &labels, registry.overflowed as f64);
+    f.add(
+        "mcp_resilience_key_evictions_total",
+        &labels,
+        registry.evicted as f64,
+    );
+    f.add(
+        "mcp_resilience_key_overflows_total",
+        &labels,
+        registry.overflowed as f64,
+    );
     for mode in StoreReport::MODES {
         let current = if mode == store.mode { 1.0 } else { 0.0 };
         f.add("mcp_resilience_store_mode", &[store.kind, mode], current);
@@ -262,7 +449,11 @@ fn source_stats(
         f.add("mcp_resilience_store_mode", &[store.kind, store.mode], 1.0);
     }
     if let Some(latency) = &store.latency {
-        f.histogram("mcp_resilience_store_latency_seconds", &[store.kind], latency);
+        f.histogram(
+            "mcp_resilience_store_latency_seconds",
+            &[store.kind],
+            latency,
+        );
     }
 }
 
