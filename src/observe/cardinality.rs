@@ -135,7 +135,7 @@ pub(crate) fn bound_keys<R: KeyRow>(scope: &str, rows: &[R], max_label_keys: usi
     }
     let mut ranked: Vec<R> = merged.into_values().collect();
     // BTreeMap order already sorts by key; a stable sort keeps it for ties.
-    ranked.sort_by(|a, b| b.rank().cmp(&a.rank()));
+    ranked.sort_by_key(|row| std::cmp::Reverse(row.rank()));
     let rest = ranked.split_off(max_label_keys);
     let mut out: BTreeMap<String, R> = ranked
         .into_iter()

@@ -39,10 +39,10 @@
 //! // `metrics.serve("127.0.0.1:9464".parse()?).await?` or render it yourself:
 //! let text = metrics.render();
 //! assert!(text.contains(
-//!     r#"mcp_circuit_breaker_state{key="https://api.example.com",scope="server"} 1"#
+//!     r#"mcp_circuit_breaker_state{scope="server",key="https://api.example.com"} 1"#
 //! ));
 //! assert!(text.contains(
-//!     r#"mcp_circuit_breaker_failures_total{key="https://api.example.com",scope="server"} 42"#
+//!     r#"mcp_circuit_breaker_failures_total{scope="server",key="https://api.example.com"} 42"#
 //! ));
 //! assert_eq!(metrics.snapshot_json()["totals"]["circuit_breakers"]["keys_open"], 1);
 //! # Ok(())
