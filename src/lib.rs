@@ -16,6 +16,7 @@
 //! - [`circuit_breaker`]: the breaker's state machine, middleware and metrics.
 //! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
 //! - [`metrics`]: settings shared by the metrics of both middlewares.
+//! - [`observe`]: `MetricsMiddleware`, Prometheus export and the JSON snapshot of all breakers and limiters.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
 //! - [`error`]: configuration and store errors.
 
@@ -26,6 +27,7 @@ pub mod circuit_breaker;
 pub mod clock;
 pub mod error;
 pub mod metrics;
+pub mod observe;
 pub mod persistence;
 pub mod rate_limit;
 pub mod registry;

@@ -1,0 +1,134 @@
+//! One place where an operator sees every breaker and limiter: request
+//! metrics, Prometheus export and an aggregated JSON snapshot.
+//!
+//! Breakers and limiters describe themselves through [`ReportSource`];
+//! [`MetricsMiddleware`] pulls their [`Report`]s whenever Prometheus
+//! scrapes, so values are current at scrape time. Installed in a pmcp
+//! client or server chain, the middleware also counts requests, errors and
+//! durations per method, on the client side as well.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use pmcp_resilience::observe::{
+//!     BreakerKeyReport, BreakerReport, BreakerStateReport, MetricsExporter, MetricsMiddleware,
+//!     Report,
+//! };
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A stand-in for a circuit breaker of this crate.
+//! let breaker = Arc::new(|| {
+//!     let mut report = BreakerReport::new("upstream", "server");
+//!     report.keys.push(
+//!         BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
+//!             .with_counts(42, 15, 100, 1),
+//!     );
+//!     Report::CircuitBreaker(report)
+//! });
+//!
+//! let metrics = MetricsMiddleware::builder()
+//!     .export_interval(Duration::from_secs(60))
+//!     .exporter(MetricsExporter::Prometheus { endpoint: "/metrics".into() })
+//!     .include_circuit_breaker_stats(true)
+//!     .include_rate_limit_stats(true)
+//!     .source(breaker)
+//!     .build()?;
+//!
+//! // Install it in a pmcp client: `ClientBuilder::new(transport)
+//! //     .with_middleware(Arc::new(metrics.clone()))`, then serve it with
+//! // `metrics.serve("127.0.0.1:9464".parse()?).await?` or render it yourself:
+//! let text = metrics.render();
+//! assert!(text.contains(
+//!     r#"mcp_circuit_breaker_state{scope="server",key="https://api.example.com"} 1"#
+//! ));
+//! assert!(text.contains(
+//!     r#"mcp_circuit_breaker_failures_total{scope="server",key="https://api.example.com"} 42"#
+//! ));
+//! assert_eq!(metrics.snapshot_json()["totals"]["circuit_breakers"]["keys_open"], 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Metrics
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `mcp_requests_total` | counter | `method` |
+//! | `mcp_request_errors_total` | counter | `method`, `code` |
+//! | `mcp_request_duration_seconds` | histogram | `method` |
+//! | `mcp_circuit_breaker_state` (0 closed, 1 open, 2 half-open) | gauge | `scope`, `key` |
+//! | `mcp_circuit_breaker_state_info` (one-hot) | gauge | `scope`, `key`, `state` |
+//! | `mcp_circuit_breaker_failures_total` | counter | `scope`, `key` |
+//! | `mcp_circuit_breaker_requests_rejected_total` | counter | `scope`, `key` |
+//! | `mcp_circuit_breaker_successes_total` | counter | `scope`, `key` |
+//! | `mcp_circuit_breaker_transitions_total` | counter | `scope`, `key` |
+//! | `mcp_circuit_breaker_calls_total` | counter | `name`, `scope`, `outcome` |
+//! | `mcp_circuit_breaker_keys` | gauge | `name`, `scope`, `state` |
+//! | `mcp_rate_limit_requests_allowed_total` | counter | `scope`, `key` |
+//! | `mcp_rate_limit_requests_rejected_total` | counter | `scope`, `key` |
+//! | `mcp_rate_limit_current_usage` (0 to 1) | gauge | `scope`, `key` |
+//! | `mcp_rate_limit_requests_total` | counter | `name`, `scope` |
+//! | `mcp_rate_limit_waits_total` | counter | `name`, `scope` |
+//! | `mcp_rate_limit_wait_seconds` | histogram | `name`, `scope` |
+//! | `mcp_resilience_keys` | gauge | `component`, `name`, `scope` |
+//! | `mcp_resilience_key_evictions_total` | counter | `component`, `name`, `scope` |
+//! | `mcp_resilience_key_overflows_total` | counter | `component`, `name`, `scope` |
+//! | `mcp_resilience_store_mode` | gauge | `kind`, `mode` |
+//! | `mcp_resilience_store_latency_seconds` | histogram | `kind` |
+//!
+//! Label values stay bounded: `key` follows the rule of [`cardinality`]
+//! (session and custom keys are hashed into 64 buckets, at most
+//! `max_label_keys` keys per source, the rest under `__other__`), `method`
+//! is a spec method, one of at most `max_methods` others, or `other`, and
+//! `code` takes at most 16 values per method. Two sources reporting the same
+//! `scope` and `key` are merged into one series. `name` is the name the user
+//! gave a breaker or limiter.
+//!
+//! `mcp_resilience_store_mode` counts the sources whose store of `kind` is
+//! in `mode`: with one source it is 1 for the current mode and 0 for the
+//! others.
+
+pub mod cardinality;
+mod collector;
+mod endpoint;
+mod histogram;
+mod middleware;
+mod report;
+mod requests;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+pub(crate) mod text_format;
+
+pub use endpoint::MetricsServer;
+pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
+pub use middleware::{
+    ExportTask, INTERNAL_ERROR_CODE, METHOD_METADATA_KEY, MetricsExporter, MetricsMiddleware,
+    MetricsMiddlewareBuilder, UNKNOWN_METHOD,
+};
+pub use report::{
+    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport, Report,
+    ReportSource, StoreReport, scope_label,
+};
+pub use requests::OTHER_METHOD;
+
+/// A failure to start or run the metrics server or export task.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// No Tokio runtime to run the server or export task on.
+    #[error("no Tokio runtime: call this from within a Tokio runtime")]
+    NoRuntime,
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An I/O error of the running server.
+    #[error("metrics server I/O error: {0}")]
+    Io(std::io::Error),
+}
