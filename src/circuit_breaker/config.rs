@@ -349,6 +349,16 @@ impl CircuitBreakerBuilder {
                 ));
             }
         }
+        let scope = &self.config.scope;
+        if (scope.needs_server_url() && self.target.server_url().is_none())
+            || (scope.needs_session() && self.target.session_id().is_none())
+        {
+            tracing::debug!(
+                scope = scope.label(),
+                "circuit breaker built without a server URL or session; bind them with \
+                 `for_server`/`with_target` or context metadata, or requests share the fallback key"
+            );
+        }
         let clock = self.clock.unwrap_or_else(default_clock);
         Ok(CircuitBreakerMiddleware::from_parts(
             self.config,

@@ -165,12 +165,10 @@ const STATUS_PREFIX: &str = "Request failed with status: ";
 pub fn outcome_of_error(error: &pmcp::Error) -> Outcome<'_> {
     use pmcp::error::TransportError;
     match error {
-        pmcp::Error::Transport(TransportError::Request(message)) => {
-            match parse_status(message) {
-                Some(status) => Outcome::HttpStatus(status),
-                None => Outcome::Transport { message },
-            }
-        }
+        pmcp::Error::Transport(TransportError::Request(message)) => match parse_status(message) {
+            Some(status) => Outcome::HttpStatus(status),
+            None => Outcome::Transport { message },
+        },
         pmcp::Error::Transport(_) => Outcome::Transport { message: "" },
         pmcp::Error::Timeout(_) => Outcome::Timeout,
         pmcp::Error::Protocol { code, message, .. } => Outcome::JsonRpcError {
@@ -246,9 +244,9 @@ mod tests {
         assert!(m.looks_at_tool_errors());
         let all = ErrorMatcher::All(vec![
             ErrorMatcher::ServerErrors,
-            ErrorMatcher::Predicate(Arc::new(|o| {
-                matches!(o, Outcome::JsonRpcError { message, .. } if message.contains("db"))
-            })),
+            ErrorMatcher::Predicate(Arc::new(
+                |o| matches!(o, Outcome::JsonRpcError { message, .. } if message.contains("db")),
+            )),
         ]);
         assert!(all.matches(&Outcome::JsonRpcError {
             code: -32603,

@@ -486,7 +486,13 @@ fn expire_probes(
     if state.state != CircuitState::HalfOpen || state.probes.iter().all(|p| p.deadline > now) {
         return None;
     }
-    Some(open(state, policy, now, jitter, TransitionReason::ProbeDeadline))
+    Some(open(
+        state,
+        policy,
+        now,
+        jitter,
+        TransitionReason::ProbeDeadline,
+    ))
 }
 
 fn is_counting(mode: BreakerMode) -> bool {
@@ -606,11 +612,16 @@ pub fn record(
         }
         CircuitState::HalfOpen if was_probe || state.mode == BreakerMode::MetricsOnly => {
             if failed {
-                Some(open(state, policy, now, jitter, TransitionReason::ProbeFailed))
+                Some(open(
+                    state,
+                    policy,
+                    now,
+                    jitter,
+                    TransitionReason::ProbeFailed,
+                ))
             } else {
                 state.half_open_successes = state.half_open_successes.saturating_add(1);
-                (state.half_open_successes >= policy.success_threshold.max(1))
-                    .then(|| close(state))
+                (state.half_open_successes >= policy.success_threshold.max(1)).then(|| close(state))
             }
         }
         // Late answers of calls admitted before the breaker opened say

@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-pub use super::state::CircuitBreakerState;
 use super::metrics::KeySnapshot;
+pub use super::state::CircuitBreakerState;
 use super::state::{self, Admission, BreakerPolicy, CallResult, ProbeId, Transition};
 use crate::clock::Timestamp;
 use crate::error::StoreError;
@@ -134,7 +134,9 @@ impl CircuitBreakerStateStore for InMemoryStateStore {
     ) -> Result<Option<Transition>, StoreError> {
         let mut states = self.states.lock();
         let s = states.entry(key.to_owned()).or_default();
-        Ok(state::record(s, policy, now, result, elapsed, probe, jitter))
+        Ok(state::record(
+            s, policy, now, result, elapsed, probe, jitter,
+        ))
     }
 }
 
@@ -151,16 +153,26 @@ mod tests {
         };
         let now = Timestamp::from_millis(10);
         let r = store
-            .record("a", &policy, now, CallResult::Failure, Duration::ZERO, None, 0.5)
+            .record(
+                "a",
+                &policy,
+                now,
+                CallResult::Failure,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
             .await;
         assert!(matches!(r, Ok(Some(_))));
-        let (admission, _) = store.acquire("a", &policy, now, 0.5).await.unwrap_or((
-            Admission::Allowed { probe: None },
-            None,
-        ));
+        let (admission, _) = store
+            .acquire("a", &policy, now, 0.5)
+            .await
+            .unwrap_or((Admission::Allowed { probe: None }, None));
         assert!(matches!(admission, Admission::Rejected { .. }));
         let (b, _) = store.acquire("b", &policy, now, 0.5).await.unwrap_or((
-            Admission::Rejected { retry_after: Duration::ZERO },
+            Admission::Rejected {
+                retry_after: Duration::ZERO,
+            },
             None,
         ));
         assert_eq!(b, Admission::Allowed { probe: None });
