@@ -501,6 +501,7 @@ async fn forced_disabled_and_metrics_only_modes() {
         assert!(call(&cb, i, Some(error_response(i, -32603))).await.is_ok());
     }
     assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
+    let before = cb.snapshot().keys[0].failures;
     cb.disable("global");
     for i in 5..8 {
         assert!(call(&cb, i, Some(error_response(i, -32603))).await.is_ok());
