@@ -33,6 +33,10 @@ pub mod rate_limit;
 pub mod registry;
 pub mod scope;
 
+pub use circuit_breaker::{
+    CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore,
+    CircuitState, ErrorMatcher,
+};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{ConfigError, StoreError};
 pub use metrics::MetricsConfig;

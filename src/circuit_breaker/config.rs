@@ -1,0 +1,369 @@
+//! The breaker's configuration, its builder, and their validation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::matcher::ErrorMatcher;
+use super::middleware::CircuitBreakerMiddleware;
+use super::state::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
+use crate::clock::{Clock, SharedClock, default_clock};
+use crate::error::ConfigError;
+use crate::metrics::MetricsConfig;
+use crate::persistence::StatePersistence;
+use crate::registry::RegistryLimits;
+use crate::scope::{RequestTarget, Scope};
+
+/// Everything a circuit breaker is built from (the feature request's
+/// `CircuitBreakerConfig`, plus the optional rules).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CircuitBreakerConfig {
+    /// How requests are grouped into independent breakers.
+    pub scope: Scope,
+    /// Which outcomes count as failures.
+    pub trigger_errors: ErrorMatcher,
+    /// Where state lives (only [`StatePersistence::Memory`] for now).
+    pub persistence: StatePersistence,
+    /// What metrics are kept.
+    pub metrics_config: MetricsConfig,
+    /// The numbers of the state machine (thresholds, windows, timeouts).
+    pub policy: BreakerPolicy,
+    /// Bounds on the number of keys.
+    pub registry_limits: RegistryLimits,
+    /// Reject with a JSON-RPC error carrying `retryAfterMs` instead of
+    /// `pmcp::Error::CircuitBreakerOpen`.
+    pub signal_client: bool,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            scope: Scope::Global,
+            trigger_errors: ErrorMatcher::default(),
+            persistence: StatePersistence::Memory,
+            metrics_config: MetricsConfig::default(),
+            policy: BreakerPolicy::default(),
+            registry_limits: RegistryLimits::default(),
+            signal_client: false,
+        }
+    }
+}
+
+fn check_rate(field: &'static str, rate: f64) -> Result<(), ConfigError> {
+    if rate.is_nan() || rate <= 0.0 || rate > 1.0 {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{rate} is not a rate: use a value in (0, 1], for example 0.5 for 50%"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a policy as the builder and `reconfigure` do.
+pub fn validate_policy(p: &BreakerPolicy) -> Result<(), ConfigError> {
+    if p.consecutive_failures == 0
+        && p.failures_in_window.is_none()
+        && p.failure_rate.is_none()
+        && p.slow_calls.is_none()
+    {
+        return Err(ConfigError::invalid(
+            "failure_threshold",
+            "must be at least 1 (or configure failure_rate, slow_calls or failures_in_window)",
+        ));
+    }
+    if p.failures_in_window == Some(0) {
+        return Err(ConfigError::invalid(
+            "failures_in_window",
+            "the failure count must be at least 1",
+        ));
+    }
+    if p.success_threshold == 0 {
+        return Err(ConfigError::invalid(
+            "success_threshold",
+            "must be at least 1",
+        ));
+    }
+    if p.timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "timeout",
+            "must be greater than zero: an open breaker would admit probes at once",
+        ));
+    }
+    if p.half_open_max_probes == 0 {
+        return Err(ConfigError::invalid(
+            "half_open_max_probes",
+            "must be at least 1, or the breaker could never close again",
+        ));
+    }
+    if p.probe_deadline.is_zero() {
+        return Err(ConfigError::invalid(
+            "probe_deadline",
+            "must be greater than zero",
+        ));
+    }
+    let window_calls = match p.window {
+        SlidingWindow::Calls(0) => {
+            return Err(ConfigError::invalid(
+                "sliding_window",
+                "a count window must hold at least 1 call",
+            ));
+        }
+        SlidingWindow::Time(d) if d.is_zero() => {
+            return Err(ConfigError::invalid(
+                "sliding_window",
+                "a time window must be longer than zero",
+            ));
+        }
+        SlidingWindow::Calls(n) => Some(n),
+        SlidingWindow::Time(_) => None,
+    };
+    if let Some(rate) = p.failure_rate {
+        check_rate("failure_rate", rate.threshold)?;
+        if window_calls.is_some_and(|n| rate.minimum_calls > n) {
+            return Err(ConfigError::invalid(
+                "failure_rate",
+                "minimum_calls exceeds the count window: the rule could never trip",
+            ));
+        }
+    }
+    if let Some(slow) = p.slow_calls {
+        check_rate("slow_calls", slow.threshold)?;
+        if slow.duration.is_zero() {
+            return Err(ConfigError::invalid(
+                "slow_calls",
+                "the slow-call duration must be greater than zero",
+            ));
+        }
+        if window_calls.is_some_and(|n| slow.minimum_calls > n) {
+            return Err(ConfigError::invalid(
+                "slow_calls",
+                "minimum_calls exceeds the count window: the rule could never trip",
+            ));
+        }
+    }
+    if let Some(b) = p.open_backoff {
+        if b.multiplier.is_nan() || b.multiplier < 1.0 {
+            return Err(ConfigError::invalid(
+                "open_backoff",
+                "the multiplier must be at least 1.0",
+            ));
+        }
+        if b.max < p.timeout {
+            return Err(ConfigError::invalid(
+                "open_backoff",
+                "the maximum open time must be at least `timeout`",
+            ));
+        }
+        if b.jitter.is_nan() || !(0.0..1.0).contains(&b.jitter) {
+            return Err(ConfigError::invalid(
+                "open_backoff",
+                "jitter is a fraction in [0, 1), for example 0.2 for ±20%",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Builds a [`CircuitBreakerMiddleware`]; `build()` validates every setting.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, ErrorMatcher};
+/// use pmcp_resilience::CircuitBreakerScope;
+/// use std::time::Duration;
+///
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .scope(CircuitBreakerScope::PerMethod)
+///     .failure_threshold(5)
+///     .success_threshold(2)
+///     .timeout(Duration::from_secs(30))
+///     .failure_rate(0.5, 20)
+///     .build()
+///     .expect("valid settings");
+/// # let _ = cb;
+/// assert!(CircuitBreakerMiddleware::builder().failure_threshold(0).build().is_err());
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct CircuitBreakerBuilder {
+    config: CircuitBreakerConfig,
+    clock: Option<SharedClock>,
+    target: RequestTarget,
+}
+
+impl CircuitBreakerBuilder {
+    /// How requests are grouped into breakers (default [`Scope::Global`]).
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.config.scope = scope;
+        self
+    }
+
+    /// Open after this many consecutive failures (default 5; at least 1).
+    pub fn failure_threshold(mut self, n: u32) -> Self {
+        self.config.policy.consecutive_failures = n;
+        self
+    }
+
+    /// Close a half-open breaker after this many successful probes in a row (default 1).
+    pub fn success_threshold(mut self, n: u32) -> Self {
+        self.config.policy.success_threshold = n;
+        self
+    }
+
+    /// How long the breaker stays open before probing (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.policy.timeout = timeout;
+        self
+    }
+
+    /// Which outcomes count as failures (default [`ErrorMatcher::ServerErrors`]).
+    pub fn trigger_errors(mut self, matcher: ErrorMatcher) -> Self {
+        self.config.trigger_errors = matcher;
+        self
+    }
+
+    /// Where state lives (only [`StatePersistence::Memory`] is available for now).
+    pub fn persistence(mut self, persistence: StatePersistence) -> Self {
+        self.config.persistence = persistence;
+        self
+    }
+
+    /// What metrics are kept.
+    pub fn metrics_config(mut self, config: MetricsConfig) -> Self {
+        self.config.metrics_config = config;
+        self
+    }
+
+    /// The window of the rate rules (default the last 100 calls).
+    pub fn sliding_window(mut self, window: SlidingWindow) -> Self {
+        self.config.policy.window = window;
+        self
+    }
+
+    /// Also open when `threshold` (in (0, 1]) of the calls in the window
+    /// failed, once it holds at least `minimum_calls`.
+    pub fn failure_rate(mut self, threshold: f64, minimum_calls: u32) -> Self {
+        self.config.policy.failure_rate = Some(FailureRate {
+            threshold,
+            minimum_calls,
+        });
+        self
+    }
+
+    /// Also open when `threshold` (in (0, 1]) of the calls in the window took
+    /// at least `duration`, once it holds at least `minimum_calls`.
+    pub fn slow_calls(mut self, duration: Duration, threshold: f64, minimum_calls: u32) -> Self {
+        self.config.policy.slow_calls = Some(SlowCalls {
+            duration,
+            threshold,
+            minimum_calls,
+        });
+        self
+    }
+
+    /// Open after `count` failures within `window` (pmcp's rule), and only
+    /// then: consecutive failures no longer trip on their own.
+    pub fn failures_within(mut self, count: u32, window: Duration) -> Self {
+        self.config.policy.failures_in_window = Some(count);
+        self.config.policy.window = SlidingWindow::Time(window);
+        self.config.policy.consecutive_failures = 0;
+        self
+    }
+
+    /// Probes admitted at once in half-open (default 1).
+    pub fn half_open_max_probes(mut self, n: u32) -> Self {
+        self.config.policy.half_open_max_probes = n;
+        self
+    }
+
+    /// A probe without an answer this long counts as failed (default 30 s).
+    pub fn probe_deadline(mut self, deadline: Duration) -> Self {
+        self.config.policy.probe_deadline = deadline;
+        self
+    }
+
+    /// Grow the open time by `multiplier` per consecutive trip, up to `max`,
+    /// spread by ±`jitter` (a fraction in [0, 1)).
+    pub fn open_backoff(mut self, multiplier: f64, max: Duration, jitter: f64) -> Self {
+        self.config.policy.open_backoff = Some(OpenBackoff {
+            multiplier,
+            max,
+            jitter,
+        });
+        self
+    }
+
+    /// Bounds on the number of keys.
+    pub fn registry_limits(mut self, limits: RegistryLimits) -> Self {
+        self.config.registry_limits = limits;
+        self
+    }
+
+    /// The clock (default: the system clock). Tests pass a [`crate::ManualClock`].
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Where requests through this handle go (server URL, session source).
+    pub fn target(mut self, target: RequestTarget) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// Shorthand for a target with this server URL.
+    pub fn server_url(mut self, url: impl AsRef<str>) -> Self {
+        self.target = self.target.with_server_url(url);
+        self
+    }
+
+    /// Reject with `pmcp::Error::Protocol` (code -32006) whose `data` carries
+    /// `retryAfterMs`, `scope` and `key`, instead of the bare
+    /// `pmcp::Error::CircuitBreakerOpen`.
+    pub fn signal_client(mut self, on: bool) -> Self {
+        self.config.signal_client = on;
+        self
+    }
+
+    /// The configuration so far.
+    pub fn config(&self) -> &CircuitBreakerConfig {
+        &self.config
+    }
+
+    /// Validates the settings and builds the breaker.
+    pub fn build(self) -> Result<CircuitBreakerMiddleware, ConfigError> {
+        validate_policy(&self.config.policy)?;
+        self.config.registry_limits.validate()?;
+        match &self.config.persistence {
+            StatePersistence::Memory => {}
+            StatePersistence::File(path) => {
+                return Err(ConfigError::UnsupportedPersistence(
+                    format!(
+                        "file persistence ({}) is not available yet: use StatePersistence::Memory",
+                        path.display()
+                    )
+                    .into(),
+                ));
+            }
+            StatePersistence::Custom(_) => {
+                return Err(ConfigError::UnsupportedPersistence(
+                    "custom stores are not available yet: use StatePersistence::Memory".into(),
+                ));
+            }
+        }
+        let scope = &self.config.scope;
+        if (scope.needs_server_url() && self.target.server_url().is_none())
+            || (scope.needs_session() && self.target.session_id().is_none())
+        {
+            tracing::debug!(
+                scope = scope.label(),
+                "circuit breaker built without a server URL or session; bind them with \
+                 `for_server`/`with_target` or context metadata, or requests share the fallback key"
+            );
+        }
+        let clock = self.clock.unwrap_or_else(default_clock);
+        Ok(CircuitBreakerMiddleware::from_parts(
+            self.config,
+            clock,
+            self.target,
+        ))
+    }
+}

@@ -1,0 +1,277 @@
+//! Which outcomes count as the server's failures.
+//!
+//! An [`Outcome`] is what happened to one call: a result (perhaps a tool
+//! result with `isError: true`), a JSON-RPC error answer, an HTTP status, a
+//! transport failure or a timeout. An [`ErrorMatcher`] says which of them
+//! count against the breaker.
+//!
+//! ```
+//! use pmcp_resilience::circuit_breaker::{ErrorMatcher, Outcome};
+//! use http::StatusCode;
+//!
+//! let default = ErrorMatcher::default();
+//! // The server's own failure counts...
+//! assert!(default.matches(&Outcome::JsonRpcError { code: -32603, message: "boom" }));
+//! // ...the caller's mistakes do not.
+//! assert!(!default.matches(&Outcome::JsonRpcError { code: -32602, message: "bad params" }));
+//!
+//! let gateway = ErrorMatcher::StatusCodes(vec![StatusCode::BAD_GATEWAY]);
+//! assert!(gateway.matches(&Outcome::HttpStatus(StatusCode::BAD_GATEWAY)));
+//! assert!(!gateway.matches(&Outcome::HttpStatus(StatusCode::NOT_FOUND)));
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::StatusCode;
+
+/// What happened to one call, as the breaker classifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome<'a> {
+    /// A result. `tool_error` is `true` for a tool result with `isError: true`.
+    Result {
+        /// The result is a tool result with `isError: true`.
+        tool_error: bool,
+    },
+    /// A JSON-RPC error answer.
+    JsonRpcError {
+        /// The JSON-RPC error code.
+        code: i32,
+        /// The error message.
+        message: &'a str,
+    },
+    /// The HTTP transport answered with this status instead of a JSON-RPC answer.
+    HttpStatus(StatusCode),
+    /// The transport failed (connection refused, reset, closed, ...).
+    Transport {
+        /// The transport's description of the failure.
+        message: &'a str,
+    },
+    /// The call timed out.
+    Timeout,
+}
+
+/// A predicate over outcomes.
+pub type OutcomePredicate = Arc<dyn Fn(&Outcome<'_>) -> bool + Send + Sync>;
+
+/// Which outcomes count as failures of the server.
+///
+/// The default, [`ErrorMatcher::ServerErrors`], counts what the server did
+/// wrong and leaves out what the caller did wrong (see its docs).
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum ErrorMatcher {
+    /// JSON-RPC error answers with one of these codes.
+    JsonRpcCodes(Vec<i32>),
+    /// The server's failures (the default):
+    ///
+    /// - JSON-RPC `-32603` (internal error) and the server-error range
+    ///   `-32000..=-32099`, except pmcp's `-32005` (rate limited) and `-32006`
+    ///   (circuit breaker open): a server that asks to slow down is healthy;
+    /// - HTTP 5xx statuses (HTTP 4xx, 429 included, are the caller's business:
+    ///   a rate limit is handled by slowing down, not by opening a breaker);
+    /// - transport failures and timeouts.
+    ///
+    /// Not counted: `-32700` parse error, `-32600` invalid request, `-32601`
+    /// method not found, `-32602` invalid params, and tool results with
+    /// `isError: true` (add [`ErrorMatcher::ToolErrors`] for those).
+    #[default]
+    ServerErrors,
+    /// HTTP statuses in this list (seen by the transport wrapper).
+    StatusCodes(Vec<StatusCode>),
+    /// Transport failures.
+    TransportErrors,
+    /// Timeouts.
+    Timeouts,
+    /// Tool results with `isError: true`.
+    ToolErrors,
+    /// Outcomes for which the function returns `true`.
+    Predicate(OutcomePredicate),
+    /// Outcomes matched by any of these.
+    Any(Vec<ErrorMatcher>),
+    /// Outcomes matched by all of these.
+    All(Vec<ErrorMatcher>),
+}
+
+impl fmt::Debug for ErrorMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorMatcher::JsonRpcCodes(c) => f.debug_tuple("JsonRpcCodes").field(c).finish(),
+            ErrorMatcher::ServerErrors => f.write_str("ServerErrors"),
+            ErrorMatcher::StatusCodes(c) => f.debug_tuple("StatusCodes").field(c).finish(),
+            ErrorMatcher::TransportErrors => f.write_str("TransportErrors"),
+            ErrorMatcher::Timeouts => f.write_str("Timeouts"),
+            ErrorMatcher::ToolErrors => f.write_str("ToolErrors"),
+            ErrorMatcher::Predicate(_) => f.write_str("Predicate(..)"),
+            ErrorMatcher::Any(m) => f.debug_tuple("Any").field(m).finish(),
+            ErrorMatcher::All(m) => f.debug_tuple("All").field(m).finish(),
+        }
+    }
+}
+
+/// pmcp's own "rate limited" code.
+const RATE_LIMITED: i32 = -32005;
+/// pmcp's own "circuit breaker open" code.
+const CIRCUIT_BREAKER_OPEN: i32 = -32006;
+
+impl ErrorMatcher {
+    /// Whether `outcome` counts as a failure of the server.
+    pub fn matches(&self, outcome: &Outcome<'_>) -> bool {
+        match self {
+            ErrorMatcher::JsonRpcCodes(codes) => {
+                matches!(outcome, Outcome::JsonRpcError { code, .. } if codes.contains(code))
+            }
+            ErrorMatcher::ServerErrors => match *outcome {
+                Outcome::JsonRpcError { code, .. } => {
+                    code == -32603
+                        || ((-32099..=-32000).contains(&code)
+                            && code != RATE_LIMITED
+                            && code != CIRCUIT_BREAKER_OPEN)
+                }
+                Outcome::HttpStatus(status) => status.is_server_error(),
+                Outcome::Transport { .. } | Outcome::Timeout => true,
+                Outcome::Result { .. } => false,
+            },
+            ErrorMatcher::StatusCodes(codes) => {
+                matches!(outcome, Outcome::HttpStatus(s) if codes.contains(s))
+            }
+            ErrorMatcher::TransportErrors => matches!(outcome, Outcome::Transport { .. }),
+            ErrorMatcher::Timeouts => matches!(outcome, Outcome::Timeout),
+            ErrorMatcher::ToolErrors => matches!(outcome, Outcome::Result { tool_error: true }),
+            ErrorMatcher::Predicate(f) => f(outcome),
+            ErrorMatcher::Any(all) => all.iter().any(|m| m.matches(outcome)),
+            ErrorMatcher::All(all) => !all.is_empty() && all.iter().all(|m| m.matches(outcome)),
+        }
+    }
+
+    /// Whether any result could match (so the response body must be inspected
+    /// for `isError`).
+    pub(crate) fn looks_at_tool_errors(&self) -> bool {
+        match self {
+            ErrorMatcher::ToolErrors | ErrorMatcher::Predicate(_) => true,
+            ErrorMatcher::Any(m) | ErrorMatcher::All(m) => {
+                m.iter().any(ErrorMatcher::looks_at_tool_errors)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The prefix of pmcp's HTTP error message.
+const STATUS_PREFIX: &str = "Request failed with status: ";
+
+/// The outcome of a call that failed with `error` (for the transport wrapper).
+pub fn outcome_of_error(error: &pmcp::Error) -> Outcome<'_> {
+    use pmcp::error::TransportError;
+    match error {
+        pmcp::Error::Transport(TransportError::Request(message)) => match parse_status(message) {
+            Some(status) => Outcome::HttpStatus(status),
+            None => Outcome::Transport { message },
+        },
+        pmcp::Error::Transport(_) => Outcome::Transport { message: "" },
+        pmcp::Error::Timeout(_) => Outcome::Timeout,
+        pmcp::Error::Protocol { code, message, .. } => Outcome::JsonRpcError {
+            code: code.as_i32(),
+            message,
+        },
+        _ => Outcome::Transport { message: "" },
+    }
+}
+
+/// Reads the status out of pmcp's `"Request failed with status: 503 Service Unavailable"`.
+pub(crate) fn parse_status(message: &str) -> Option<StatusCode> {
+    let rest = message.get(message.find(STATUS_PREFIX)? + STATUS_PREFIX.len()..)?;
+    let digits = rest.get(..3)?;
+    StatusCode::from_bytes(digits.as_bytes()).ok()
+}
+
+/// The outcome of a JSON-RPC response.
+pub(crate) fn outcome_of_response(
+    response: &pmcp::types::JSONRPCResponse,
+    inspect_results: bool,
+) -> Outcome<'_> {
+    match &response.payload {
+        pmcp::types::jsonrpc::ResponsePayload::Error(e) => Outcome::JsonRpcError {
+            code: e.code,
+            message: &e.message,
+        },
+        pmcp::types::jsonrpc::ResponsePayload::Result(value) => Outcome::Result {
+            tool_error: inspect_results
+                && value
+                    .get("isError")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: i32) -> Outcome<'static> {
+        Outcome::JsonRpcError { code, message: "" }
+    }
+
+    #[test]
+    fn default_counts_server_errors_not_caller_mistakes() {
+        let m = ErrorMatcher::default();
+        assert!(m.matches(&rpc(-32603)));
+        assert!(m.matches(&rpc(-32000)));
+        assert!(m.matches(&rpc(-32099)));
+        for code in [-32700, -32600, -32601, -32602, -32005, -32006] {
+            assert!(!m.matches(&rpc(code)), "{code} must not count");
+        }
+        assert!(m.matches(&Outcome::HttpStatus(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(!m.matches(&Outcome::HttpStatus(StatusCode::TOO_MANY_REQUESTS)));
+        assert!(!m.matches(&Outcome::HttpStatus(StatusCode::NOT_FOUND)));
+        assert!(m.matches(&Outcome::Transport { message: "refused" }));
+        assert!(m.matches(&Outcome::Timeout));
+        assert!(!m.matches(&Outcome::Result { tool_error: true }));
+        assert!(!m.matches(&Outcome::Result { tool_error: false }));
+    }
+
+    #[test]
+    fn combinations_and_predicates() {
+        let m = ErrorMatcher::Any(vec![
+            ErrorMatcher::ToolErrors,
+            ErrorMatcher::JsonRpcCodes(vec![-32602]),
+        ]);
+        assert!(m.matches(&Outcome::Result { tool_error: true }));
+        assert!(m.matches(&rpc(-32602)));
+        assert!(!m.matches(&rpc(-32603)));
+        assert!(m.looks_at_tool_errors());
+        let all = ErrorMatcher::All(vec![
+            ErrorMatcher::ServerErrors,
+            ErrorMatcher::Predicate(Arc::new(
+                |o| matches!(o, Outcome::JsonRpcError { message, .. } if message.contains("db")),
+            )),
+        ]);
+        assert!(all.matches(&Outcome::JsonRpcError {
+            code: -32603,
+            message: "db down"
+        }));
+        assert!(!all.matches(&rpc(-32603)));
+        assert!(!ErrorMatcher::All(vec![]).matches(&rpc(-32603)));
+    }
+
+    #[test]
+    fn http_status_is_parsed_from_pmcp_transport_errors() {
+        use pmcp::error::TransportError;
+        let e = pmcp::Error::Transport(TransportError::Request(
+            "Request failed with status: 503 Service Unavailable".into(),
+        ));
+        assert_eq!(
+            outcome_of_error(&e),
+            Outcome::HttpStatus(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        let refused = pmcp::Error::Transport(TransportError::Request("connection refused".into()));
+        assert!(matches!(
+            outcome_of_error(&refused),
+            Outcome::Transport { .. }
+        ));
+        assert_eq!(parse_status("Request failed with status: 4"), None);
+        assert_eq!(outcome_of_error(&pmcp::Error::Timeout(5)), Outcome::Timeout);
+    }
+}

@@ -1,0 +1,674 @@
+//! The breaker's state machine: pure functions over one key's small state.
+//!
+//! [`acquire`] decides whether a call may start; [`record`] folds its outcome
+//! back in. Neither touches a lock, a map or a clock: the caller passes the
+//! time (and a random number for jitter), so the same functions run in memory,
+//! over a file, or mirrored in a Redis script, and tests drive them with exact
+//! timestamps.
+//!
+//! ```
+//! use pmcp_resilience::circuit_breaker::state::{
+//!     acquire, record, Admission, BreakerPolicy, CallResult, CircuitBreakerState, CircuitState,
+//! };
+//! use pmcp_resilience::Timestamp;
+//! use std::time::Duration;
+//!
+//! let policy = BreakerPolicy { consecutive_failures: 2, ..BreakerPolicy::default() };
+//! let mut state = CircuitBreakerState::default();
+//! let now = Timestamp::from_millis(1_000);
+//! for _ in 0..2 {
+//!     let (admission, _) = acquire(&mut state, &policy, now, 0.5);
+//!     assert!(matches!(admission, Admission::Allowed { probe: None }));
+//!     record(&mut state, &policy, now, CallResult::Failure, Duration::ZERO, None, 0.5);
+//! }
+//! assert_eq!(state.state, CircuitState::Open);
+//! assert!(matches!(acquire(&mut state, &policy, now, 0.5).0, Admission::Rejected { .. }));
+//! ```
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Timestamp, duration_nanos};
+
+/// Number of buckets of the outcome window (fixed, so the state stays small).
+pub const WINDOW_BUCKETS: usize = 8;
+
+/// The three states of a circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum CircuitState {
+    /// Calls flow; outcomes are counted.
+    #[default]
+    Closed,
+    /// Calls are rejected until the open time ends.
+    Open,
+    /// A limited number of probe calls test whether the server has healed.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The gauge value used by metrics exporters: 0 closed, 1 open, 2 half-open.
+    pub fn as_gauge(self) -> u8 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        }
+    }
+
+    /// A lower-case label (`closed`, `open`, `half_open`).
+    pub fn label(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// An operator's override of one key's breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BreakerMode {
+    /// The state machine decides.
+    #[default]
+    Normal,
+    /// Every call is rejected, whatever the counts say.
+    ForcedOpen,
+    /// Every call is admitted; outcomes are not counted.
+    ForcedClosed,
+    /// The breaker does nothing: it never rejects and never counts.
+    Disabled,
+    /// Transitions and metrics are computed as usual, but no call is rejected
+    /// (a dry run of a new configuration).
+    MetricsOnly,
+}
+
+/// The window over which failure and slow-call rates are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlidingWindow {
+    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`] buckets, so the
+    /// oldest bucket's worth of calls leaves at once).
+    Calls(u32),
+    /// The calls of the last `duration` (with a resolution of
+    /// `duration / WINDOW_BUCKETS`).
+    Time(Duration),
+}
+
+impl Default for SlidingWindow {
+    fn default() -> Self {
+        SlidingWindow::Calls(100)
+    }
+}
+
+/// Trip on the share of failed calls in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRate {
+    /// Open when failures / calls reaches this, in (0, 1].
+    pub threshold: f64,
+    /// Judge only once the window holds at least this many calls.
+    pub minimum_calls: u32,
+}
+
+/// Trip on the share of slow calls in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowCalls {
+    /// A call taking at least this long is slow.
+    pub duration: Duration,
+    /// Open when slow calls / calls reaches this, in (0, 1].
+    pub threshold: f64,
+    /// Judge only once the window holds at least this many calls.
+    pub minimum_calls: u32,
+}
+
+/// A growing open time: `timeout * multiplier^(trips - 1)`, capped, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OpenBackoff {
+    /// Growth per consecutive trip (at least 1).
+    pub multiplier: f64,
+    /// The longest open time.
+    pub max: Duration,
+    /// Relative jitter in [0, 1): the open time is spread over
+    /// `base * (1 ± jitter)`, and never exceeds `max`.
+    pub jitter: f64,
+}
+
+/// The numbers that drive the state machine. Built and validated by the
+/// middleware's builder; changing them keeps every key's counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    /// Open after this many consecutive failures (0: never on this rule).
+    pub consecutive_failures: u32,
+    /// Open after this many failures inside the window (pmcp's rule; `None`: off).
+    pub failures_in_window: Option<u32>,
+    /// Consecutive probe successes that close a half-open breaker.
+    pub success_threshold: u32,
+    /// How long the breaker stays open (the first time, with backoff).
+    pub timeout: Duration,
+    /// The outcome window used by the rate rules and `failures_in_window`.
+    pub window: SlidingWindow,
+    /// Optional failure-rate rule.
+    pub failure_rate: Option<FailureRate>,
+    /// Optional slow-call rule.
+    pub slow_calls: Option<SlowCalls>,
+    /// Probes admitted at once in half-open.
+    pub half_open_max_probes: u32,
+    /// A probe without an answer after this long counts as a failure.
+    pub probe_deadline: Duration,
+    /// Optional growing open time.
+    pub open_backoff: Option<OpenBackoff>,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            consecutive_failures: 5,
+            failures_in_window: None,
+            success_threshold: 1,
+            timeout: Duration::from_secs(30),
+            window: SlidingWindow::default(),
+            failure_rate: None,
+            slow_calls: None,
+            half_open_max_probes: 1,
+            probe_deadline: Duration::from_secs(30),
+            open_backoff: None,
+        }
+    }
+}
+
+impl BreakerPolicy {
+    /// A number identifying the window's shape; counts kept under another
+    /// shape are dropped rather than misread.
+    fn window_shape(&self) -> u64 {
+        match self.window {
+            SlidingWindow::Calls(n) => u64::from(n) << 1,
+            SlidingWindow::Time(d) => (duration_nanos(d) << 1) | 1,
+        }
+    }
+
+    /// The open time after the `trips`-th consecutive trip, `unit` in [0, 1)
+    /// drawing the jitter.
+    pub fn open_duration(&self, trips: u32, unit: f64) -> Duration {
+        let Some(backoff) = self.open_backoff else {
+            return self.timeout;
+        };
+        let exponent = trips.saturating_sub(1).min(64) as i32;
+        let base = self.timeout.as_secs_f64() * backoff.multiplier.max(1.0).powi(exponent);
+        let max = backoff.max.as_secs_f64();
+        let base = base.min(max);
+        let spread = backoff.jitter.clamp(0.0, 1.0) * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+        let secs = (base * (1.0 + spread)).clamp(0.0, max);
+        Duration::try_from_secs_f64(secs).unwrap_or(backoff.max)
+    }
+}
+
+/// One bucket of the outcome window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Which slot of time (or of calls) the counts belong to.
+    pub slot: u64,
+    /// Calls finished in the slot.
+    pub calls: u32,
+    /// Failed calls in the slot.
+    pub failures: u32,
+    /// Slow calls in the slot.
+    pub slow: u32,
+}
+
+/// A half-open probe in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The probe's id, handed to the caller by [`acquire`].
+    pub id: ProbeId,
+    /// When the probe counts as failed if no answer came.
+    pub deadline: Timestamp,
+}
+
+/// Identifies a half-open probe so that its answer frees its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProbeId(pub u32);
+
+/// The persistent state of one key's breaker: integers and timestamps only.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CircuitBreakerState {
+    /// Closed, open or half-open.
+    pub state: CircuitState,
+    /// The operator's override for this key.
+    pub mode: BreakerMode,
+    /// Failures since the last success (closed state).
+    pub consecutive_failures: u32,
+    /// Successful probes since entering half-open.
+    pub half_open_successes: u32,
+    /// Trips since the breaker last closed (drives the backoff).
+    pub trips: u32,
+    /// When the breaker last opened.
+    pub opened_at: Timestamp,
+    /// When an open breaker lets probes through.
+    pub open_until: Timestamp,
+    /// Probes in flight.
+    pub probes: Vec<Probe>,
+    /// Source of probe ids.
+    pub next_probe: u32,
+    /// The outcome window.
+    pub window: [Bucket; WINDOW_BUCKETS],
+    /// The current slot of a count window.
+    pub window_head: u64,
+    /// The shape the window was counted under.
+    pub window_shape: u64,
+}
+
+/// Whether a call may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead; a half-open probe carries its id, to hand back to [`record`].
+    Allowed {
+        /// The probe place taken, if the breaker is half-open.
+        probe: Option<ProbeId>,
+    },
+    /// Rejected; the breaker may admit calls again after `retry_after`.
+    Rejected {
+        /// How long until the breaker may admit a call.
+        retry_after: Duration,
+    },
+}
+
+/// How a call ended, as far as the breaker is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    /// The server did its job.
+    Success,
+    /// The server failed (as judged by the error matcher).
+    Failure,
+    /// The call ended without a verdict on the server (the caller's own
+    /// error, a sibling middleware's rejection): its probe place is freed and
+    /// nothing is counted.
+    Released,
+}
+
+/// Why a breaker changed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransitionReason {
+    /// Too many consecutive failures.
+    ConsecutiveFailures,
+    /// Too many failures inside the window.
+    FailuresInWindow,
+    /// The failure rate reached its threshold.
+    FailureRate,
+    /// The slow-call rate reached its threshold.
+    SlowCallRate,
+    /// The open time ended.
+    OpenTimeElapsed,
+    /// A half-open probe failed.
+    ProbeFailed,
+    /// A half-open probe got no answer before its deadline.
+    ProbeDeadline,
+    /// Enough probes succeeded.
+    ProbesSucceeded,
+}
+
+impl TransitionReason {
+    /// A short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            TransitionReason::ConsecutiveFailures => "consecutive_failures",
+            TransitionReason::FailuresInWindow => "failures_in_window",
+            TransitionReason::FailureRate => "failure_rate",
+            TransitionReason::SlowCallRate => "slow_call_rate",
+            TransitionReason::OpenTimeElapsed => "open_time_elapsed",
+            TransitionReason::ProbeFailed => "probe_failed",
+            TransitionReason::ProbeDeadline => "probe_deadline",
+            TransitionReason::ProbesSucceeded => "probes_succeeded",
+        }
+    }
+}
+
+/// A change of state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// The state before.
+    pub from: CircuitState,
+    /// The state after.
+    pub to: CircuitState,
+    /// Why.
+    pub reason: TransitionReason,
+}
+
+/// Window totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowTotals {
+    /// Calls in the window.
+    pub calls: u32,
+    /// Failures in the window.
+    pub failures: u32,
+    /// Slow calls in the window.
+    pub slow: u32,
+}
+
+impl CircuitBreakerState {
+    /// The state callers see, forced modes applied.
+    pub fn effective_state(&self) -> CircuitState {
+        match self.mode {
+            BreakerMode::ForcedOpen => CircuitState::Open,
+            BreakerMode::ForcedClosed | BreakerMode::Disabled => CircuitState::Closed,
+            BreakerMode::Normal | BreakerMode::MetricsOnly => self.state,
+        }
+    }
+
+    /// The totals of the window at `now` under `policy`.
+    pub fn window_totals(&self, policy: &BreakerPolicy, now: Timestamp) -> WindowTotals {
+        if self.window_shape != policy.window_shape() {
+            return WindowTotals::default();
+        }
+        let current = current_slot(self, policy, now);
+        let mut totals = WindowTotals::default();
+        for b in &self.window {
+            if b.slot <= current && b.slot + WINDOW_BUCKETS as u64 > current {
+                totals.calls = totals.calls.saturating_add(b.calls);
+                totals.failures = totals.failures.saturating_add(b.failures);
+                totals.slow = totals.slow.saturating_add(b.slow);
+            }
+        }
+        totals
+    }
+
+    /// How long until an open breaker admits probes (zero if it would now).
+    pub fn retry_after(&self, now: Timestamp) -> Option<Duration> {
+        match self.effective_state() {
+            CircuitState::Open if self.mode == BreakerMode::ForcedOpen => None,
+            CircuitState::Open => Some(self.open_until.saturating_since(now)),
+            CircuitState::HalfOpen => Some(
+                self.probes
+                    .iter()
+                    .map(|p| p.deadline.saturating_since(now))
+                    .min()
+                    .unwrap_or(Duration::ZERO),
+            ),
+            CircuitState::Closed => None,
+        }
+    }
+}
+
+fn time_bucket_nanos(d: Duration) -> u64 {
+    (duration_nanos(d) / WINDOW_BUCKETS as u64).max(1)
+}
+
+fn current_slot(state: &CircuitBreakerState, policy: &BreakerPolicy, now: Timestamp) -> u64 {
+    match policy.window {
+        SlidingWindow::Calls(_) => state.window_head,
+        SlidingWindow::Time(d) => now.as_nanos() / time_bucket_nanos(d),
+    }
+}
+
+fn add_to_window(
+    state: &mut CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+    failed: bool,
+    slow: bool,
+) {
+    let shape = policy.window_shape();
+    if state.window_shape != shape {
+        state.window = Default::default();
+        state.window_head = 0;
+        state.window_shape = shape;
+    }
+    let slot = match policy.window {
+        SlidingWindow::Time(d) => now.as_nanos() / time_bucket_nanos(d),
+        SlidingWindow::Calls(n) => {
+            let per_bucket = n.div_ceil(WINDOW_BUCKETS as u32).max(1);
+            let head = state.window_head;
+            let bucket = &state.window[(head % WINDOW_BUCKETS as u64) as usize];
+            if bucket.slot == head && bucket.calls >= per_bucket {
+                state.window_head = head + 1;
+            }
+            state.window_head
+        }
+    };
+    let bucket = &mut state.window[(slot % WINDOW_BUCKETS as u64) as usize];
+    if bucket.slot != slot {
+        *bucket = Bucket {
+            slot,
+            ..Bucket::default()
+        };
+    }
+    bucket.calls = bucket.calls.saturating_add(1);
+    bucket.failures = bucket.failures.saturating_add(u32::from(failed));
+    bucket.slow = bucket.slow.saturating_add(u32::from(slow));
+}
+
+fn open(
+    state: &mut CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+    jitter: f64,
+    reason: TransitionReason,
+) -> Transition {
+    let from = state.state;
+    state.state = CircuitState::Open;
+    state.trips = state.trips.saturating_add(1);
+    state.opened_at = now;
+    state.open_until = now.saturating_add(policy.open_duration(state.trips, jitter));
+    state.probes.clear();
+    state.half_open_successes = 0;
+    state.consecutive_failures = 0;
+    Transition {
+        from,
+        to: CircuitState::Open,
+        reason,
+    }
+}
+
+fn close(state: &mut CircuitBreakerState) -> Transition {
+    let from = state.state;
+    state.state = CircuitState::Closed;
+    state.trips = 0;
+    state.probes.clear();
+    state.half_open_successes = 0;
+    state.consecutive_failures = 0;
+    state.window = Default::default();
+    Transition {
+        from,
+        to: CircuitState::Closed,
+        reason: TransitionReason::ProbesSucceeded,
+    }
+}
+
+/// Fails the probes whose deadline has passed: in half-open, one such probe
+/// reopens the breaker.
+fn expire_probes(
+    state: &mut CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+    jitter: f64,
+) -> Option<Transition> {
+    if state.state != CircuitState::HalfOpen || state.probes.iter().all(|p| p.deadline > now) {
+        return None;
+    }
+    Some(open(
+        state,
+        policy,
+        now,
+        jitter,
+        TransitionReason::ProbeDeadline,
+    ))
+}
+
+fn is_counting(mode: BreakerMode) -> bool {
+    matches!(mode, BreakerMode::Normal | BreakerMode::MetricsOnly)
+}
+
+/// Decides whether a call may start at `now`. `jitter` is a random number in
+/// [0, 1) used if the breaker reopens (a probe past its deadline).
+///
+/// Returns the admission and the transition it caused, if any.
+pub fn acquire(
+    state: &mut CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+    jitter: f64,
+) -> (Admission, Option<Transition>) {
+    const ALLOWED: Admission = Admission::Allowed { probe: None };
+    match state.mode {
+        BreakerMode::Disabled | BreakerMode::ForcedClosed => return (ALLOWED, None),
+        BreakerMode::ForcedOpen => {
+            return (
+                Admission::Rejected {
+                    retry_after: policy.timeout,
+                },
+                None,
+            );
+        }
+        BreakerMode::Normal | BreakerMode::MetricsOnly => {}
+    }
+    let dry_run = state.mode == BreakerMode::MetricsOnly;
+    let mut transition = expire_probes(state, policy, now, jitter);
+    if state.state == CircuitState::Open {
+        if now < state.open_until {
+            let admission = if dry_run {
+                ALLOWED
+            } else {
+                Admission::Rejected {
+                    retry_after: state.open_until.saturating_since(now),
+                }
+            };
+            return (admission, transition);
+        }
+        state.state = CircuitState::HalfOpen;
+        state.half_open_successes = 0;
+        state.probes.clear();
+        transition = Some(Transition {
+            from: CircuitState::Open,
+            to: CircuitState::HalfOpen,
+            reason: TransitionReason::OpenTimeElapsed,
+        });
+    }
+    if state.state == CircuitState::HalfOpen {
+        if dry_run {
+            return (ALLOWED, transition);
+        }
+        if state.probes.len() as u64 >= u64::from(policy.half_open_max_probes.max(1)) {
+            let retry_after = state
+                .probes
+                .iter()
+                .map(|p| p.deadline.saturating_since(now))
+                .min()
+                .unwrap_or(Duration::ZERO);
+            return (Admission::Rejected { retry_after }, transition);
+        }
+        let id = ProbeId(state.next_probe);
+        state.next_probe = state.next_probe.wrapping_add(1);
+        state.probes.push(Probe {
+            id,
+            deadline: now.saturating_add(policy.probe_deadline),
+        });
+        return (Admission::Allowed { probe: Some(id) }, transition);
+    }
+    (ALLOWED, transition)
+}
+
+/// Folds the outcome of a call into the state at `now`. `elapsed` is the
+/// call's duration (for the slow-call rule), `probe` the id [`acquire`] gave,
+/// and `jitter` a random number in [0, 1) used if the breaker opens.
+pub fn record(
+    state: &mut CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+    result: CallResult,
+    elapsed: Duration,
+    probe: Option<ProbeId>,
+    jitter: f64,
+) -> Option<Transition> {
+    let expired = expire_probes(state, policy, now, jitter);
+    let was_probe = match probe {
+        Some(id) => match state.probes.iter().position(|p| p.id == id) {
+            Some(i) => {
+                state.probes.swap_remove(i);
+                true
+            }
+            None => false,
+        },
+        None => false,
+    };
+    let failed = match result {
+        CallResult::Released => return expired,
+        CallResult::Failure => true,
+        CallResult::Success => false,
+    };
+    if !is_counting(state.mode) {
+        return expired;
+    }
+    let slow = policy.slow_calls.is_some_and(|s| elapsed >= s.duration);
+    let transition = match state.state {
+        CircuitState::Closed => {
+            add_to_window(state, policy, now, failed, slow);
+            if failed {
+                state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+            } else {
+                state.consecutive_failures = 0;
+            }
+            trip_reason(state, policy, now).map(|r| open(state, policy, now, jitter, r))
+        }
+        CircuitState::HalfOpen if was_probe || state.mode == BreakerMode::MetricsOnly => {
+            if failed {
+                Some(open(
+                    state,
+                    policy,
+                    now,
+                    jitter,
+                    TransitionReason::ProbeFailed,
+                ))
+            } else {
+                state.half_open_successes = state.half_open_successes.saturating_add(1);
+                (state.half_open_successes >= policy.success_threshold.max(1)).then(|| close(state))
+            }
+        }
+        // Late answers of calls admitted before the breaker opened say
+        // nothing about the server now.
+        CircuitState::HalfOpen | CircuitState::Open => None,
+    };
+    transition.or(expired)
+}
+
+fn trip_reason(
+    state: &CircuitBreakerState,
+    policy: &BreakerPolicy,
+    now: Timestamp,
+) -> Option<TransitionReason> {
+    if policy.consecutive_failures > 0 && state.consecutive_failures >= policy.consecutive_failures
+    {
+        return Some(TransitionReason::ConsecutiveFailures);
+    }
+    if policy.failures_in_window.is_none()
+        && policy.failure_rate.is_none()
+        && policy.slow_calls.is_none()
+    {
+        return None;
+    }
+    let totals = state.window_totals(policy, now);
+    if let Some(limit) = policy.failures_in_window
+        && totals.failures >= limit
+    {
+        return Some(TransitionReason::FailuresInWindow);
+    }
+    let calls = f64::from(totals.calls);
+    if let Some(rate) = policy.failure_rate
+        && totals.calls >= rate.minimum_calls.max(1)
+        && f64::from(totals.failures) / calls >= rate.threshold
+    {
+        return Some(TransitionReason::FailureRate);
+    }
+    if let Some(slow) = policy.slow_calls
+        && totals.calls >= slow.minimum_calls.max(1)
+        && f64::from(totals.slow) / calls >= slow.threshold
+    {
+        return Some(TransitionReason::SlowCallRate);
+    }
+    None
+}
+
+/// Sets the operator's mode of a key. Leaving a forced mode keeps the counts.
+pub fn set_mode(state: &mut CircuitBreakerState, mode: BreakerMode) {
+    state.mode = mode;
+}

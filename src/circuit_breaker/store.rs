@@ -1,0 +1,183 @@
+//! Where breaker state can be kept outside the middleware.
+//!
+//! The middleware's in-memory path works on its own registry, synchronously,
+//! with no trait object per request. A [`CircuitBreakerStateStore`] is the
+//! seam for stores that live elsewhere (a file, Redis, your own): it moves
+//! [`CircuitBreakerState`] values, and its [`acquire`](CircuitBreakerStateStore::acquire)
+//! and [`record`](CircuitBreakerStateStore::record) run the pure state
+//! machine of [`super::state`] on one key. Their default implementations read,
+//! run and write back; a store shared by several processes overrides them to
+//! do the same atomically (a Lua script, a compare-and-swap).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::metrics::KeySnapshot;
+pub use super::state::CircuitBreakerState;
+use super::state::{self, Admission, BreakerPolicy, CallResult, ProbeId, Transition};
+use crate::clock::Timestamp;
+use crate::error::StoreError;
+
+/// A store of per-key breaker state.
+#[async_trait]
+pub trait CircuitBreakerStateStore: Send + Sync {
+    /// The state of `key`, if the store has one.
+    async fn get_state(&self, key: &str) -> Result<Option<CircuitBreakerState>, StoreError>;
+
+    /// Replaces the state of `key`.
+    async fn set_state(&self, key: &str, state: CircuitBreakerState) -> Result<(), StoreError>;
+
+    /// A row per stored key (counters are zero for stores that keep only state).
+    async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError>;
+
+    /// Runs [`state::acquire`] on `key`. The default reads, decides and writes
+    /// back, which is atomic only for a store private to one process.
+    async fn acquire(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        now: Timestamp,
+        jitter: f64,
+    ) -> Result<(Admission, Option<Transition>), StoreError> {
+        let mut s = self.get_state(key).await?.unwrap_or_default();
+        let decision = state::acquire(&mut s, policy, now, jitter);
+        self.set_state(key, s).await?;
+        Ok(decision)
+    }
+
+    /// Runs [`state::record`] on `key` (see [`Self::acquire`] about atomicity).
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        now: Timestamp,
+        result: CallResult,
+        elapsed: Duration,
+        probe: Option<ProbeId>,
+        jitter: f64,
+    ) -> Result<Option<Transition>, StoreError> {
+        let mut s = self.get_state(key).await?.unwrap_or_default();
+        let transition = state::record(&mut s, policy, now, result, elapsed, probe, jitter);
+        self.set_state(key, s).await?;
+        Ok(transition)
+    }
+}
+
+/// A [`CircuitBreakerStateStore`] in process memory (for tests and as the
+/// model the other stores follow).
+#[derive(Debug, Default)]
+pub struct InMemoryStateStore {
+    states: Mutex<HashMap<String, CircuitBreakerState>>,
+}
+
+impl InMemoryStateStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl CircuitBreakerStateStore for InMemoryStateStore {
+    async fn get_state(&self, key: &str) -> Result<Option<CircuitBreakerState>, StoreError> {
+        Ok(self.states.lock().get(key).cloned())
+    }
+
+    async fn set_state(&self, key: &str, state: CircuitBreakerState) -> Result<(), StoreError> {
+        self.states.lock().insert(key.to_owned(), state);
+        Ok(())
+    }
+
+    async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError> {
+        Ok(self
+            .states
+            .lock()
+            .iter()
+            .map(|(k, s)| {
+                let row = KeySnapshot {
+                    key: k.clone(),
+                    state: s.effective_state(),
+                    successes: 0,
+                    failures: 0,
+                    rejections: 0,
+                };
+                (k.clone(), row)
+            })
+            .collect())
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        now: Timestamp,
+        jitter: f64,
+    ) -> Result<(Admission, Option<Transition>), StoreError> {
+        let mut states = self.states.lock();
+        let s = states.entry(key.to_owned()).or_default();
+        Ok(state::acquire(s, policy, now, jitter))
+    }
+
+    async fn record(
+        &self,
+        key: &str,
+        policy: &BreakerPolicy,
+        now: Timestamp,
+        result: CallResult,
+        elapsed: Duration,
+        probe: Option<ProbeId>,
+        jitter: f64,
+    ) -> Result<Option<Transition>, StoreError> {
+        let mut states = self.states.lock();
+        let s = states.entry(key.to_owned()).or_default();
+        Ok(state::record(
+            s, policy, now, result, elapsed, probe, jitter,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_runs_the_state_machine_per_key() {
+        let store = InMemoryStateStore::new();
+        let policy = BreakerPolicy {
+            consecutive_failures: 1,
+            ..BreakerPolicy::default()
+        };
+        let now = Timestamp::from_millis(10);
+        let r = store
+            .record(
+                "a",
+                &policy,
+                now,
+                CallResult::Failure,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
+            .await;
+        assert!(matches!(r, Ok(Some(_))));
+        let (admission, _) = store
+            .acquire("a", &policy, now, 0.5)
+            .await
+            .unwrap_or((Admission::Allowed { probe: None }, None));
+        assert!(matches!(admission, Admission::Rejected { .. }));
+        let (b, _) = store.acquire("b", &policy, now, 0.5).await.unwrap_or((
+            Admission::Rejected {
+                retry_after: Duration::ZERO,
+            },
+            None,
+        ));
+        assert_eq!(b, Admission::Allowed { probe: None });
+        let rows = store.get_metrics().await.unwrap_or_default();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows["a"].state, super::super::CircuitState::Open);
+    }
+}
