@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +40,10 @@ pub struct Behaviour {
     pub tool_calls: Mutex<HashMap<String, u64>>,
     /// HTTP requests that reached the server at all.
     pub http_requests: AtomicU64,
+    /// When non-zero, every `tools/call` is answered with a JSON-RPC error of
+    /// this code before pmcp sees it, as a server of another SDK would answer
+    /// (pmcp's own server reports every tool error as -32603).
+    pub jsonrpc_error: AtomicI32,
 }
 
 impl Behaviour {
@@ -74,9 +78,15 @@ impl TestServer {
             .store(status.as_u16(), Ordering::SeqCst);
     }
 
+    /// Answer every `tools/call` with a JSON-RPC error of `code` until healed.
+    pub fn answer_jsonrpc_error(&self, code: i32) {
+        self.behaviour.jsonrpc_error.store(code, Ordering::SeqCst);
+    }
+
     /// Serve normally again and let the `flaky` tool succeed.
     pub fn heal(&self) {
         self.behaviour.http_status.store(0, Ordering::SeqCst);
+        self.behaviour.jsonrpc_error.store(0, Ordering::SeqCst);
         self.behaviour.flaky_fails.store(false, Ordering::SeqCst);
     }
 
@@ -107,7 +117,10 @@ impl ToolHandler for Tool {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(json!({ "slept_ms": ms }))
             }
-            "strict" => Err(pmcp::Error::validation("strict wants a `value` argument")),
+            "strict" => Err(pmcp::Error::protocol(
+                pmcp::ErrorCode::INVALID_PARAMS,
+                "strict wants a `value` argument",
+            )),
             other => Err(pmcp::Error::internal(format!("unknown test tool {other}"))),
         }
     }
@@ -148,10 +161,33 @@ pub async fn start_server(name: &str) -> TestServer {
             async move {
                 switch.http_requests.fetch_add(1, Ordering::SeqCst);
                 let status = switch.http_status.load(Ordering::SeqCst);
-                match StatusCode::from_u16(status) {
-                    Ok(code) if status != 0 => (code, "switched off by the test").into_response(),
-                    _ => next.run(req).await,
+                if let (true, Ok(code)) = (status != 0, StatusCode::from_u16(status)) {
+                    return (code, "switched off by the test").into_response();
                 }
+                let error_code = switch.jsonrpc_error.load(Ordering::SeqCst);
+                if error_code == 0 {
+                    return next.run(req).await;
+                }
+                let (parts, body) = req.into_parts();
+                let bytes = match axum::body::to_bytes(body, 1 << 20).await {
+                    Ok(b) => b,
+                    Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+                };
+                let message: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                if message.get("method").and_then(Value::as_str) == Some("tools/call") {
+                    let answer = json!({
+                        "jsonrpc": "2.0",
+                        "id": message.get("id").cloned().unwrap_or(Value::Null),
+                        "error": { "code": error_code, "message": "answered by the test switch" }
+                    });
+                    return (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        answer.to_string(),
+                    )
+                        .into_response();
+                }
+                next.run(Request::from_parts(parts, Body::from(bytes)))
+                    .await
             }
         }),
     );
