@@ -481,3 +481,6 @@ pub(crate) fn mul(a: u64, b: u64) -> u64 {
 pub(crate) fn to_u32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests;
