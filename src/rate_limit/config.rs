@@ -215,6 +215,20 @@ impl RateLimitBuilder {
                 "must be at least 1 when wait_for_capacity is on",
             ));
         }
+        if self.scope.needs_server_url() && self.target.server_url().is_none() {
+            tracing::debug!(
+                "rate limit scope `{}` has no bound server URL; it will come from context \
+                 metadata, or requests share the `unknown-server` limiter \
+                 (bind one with `server_url(..)` or `for_server(..)`)",
+                self.scope.label()
+            );
+        }
+        if self.scope.needs_session() && self.target.session_id().is_none() {
+            tracing::debug!(
+                "rate limit scope `session` has no session source yet; it will come from \
+                 context metadata, or requests share the `no-session` limiter"
+            );
+        }
         let clock = self.clock.unwrap_or_else(default_clock);
         let engine = match self.limiter {
             Some(limiter) => Engine::Custom(limiter),

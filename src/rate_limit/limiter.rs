@@ -359,6 +359,11 @@ impl KeyedRateLimiter {
         self.registry.evict_idle(self.clock.now())
     }
 
+    /// The bounds on the key map.
+    pub fn registry_limits(&self) -> RegistryLimits {
+        self.registry.limits()
+    }
+
     /// Counters of the key map.
     pub fn registry_stats(&self) -> RegistryStats {
         self.registry.stats()
