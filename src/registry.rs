@@ -6,7 +6,7 @@
 //!
 //! - **idle eviction**: a key not seen for [`RegistryLimits::idle_after`] is
 //!   dropped, but only when its state says dropping it loses nothing
-//!   ([`KeyState::is_evictable`]: a closed breaker, a limiter back at full
+//!   (`KeyState::is_evictable`: a closed breaker, a limiter back at full
 //!   capacity). An open or half-open breaker is never evicted.
 //! - **a hard cap** of [`RegistryLimits::max_keys`]: when a new key arrives at
 //!   the cap, idle evictable keys of its shard are swept first; if the map is
