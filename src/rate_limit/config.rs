@@ -282,10 +282,13 @@ impl RateLimitBuilder {
 
 /// The token-bucket interval for pmcp's `new(max_requests, bucket_size,
 /// refill_duration)`: `refill_duration / max_requests`, rounded down to whole
-/// nanoseconds (at least 1 ns). `max_requests == 0` never refills.
-pub(crate) fn pmcp_interval(max_requests: u32, refill_duration: Duration) -> u64 {
+/// nanoseconds (at least 1 ns). It is capped so that `bucket_size * interval`
+/// stays far from overflow: `max_requests == 0` (never refill, in pmcp) then
+/// means a refill interval of decades.
+pub(crate) fn pmcp_interval(max_requests: u32, bucket_size: u32, refill_duration: Duration) -> u64 {
+    let cap = u64::MAX / 4 / (u64::from(bucket_size) + 1);
     if max_requests == 0 {
-        return u64::MAX;
+        return cap;
     }
-    (crate::clock::duration_nanos(refill_duration) / u64::from(max_requests)).max(1)
+    (crate::clock::duration_nanos(refill_duration) / u64::from(max_requests)).clamp(1, cap)
 }

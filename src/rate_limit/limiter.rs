@@ -418,3 +418,71 @@ impl RateLimiter for KeyedRateLimiter {
         self.registry.stats()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::sync::Arc;
+
+    #[test]
+    fn only_keys_back_at_full_capacity_are_evicted() {
+        let strategies = [
+            RateLimitStrategy::TokenBucket {
+                capacity: 2,
+                refill_rate: 1,
+            },
+            RateLimitStrategy::LeakyBucket {
+                capacity: 2,
+                leak_rate: 1,
+            },
+            RateLimitStrategy::FixedWindow {
+                max_requests: 2,
+                window: Duration::from_secs(1),
+            },
+            RateLimitStrategy::SlidingWindow {
+                max_requests: 2,
+                window: Duration::from_secs(1),
+            },
+        ];
+        for strategy in strategies {
+            let clock = ManualClock::new();
+            let limits = RegistryLimits {
+                max_keys: 100,
+                idle_after: Duration::from_millis(500),
+            };
+            let limiter = KeyedRateLimiter::new(strategy, limits, Arc::new(clock.clone())).unwrap();
+            limiter.check_key("busy", 2);
+            limiter.check_key("light", 1);
+            clock.advance(Duration::from_millis(600));
+            // Idle, but neither is back at full capacity yet.
+            assert_eq!(limiter.evict_idle(), 0, "{}", strategy.label());
+            clock.advance(Duration::from_secs(3));
+            assert_eq!(limiter.evict_idle(), 2, "{}", strategy.label());
+            assert_eq!(limiter.registry_stats().keys, 0);
+        }
+    }
+
+    #[test]
+    fn retry_after_does_not_record() {
+        let clock = ManualClock::new();
+        let limiter = KeyedRateLimiter::new(
+            RateLimitStrategy::TokenBucket {
+                capacity: 1,
+                refill_rate: 4,
+            },
+            RegistryLimits::default(),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        assert_eq!(limiter.retry_after("k", 1), None);
+        assert!(limiter.check_key("k", 1).allowed);
+        for _ in 0..3 {
+            assert_eq!(
+                limiter.retry_after("k", 1),
+                Some(Duration::from_millis(250))
+            );
+        }
+        assert_eq!(limiter.retry_after("k", 2), Some(Duration::MAX), "never");
+    }
+}
