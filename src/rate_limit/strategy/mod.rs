@@ -372,6 +372,49 @@ impl Policy {
     }
 }
 
+/// A key's state in two words, as the in-memory registry keeps it: the
+/// strategy is known from the [`Policy`], so no tag is stored (16 bytes
+/// instead of 24 keep a registry slot within one cache line's size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct PackedState([u64; 2]);
+
+impl Policy {
+    /// The state held in `packed`, read as this policy's kind.
+    #[inline]
+    pub(crate) fn unpack(&self, packed: PackedState) -> LimiterState {
+        let [a, b] = packed.0;
+        match self {
+            Policy::TokenBucket { .. } => LimiterState::TokenBucket(TokenBucketState { tat: a }),
+            Policy::LeakyBucket { .. } => {
+                LimiterState::LeakyBucket(LeakyBucketState { next_free: a })
+            }
+            Policy::FixedWindow { .. } => LimiterState::FixedWindow(FixedWindowState {
+                window_start: a,
+                count: b,
+            }),
+            Policy::SlidingWindow { .. } => LimiterState::SlidingWindow(SlidingWindowState {
+                window_start: a,
+                current: b as u32,
+                previous: (b >> 32) as u32,
+            }),
+        }
+    }
+
+    /// `state` in two words (a state of another kind packs as fresh).
+    #[inline]
+    pub(crate) fn pack(&self, state: &LimiterState) -> PackedState {
+        PackedState(match state {
+            LimiterState::TokenBucket(s) => [s.tat, 0],
+            LimiterState::LeakyBucket(s) => [s.next_free, 0],
+            LimiterState::FixedWindow(s) => [s.window_start, s.count],
+            LimiterState::SlidingWindow(s) => [
+                s.window_start,
+                u64::from(s.current) | (u64::from(s.previous) << 32),
+            ],
+        })
+    }
+}
+
 /// The stored state of one key, for any strategy: small, plain and
 /// serialisable (a file or a Redis hash holds it as is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
