@@ -517,3 +517,53 @@ async fn handles_share_state() {
     assert!(send(&a_again, request("ping", None)).await.is_err());
     send(&b, request("ping", None)).await.unwrap();
 }
+
+/// A user's limiter: admits `budget` requests per key, never refills.
+#[derive(Debug, Default)]
+struct Quota {
+    used: Mutex<std::collections::HashMap<String, u32>>,
+}
+
+#[async_trait::async_trait]
+impl pmcp_resilience::RateLimiter for Quota {
+    async fn check(
+        &self,
+        key: &pmcp_resilience::ScopeKey,
+        cost: u32,
+        now: pmcp_resilience::Timestamp,
+    ) -> Result<pmcp_resilience::rate_limit::Decision, pmcp_resilience::StoreError> {
+        let mut used = self.used.lock();
+        let slot = used.entry(key.as_str().to_string()).or_default();
+        let allowed = *slot + cost <= 2;
+        if allowed {
+            *slot += cost;
+        }
+        Ok(pmcp_resilience::rate_limit::Decision {
+            allowed,
+            remaining: 2 - *slot,
+            limit: 2,
+            reset_at: now,
+            retry_after: if allowed { Some(Duration::ZERO) } else { None },
+            wait: Duration::ZERO,
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_users_own_limiter_plugs_in() {
+    let quota = Arc::new(Quota::default());
+    let rl = RateLimitMiddleware::builder()
+        .scope(Scope::PerTool)
+        .limiter(quota.clone())
+        .build()
+        .unwrap();
+    send(&rl, tool_call("a")).await.unwrap();
+    send(&rl, tool_call("a")).await.unwrap();
+    assert!(matches!(
+        send(&rl, tool_call("a")).await,
+        Err(pmcp::Error::RateLimited)
+    ));
+    send(&rl, tool_call("b")).await.unwrap();
+    assert_eq!(quota.used.lock()["tool:a"], 2);
+    assert_eq!(rl.snapshot().rejected_requests, 1);
+}

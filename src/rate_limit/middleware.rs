@@ -58,6 +58,40 @@ struct Inner {
 ///   "resetAtMs", "scope", "key", "header"} }` (`retryAfterMs` is `null` when
 ///   the request's cost exceeds the limit and no wait will help);
 /// - in process, [`retry_after`](Self::retry_after) answers for a key.
+///
+/// ```
+/// use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+/// use pmcp::types::{JSONRPCRequest, RequestId};
+/// use pmcp_resilience::rate_limit::{BackpressureConfig, RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::Scope;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let limiter = RateLimitMiddleware::builder()
+///     .scope(Scope::PerTool)
+///     .strategy(RateLimitStrategy::TokenBucket { capacity: 1, refill_rate: 2 })
+///     .backpressure(BackpressureConfig::reject().with_client_signal())
+///     .build()?;
+/// let mut call = JSONRPCRequest {
+///     jsonrpc: "2.0".into(),
+///     method: "tools/call".into(),
+///     params: Some(serde_json::json!({"name": "search", "arguments": {}})),
+///     id: RequestId::from(1i64),
+/// };
+/// let context = MiddlewareContext::default();
+/// limiter.on_request_with_context(&mut call, &context).await?;
+/// match limiter.on_request_with_context(&mut call, &context).await {
+///     Err(pmcp::Error::Protocol { code, data: Some(data), .. }) => {
+///         assert_eq!(code, pmcp::ErrorCode::RATE_LIMITED);
+///         assert_eq!(data["key"], "tool:search");
+///         let retry_ms = data["retryAfterMs"].as_u64().unwrap_or(0);
+///         assert!(retry_ms > 0 && retry_ms <= 500);
+///     }
+///     other => panic!("expected a rate-limit signal, got {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct RateLimitMiddleware {
     inner: Arc<Inner>,
