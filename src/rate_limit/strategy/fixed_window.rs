@@ -48,6 +48,8 @@ pub(crate) fn acquire(
     max_wait: u64,
 ) -> Decision {
     settle(max, window, state, now);
+    // A state from the future (another host's clock) is read as starting now.
+    let now = now.max(state.window_start);
     let max64 = u64::from(max);
     let window_end = state.window_start.saturating_add(window);
     if cost > max {
@@ -81,6 +83,7 @@ pub(crate) fn acquire(
 pub(crate) fn usage(max: u32, window: u64, state: &FixedWindowState, now: u64) -> (u32, u64) {
     let mut s = *state;
     settle(max, window, &mut s, now);
+    let now = now.max(s.window_start);
     if s.count == 0 {
         return (0, now);
     }

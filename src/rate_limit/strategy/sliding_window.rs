@@ -73,6 +73,8 @@ pub(crate) fn acquire(
     max_wait: u64,
 ) -> Decision {
     settle(window, state, now);
+    // A state from the future (another host's clock) is read as starting now.
+    let now = now.max(state.window_start);
     let window_end = state.window_start.saturating_add(window);
     if cost > max {
         return Decision::never(max, crate::clock::Timestamp::from_nanos(window_end));
@@ -127,6 +129,7 @@ pub(crate) fn acquire(
 pub(crate) fn usage(max: u32, window: u64, state: &SlidingWindowState, now: u64) -> (u32, u64) {
     let mut s = *state;
     settle(window, &mut s, now);
+    let now = now.max(s.window_start);
     let elapsed = now - s.window_start;
     let used =
         weighted(window, s.previous, u64::from(s.current), elapsed).div_ceil(u128::from(window));

@@ -355,3 +355,36 @@ fn state_round_trips_through_json() {
     assert!(text.contains("\"strategy\":\"sliding_window\""), "{text}");
     assert_eq!(serde_json::from_str::<LimiterState>(&text).unwrap(), s);
 }
+
+#[test]
+fn state_from_a_later_clock_does_not_break_decisions() {
+    let now = Timestamp::from_nanos(T0);
+    let later = Timestamp::from_nanos(T0 + 3_600_000 * MS);
+    for s in [
+        RateLimitStrategy::TokenBucket {
+            capacity: 2,
+            refill_rate: 1,
+        },
+        RateLimitStrategy::LeakyBucket {
+            capacity: 2,
+            leak_rate: 1,
+        },
+        RateLimitStrategy::FixedWindow {
+            max_requests: 2,
+            window: ms(1000),
+        },
+        RateLimitStrategy::SlidingWindow {
+            max_requests: 2,
+            window: ms(1000),
+        },
+    ] {
+        let mut st = s.initial_state();
+        assert!(s.check(&mut st, later, 1).allowed, "{}", s.label());
+        // Read back by a host whose clock is an hour behind: still limited, no panic.
+        let d = s.check(&mut st, now, 2);
+        assert!(!d.allowed, "{}", s.label());
+        assert!(d.retry_after.is_some(), "{}", s.label());
+        let policy = s.policy().unwrap();
+        assert!(policy.usage(&st, now.as_nanos()).0 >= 1, "{}", s.label());
+    }
+}
