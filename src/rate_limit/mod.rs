@@ -31,6 +31,42 @@
 //! # }
 //! ```
 //!
+//! # Choosing a strategy
+//!
+//! A [`RateLimitStrategy::TokenBucket`] lets a burst of `capacity` through at
+//! once and then `refill_rate` per second; a
+//! [`RateLimitStrategy::LeakyBucket`] of the same numbers spreads the same
+//! burst out, one request every `1 / leak_rate`, delaying (not rejecting)
+//! the early ones while fewer than `capacity` wait. The fixed window is the
+//! cheapest and the least exact at window boundaries; the sliding window
+//! fixes most of that with two counters (its bound is stated in
+//! [`strategy::sliding_window`]). The table in [`strategy`] compares them.
+//!
+//! # Costs, waiting, and telling clients when to retry
+//!
+//! - A request costs 1 unit unless [`RateLimitBuilder::cost_for_tool`],
+//!   [`RateLimitBuilder::cost_for_method`] or [`RateLimitBuilder::cost_fn`]
+//!   say otherwise. A cost above the limit is rejected at once.
+//! - With [`BackpressureConfig::wait_for_capacity`], requests reserve the
+//!   next free slot and wait for it, in order of arrival, up to `max_wait`.
+//! - With [`BackpressureConfig::signal_client`], rejections carry
+//!   `retryAfterMs` (see [`RateLimitMiddleware`]).
+//!
+//! # Memory
+//!
+//! One entry per key (64 bytes plus the key text), at most
+//! [`RegistryLimits::max_keys`](crate::RegistryLimits) of them; keys idle
+//! and back at full capacity are dropped. Beyond the cap, new keys share one
+//! overflow limiter.
+//!
+//! # Testing
+//!
+//! Give the builder a [`ManualClock`](crate::ManualClock), or a
+//! [`TokioClock`](crate::TokioClock) under `#[tokio::test(start_paused = true)]`
+//! so that waits take no real time.
+//!
+//! # Contents
+//!
 //! - [`strategy`]: the algorithms, pure functions of (state, now, cost).
 //! - [`RateLimitBuilder`]: settings, validation and request costs.
 //! - [`BackpressureConfig`]: waiting instead of rejecting, fairly.

@@ -147,6 +147,9 @@ impl RateLimitStrategy {
     /// if it can be served within `max_wait` ("reserve, then sleep"): the
     /// returned [`Decision::wait`] says how long the caller must wait before
     /// it proceeds. Later calls see the reservation, so they cannot overtake.
+    ///
+    /// An invalid strategy (see [`validate`](Self::validate)) rejects every
+    /// request as never admissible.
     pub fn acquire(
         &self,
         state: &mut LimiterState,
