@@ -567,3 +567,24 @@ async fn a_users_own_limiter_plugs_in() {
     assert_eq!(quota.used.lock()["tool:a"], 2);
     assert_eq!(rl.snapshot().rejected_requests, 1);
 }
+
+#[tokio::test]
+async fn per_session_budgets_are_independent() {
+    let rl = RateLimitMiddleware::builder()
+        .scope(Scope::PerSession)
+        .strategy(bucket(2, 1))
+        .clock(Arc::new(ManualClock::new()))
+        .build()
+        .unwrap();
+    let alice = rl.with_target(pmcp_resilience::RequestTarget::default().with_session_id("alice"));
+    let bob = rl.with_target(pmcp_resilience::RequestTarget::default().with_session_id("bob"));
+    for _ in 0..2 {
+        send(&alice, request("ping", None)).await.unwrap();
+    }
+    assert!(send(&alice, request("ping", None)).await.is_err());
+    for _ in 0..2 {
+        send(&bob, request("ping", None)).await.unwrap();
+    }
+    assert!(rl.retry_after("session:alice").is_some());
+    assert_eq!(rl.snapshot().registry.keys, 2);
+}

@@ -466,6 +466,11 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_stays_small() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
+
+    #[test]
     fn retry_after_does_not_record() {
         let clock = ManualClock::new();
         let limiter = KeyedRateLimiter::new(
