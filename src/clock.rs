@@ -211,3 +211,39 @@ pub type SharedClock = Arc<dyn Clock>;
 pub(crate) fn default_clock() -> SharedClock {
     Arc::new(SystemClock::new())
 }
+
+/// A clock that follows tokio's time: wall time at construction, advanced by
+/// `tokio::time::Instant`.
+///
+/// With tokio's paused time (`#[tokio::test(start_paused = true)]`), it
+/// moves exactly as far as `tokio::time::sleep` and `advance` make tokio's
+/// time move, so waiting can be tested without really sleeping. Create it
+/// inside the runtime.
+#[derive(Clone, Debug)]
+pub struct TokioClock {
+    origin: tokio::time::Instant,
+    origin_wall: u64,
+}
+
+impl TokioClock {
+    /// A clock anchored to the wall clock and tokio's time now.
+    pub fn new() -> Self {
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+            origin_wall: SystemClock::new().now().0,
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.origin);
+        Timestamp(self.origin_wall.saturating_add(duration_nanos(elapsed)))
+    }
+}

@@ -37,9 +37,12 @@ pub use circuit_breaker::{
     CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore,
     CircuitState, ErrorMatcher,
 };
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use error::{ConfigError, StoreError};
 pub use metrics::MetricsConfig;
 pub use persistence::StatePersistence;
+pub use rate_limit::{
+    BackpressureConfig, RateLimitMetrics, RateLimitMiddleware, RateLimitStrategy, RateLimiter,
+};
 pub use registry::{RegistryLimits, RegistryStats};
 pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};

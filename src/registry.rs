@@ -92,6 +92,10 @@ struct Slot<S> {
 #[repr(align(64))]
 struct Shard<S> {
     table: Mutex<HashTable<Slot<S>>>,
+    /// After a sweep of this shard at the cap found nothing to drop, the next
+    /// one waits until then (nanoseconds): otherwise a flood of new keys
+    /// while every key is busy would rescan the shard on every request.
+    no_sweep_before: AtomicU64,
 }
 
 /// A sharded map from [`ScopeKey`] to state, bounded by [`RegistryLimits`].
@@ -112,6 +116,7 @@ impl<S: KeyState> Registry<S> {
         let shards = (0..count)
             .map(|_| Shard {
                 table: Mutex::new(HashTable::new()),
+                no_sweep_before: AtomicU64::new(0),
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
@@ -152,8 +157,14 @@ impl<S: KeyState> Registry<S> {
             slot.last_seen = now;
             return (f(&mut slot.state), false);
         }
-        if self.len.load(Ordering::Relaxed) >= self.limits.max_keys {
-            self.sweep_locked(&mut table, now);
+        if self.len.load(Ordering::Relaxed) >= self.limits.max_keys
+            && now.as_nanos() >= shard.no_sweep_before.load(Ordering::Relaxed)
+            && self.sweep_locked(&mut table, now) == 0
+        {
+            let pause = crate::clock::duration_nanos(self.limits.idle_after) / 16;
+            shard
+                .no_sweep_before
+                .store(now.as_nanos().saturating_add(pause), Ordering::Relaxed);
         }
         if self.len.load(Ordering::Relaxed) < self.limits.max_keys {
             self.len.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +227,8 @@ impl<S: KeyState> Registry<S> {
             .map(|slot| f(&mut slot.state))
     }
 
-    fn sweep_locked(&self, table: &mut HashTable<Slot<S>>, now: Timestamp) {
+    /// Drops the idle, evictable keys of one shard; returns how many.
+    fn sweep_locked(&self, table: &mut HashTable<Slot<S>>, now: Timestamp) -> usize {
         let idle_after = self.limits.idle_after;
         let before = table.len();
         table.retain(|slot| {
@@ -228,6 +240,7 @@ impl<S: KeyState> Registry<S> {
             self.len.fetch_sub(removed, Ordering::Relaxed);
             self.evicted.fetch_add(removed as u64, Ordering::Relaxed);
         }
+        removed
     }
 
     /// Drops every idle, evictable key; returns how many were dropped.
@@ -320,6 +333,25 @@ mod tests {
         assert_eq!(r.stats().keys, 10);
         assert_eq!(r.peek("k10", |c| c.pinned), Some(true));
         assert_eq!(r.peek("k11", |c| c.pinned), None);
+    }
+
+    #[test]
+    fn keys_idle_after_a_fruitless_sweep_are_still_reclaimed() {
+        let r = Registry::<Counter>::new(limits(2));
+        let t0 = Timestamp::from_millis(1_000);
+        r.with("a", t0, Counter::default, |_| ());
+        r.with("b", t0, Counter::default, |_| ());
+        for i in 0..100 {
+            // Nothing is idle: swept once, then these go to overflow cheaply.
+            assert!(r.with(&format!("c{i}"), t0, Counter::default, |_| ()).1);
+        }
+        let later = t0.saturating_add(Duration::from_secs(11));
+        // A new key sweeps its own shard only: keep trying until one lands
+        // beside `a` or `b`, whose sweep must then make room.
+        let placed =
+            (0..5000).any(|i| !r.with(&format!("d{i}"), later, Counter::default, |_| ()).1);
+        assert!(placed, "idle keys were reclaimed after the pause");
+        assert!(r.stats().evicted >= 1);
     }
 
     #[test]

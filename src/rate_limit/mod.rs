@@ -1,1 +1,90 @@
-//! Rate limiters: one per scope key, four strategies. (In progress.)
+//! Rate limiters: one per scope key, four strategies, fair waiting.
+//!
+//! ```
+//! use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+//! use pmcp::types::{JSONRPCRequest, RequestId};
+//! use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+//! use pmcp_resilience::Scope;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Each method gets 2 requests per minute.
+//! let limiter = RateLimitMiddleware::builder()
+//!     .scope(Scope::PerMethod)
+//!     .strategy(RateLimitStrategy::FixedWindow { max_requests: 2, window: Duration::from_secs(60) })
+//!     .build()?;
+//!
+//! let context = MiddlewareContext::default();
+//! let mut ping = JSONRPCRequest {
+//!     jsonrpc: "2.0".into(),
+//!     method: "ping".into(),
+//!     params: None,
+//!     id: RequestId::from(1i64),
+//! };
+//! assert!(limiter.on_request_with_context(&mut ping, &context).await.is_ok());
+//! assert!(limiter.on_request_with_context(&mut ping, &context).await.is_ok());
+//! let third = limiter.on_request_with_context(&mut ping, &context).await;
+//! assert!(matches!(third, Err(pmcp::Error::RateLimited)));
+//! assert!(limiter.retry_after("method:ping").is_some());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Choosing a strategy
+//!
+//! A [`RateLimitStrategy::TokenBucket`] lets a burst of `capacity` through at
+//! once and then `refill_rate` per second; a
+//! [`RateLimitStrategy::LeakyBucket`] of the same numbers spreads the same
+//! burst out, one request every `1 / leak_rate`, delaying (not rejecting)
+//! the early ones while fewer than `capacity` wait. The fixed window is the
+//! cheapest and the least exact at window boundaries; the sliding window
+//! fixes most of that with two counters (its bound is stated in
+//! [`strategy::sliding_window`]). The table in [`strategy`] compares them.
+//!
+//! # Costs, waiting, and telling clients when to retry
+//!
+//! - A request costs 1 unit unless [`RateLimitBuilder::cost_for_tool`],
+//!   [`RateLimitBuilder::cost_for_method`] or [`RateLimitBuilder::cost_fn`]
+//!   say otherwise. A cost above the limit is rejected at once.
+//! - With [`BackpressureConfig::wait_for_capacity`], requests reserve the
+//!   next free slot and wait for it, in order of arrival, up to `max_wait`.
+//! - With [`BackpressureConfig::signal_client`], rejections carry
+//!   `retryAfterMs` (see [`RateLimitMiddleware`]).
+//!
+//! # Memory
+//!
+//! One entry per key (64 bytes plus the key text), at most
+//! [`RegistryLimits::max_keys`](crate::RegistryLimits) of them; keys idle
+//! and back at full capacity are dropped. Beyond the cap, new keys share one
+//! overflow limiter.
+//!
+//! # Testing
+//!
+//! Give the builder a [`ManualClock`](crate::ManualClock), or a
+//! [`TokioClock`](crate::TokioClock) under `#[tokio::test(start_paused = true)]`
+//! so that waits take no real time.
+//!
+//! # Contents
+//!
+//! - [`strategy`]: the algorithms, pure functions of (state, now, cost).
+//! - [`RateLimitBuilder`]: settings, validation and request costs.
+//! - [`BackpressureConfig`]: waiting instead of rejecting, fairly.
+//! - [`RateLimiter`] and [`KeyedRateLimiter`]: the pluggable limiter and the
+//!   built-in one.
+//! - [`RateLimitMiddleware`]: the pmcp middleware.
+//! - [`RateLimitMetrics`]: what it reports.
+
+mod backpressure;
+mod config;
+mod limiter;
+mod metrics;
+mod middleware;
+pub mod strategy;
+
+pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
+pub use config::{CostFn, RateLimitBuilder, RequestCost};
+pub use limiter::{Admission, KeyUsage, KeyedRateLimiter, RateLimiter};
+pub use metrics::{RateLimitMetrics, RateLimitSnapshot, RateLimitUsage};
+pub use middleware::RateLimitMiddleware;
+pub use strategy::{Decision, LimiterState, RateLimitStrategy, Reservation};

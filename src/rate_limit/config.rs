@@ -1,0 +1,294 @@
+//! The middleware's builder, its validation, and request costs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pmcp::types::JSONRPCRequest;
+
+use crate::clock::{SharedClock, default_clock};
+use crate::error::ConfigError;
+use crate::metrics::MetricsConfig;
+use crate::persistence::StatePersistence;
+use crate::registry::RegistryLimits;
+use crate::scope::{RequestTarget, Scope, tool_name};
+
+use super::backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
+use super::limiter::{KeyedRateLimiter, RateLimiter};
+use super::middleware::{Engine, RateLimitMiddleware};
+use super::strategy::RateLimitStrategy;
+
+/// A function giving the cost of a request in units.
+pub type CostFn = Arc<dyn Fn(&JSONRPCRequest) -> u32 + Send + Sync>;
+
+/// How many units a request costs.
+///
+/// A per-tool cost (for `tools/call`) wins, then a per-method cost, then the
+/// cost function, then 1. A cost of 0 makes a request free. A cost above the
+/// limit is rejected at once with a clear reason (it could never pass).
+#[derive(Clone, Default)]
+pub struct RequestCost {
+    by_method: HashMap<String, u32>,
+    by_tool: HashMap<String, u32>,
+    function: Option<CostFn>,
+}
+
+impl fmt::Debug for RequestCost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestCost")
+            .field("by_method", &self.by_method)
+            .field("by_tool", &self.by_tool)
+            .field("function", &self.function.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+impl RequestCost {
+    /// The cost of `request`.
+    #[inline]
+    pub fn of(&self, request: &JSONRPCRequest) -> u32 {
+        if !self.by_tool.is_empty()
+            && let Some(cost) = tool_name(request).and_then(|t| self.by_tool.get(t))
+        {
+            return *cost;
+        }
+        if !self.by_method.is_empty()
+            && let Some(cost) = self.by_method.get(request.method.as_str())
+        {
+            return *cost;
+        }
+        match &self.function {
+            Some(f) => f(request),
+            None => 1,
+        }
+    }
+
+    /// The largest configured fixed cost, to check against the limit.
+    fn largest(&self) -> Option<(String, u32)> {
+        let methods = self
+            .by_method
+            .iter()
+            .map(|(m, c)| (format!("method `{m}`"), *c));
+        let tools = self
+            .by_tool
+            .iter()
+            .map(|(t, c)| (format!("tool `{t}`"), *c));
+        methods.chain(tools).max_by_key(|(_, c)| *c)
+    }
+}
+
+/// Builds a [`RateLimitMiddleware`]; see the [module docs](super).
+#[derive(Debug)]
+pub struct RateLimitBuilder {
+    scope: Scope,
+    strategy: RateLimitStrategy,
+    persistence: StatePersistence,
+    backpressure: BackpressureConfig,
+    max_waiters: usize,
+    metrics_config: MetricsConfig,
+    cost: RequestCost,
+    registry_limits: RegistryLimits,
+    clock: Option<SharedClock>,
+    target: RequestTarget,
+    limiter: Option<Arc<dyn RateLimiter>>,
+}
+
+impl Default for RateLimitBuilder {
+    fn default() -> Self {
+        RateLimitBuilder {
+            scope: Scope::Global,
+            strategy: RateLimitStrategy::TokenBucket {
+                capacity: 100,
+                refill_rate: 10,
+            },
+            persistence: StatePersistence::Memory,
+            backpressure: BackpressureConfig::default(),
+            max_waiters: DEFAULT_MAX_WAITERS,
+            metrics_config: MetricsConfig::default(),
+            cost: RequestCost::default(),
+            registry_limits: RegistryLimits::default(),
+            clock: None,
+            target: RequestTarget::default(),
+            limiter: None,
+        }
+    }
+}
+
+impl RateLimitBuilder {
+    /// How requests are grouped into limiters (default [`Scope::Global`]).
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// The algorithm and its numbers (default: a token bucket of 100,
+    /// refilled at 10 per second).
+    pub fn strategy(mut self, strategy: RateLimitStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Where state lives. Only [`StatePersistence::Memory`] is available to
+    /// the rate limiter for now; others make `build()` fail.
+    pub fn persistence(mut self, persistence: StatePersistence) -> Self {
+        self.persistence = persistence;
+        self
+    }
+
+    /// Wait or reject when there is no capacity (default: reject).
+    pub fn backpressure(mut self, backpressure: BackpressureConfig) -> Self {
+        self.backpressure = backpressure;
+        self
+    }
+
+    /// The most requests waiting at once (default 1024); more are rejected.
+    pub fn max_waiters(mut self, max_waiters: usize) -> Self {
+        self.max_waiters = max_waiters;
+        self
+    }
+
+    /// What metrics to keep.
+    pub fn metrics_config(mut self, metrics_config: MetricsConfig) -> Self {
+        self.metrics_config = metrics_config;
+        self
+    }
+
+    /// Requests of `method` cost `cost` units.
+    pub fn cost_for_method(mut self, method: impl Into<String>, cost: u32) -> Self {
+        self.cost.by_method.insert(method.into(), cost);
+        self
+    }
+
+    /// `tools/call` requests for `tool` cost `cost` units.
+    pub fn cost_for_tool(mut self, tool: impl Into<String>, cost: u32) -> Self {
+        self.cost.by_tool.insert(tool.into(), cost);
+        self
+    }
+
+    /// Requests without a per-tool or per-method cost cost what `f` returns.
+    pub fn cost_fn(mut self, f: CostFn) -> Self {
+        self.cost.function = Some(f);
+        self
+    }
+
+    /// Bounds on the number of keys kept.
+    pub fn registry_limits(mut self, limits: RegistryLimits) -> Self {
+        self.registry_limits = limits;
+        self
+    }
+
+    /// The clock (default: [`SystemClock`](crate::SystemClock); in tests,
+    /// [`ManualClock`](crate::ManualClock) or
+    /// [`TokioClock`](crate::clock::TokioClock)).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The server URL and session source used for `PerServer`,
+    /// `PerEndpoint` and `PerSession` keys.
+    pub fn target(mut self, target: RequestTarget) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// Shorthand for a target with this server URL.
+    pub fn server_url(mut self, url: impl AsRef<str>) -> Self {
+        self.target = self.target.with_server_url(url);
+        self
+    }
+
+    /// Use your own limiter instead of the built-in one (the strategy and
+    /// persistence settings are then not used).
+    pub fn limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Checks every setting and builds the middleware.
+    pub fn build(self) -> Result<RateLimitMiddleware, ConfigError> {
+        self.backpressure.validate()?;
+        if self.backpressure.wait_for_capacity && self.max_waiters == 0 {
+            return Err(ConfigError::invalid(
+                "max_waiters",
+                "must be at least 1 when wait_for_capacity is on",
+            ));
+        }
+        if self.scope.needs_server_url() && self.target.server_url().is_none() {
+            tracing::debug!(
+                "rate limit scope `{}` has no bound server URL; it will come from context \
+                 metadata, or requests share the `unknown-server` limiter \
+                 (bind one with `server_url(..)` or `for_server(..)`)",
+                self.scope.label()
+            );
+        }
+        if self.scope.needs_session() && self.target.session_id().is_none() {
+            tracing::debug!(
+                "rate limit scope `session` has no session source yet; it will come from \
+                 context metadata, or requests share the `no-session` limiter"
+            );
+        }
+        let clock = self.clock.unwrap_or_else(default_clock);
+        let engine = match self.limiter {
+            Some(limiter) => Engine::Custom(limiter),
+            None => {
+                match self.persistence {
+                    StatePersistence::Memory => {}
+                    other => {
+                        return Err(ConfigError::UnsupportedPersistence(
+                            format!(
+                                "the rate limiter keeps state in memory only for now; \
+                                 {other:?} is not supported yet"
+                            )
+                            .into(),
+                        ));
+                    }
+                }
+                let policy = self.strategy.policy()?;
+                self.registry_limits.validate()?;
+                if let Some((what, cost)) = self.cost.largest()
+                    && cost > policy.limit()
+                {
+                    return Err(ConfigError::invalid(
+                        "cost",
+                        format!(
+                            "{what} costs {cost}, more than the limit of {}; \
+                             such requests could never pass",
+                            policy.limit()
+                        ),
+                    ));
+                }
+                Engine::Memory(KeyedRateLimiter::from_policy(
+                    policy,
+                    self.strategy.label(),
+                    self.registry_limits,
+                    Arc::clone(&clock),
+                ))
+            }
+        };
+        Ok(RateLimitMiddleware::from_parts(
+            self.scope,
+            engine,
+            self.cost,
+            self.backpressure,
+            self.max_waiters,
+            self.metrics_config,
+            clock,
+            self.target,
+        ))
+    }
+}
+
+/// The token-bucket interval for pmcp's `new(max_requests, bucket_size,
+/// refill_duration)`: `refill_duration / max_requests`, rounded down to whole
+/// nanoseconds (at least 1 ns). It is capped so that `bucket_size * interval`
+/// stays far from overflow: `max_requests == 0` (never refill, in pmcp) then
+/// means a refill interval of decades.
+pub(crate) fn pmcp_interval(max_requests: u32, bucket_size: u32, refill_duration: Duration) -> u64 {
+    let cap = u64::MAX / 4 / (u64::from(bucket_size) + 1);
+    if max_requests == 0 {
+        return cap;
+    }
+    (crate::clock::duration_nanos(refill_duration) / u64::from(max_requests)).clamp(1, cap)
+}

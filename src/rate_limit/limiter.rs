@@ -1,0 +1,495 @@
+//! The [`RateLimiter`] trait and the built-in keyed limiter in memory.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
+use crate::error::{ConfigError, StoreError};
+use crate::registry::{KeyState, Registry, RegistryLimits, RegistryStats};
+use crate::scope::ScopeKey;
+
+use super::strategy::{
+    Decision, LimiterState, PackedState, Policy, RateLimitStrategy, Reservation,
+};
+
+/// The outcome of [`RateLimiter::acquire`]: the decision, and the slot held
+/// for a request that must wait (to give back if it does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// The decision.
+    pub decision: Decision,
+    /// For an admitted request with a [`Decision::wait`]: its reservation.
+    pub reservation: Option<Reservation>,
+}
+
+/// The use of one key, as reported by [`RateLimiter::usage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// The key.
+    pub key: ScopeKey,
+    /// Units in use now (tokens taken, requests counted in the window,
+    /// units queued).
+    pub used: u32,
+    /// The key's limit.
+    pub limit: u32,
+    /// When the key is back at full capacity if nothing else arrives.
+    pub reset_at: Timestamp,
+    /// Requests admitted for this key since it was created.
+    pub allowed: u64,
+    /// Requests rejected for this key since it was created.
+    pub rejected: u64,
+}
+
+/// A rate limiter keyed by [`ScopeKey`]: implement it to plug in a limiter
+/// of your own with `RateLimitMiddleware::builder().limiter(..)`.
+///
+/// Only [`check`](Self::check) is required. The time is passed in, so a
+/// store may use it or its own clock (a Redis script would use Redis `TIME`,
+/// so that clients with skewed clocks agree).
+///
+/// ```
+/// use async_trait::async_trait;
+/// use pmcp_resilience::rate_limit::{Decision, RateLimiter};
+/// use pmcp_resilience::{ScopeKey, StoreError, Timestamp};
+/// use std::time::Duration;
+///
+/// /// Admits everything except requests for the key `custom:blocked`.
+/// #[derive(Debug)]
+/// struct Blocklist;
+///
+/// #[async_trait]
+/// impl RateLimiter for Blocklist {
+///     async fn check(&self, key: &ScopeKey, _cost: u32, now: Timestamp) -> Result<Decision, StoreError> {
+///         let allowed = key.as_str() != "custom:blocked";
+///         Ok(Decision {
+///             allowed,
+///             remaining: if allowed { 1 } else { 0 },
+///             limit: 1,
+///             reset_at: now,
+///             retry_after: if allowed { Some(Duration::ZERO) } else { None },
+///             wait: Duration::ZERO,
+///         })
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait RateLimiter: Send + Sync + fmt::Debug {
+    /// Decides on a request of `cost` units for `key` at `now`, without
+    /// waiting, and records it if admitted.
+    async fn check(
+        &self,
+        key: &ScopeKey,
+        cost: u32,
+        now: Timestamp,
+    ) -> Result<Decision, StoreError>;
+
+    /// Like [`check`](Self::check), but may reserve a later slot within
+    /// `max_wait` (the returned decision's `wait`). The default never
+    /// reserves.
+    async fn acquire(
+        &self,
+        key: &ScopeKey,
+        cost: u32,
+        now: Timestamp,
+        max_wait: Duration,
+    ) -> Result<Admission, StoreError> {
+        let _ = max_wait;
+        Ok(Admission {
+            decision: self.check(key, cost, now).await?,
+            reservation: None,
+        })
+    }
+
+    /// Gives back a reservation whose request stopped waiting; returns
+    /// whether it was given back (see [`Reservation`] for when it can be).
+    async fn cancel(
+        &self,
+        key: &ScopeKey,
+        reservation: &Reservation,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let _ = (key, reservation, now);
+        Ok(false)
+    }
+
+    /// The use of every key (for metrics); may be empty for remote stores.
+    fn usage(&self, now: Timestamp) -> Vec<KeyUsage> {
+        let _ = now;
+        Vec::new()
+    }
+
+    /// Counters of the store's key map, if it has one.
+    fn stats(&self) -> RegistryStats {
+        RegistryStats::default()
+    }
+}
+
+/// One key's entry in the registry.
+///
+/// Kept to 32 bytes (the registry adds 32), so that a million keys stay
+/// compact and a lookup touches as few cache lines as possible.
+struct Entry {
+    state: PackedState,
+    /// From this instant the key is back at full capacity.
+    full_at: u64,
+    allowed: u32,
+    rejected: u32,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            state: PackedState::default(),
+            full_at: 0,
+            allowed: 0,
+            rejected: 0,
+        }
+    }
+}
+
+impl KeyState for Entry {
+    fn is_evictable(&self, now: Timestamp) -> bool {
+        self.full_at <= now.as_nanos()
+    }
+}
+
+/// The built-in limiter: one state per key, in memory, bounded by
+/// [`RegistryLimits`] and sharded for many threads.
+///
+/// [`check_key`](Self::check_key) is the synchronous fast path: one hash,
+/// one shard lock, the strategy's integer arithmetic, and no allocation for a
+/// key seen before.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{KeyedRateLimiter, RateLimitStrategy};
+/// use pmcp_resilience::{ManualClock, RegistryLimits};
+/// use std::sync::Arc;
+///
+/// let clock = ManualClock::new();
+/// let limiter = KeyedRateLimiter::new(
+///     RateLimitStrategy::TokenBucket { capacity: 2, refill_rate: 1 },
+///     RegistryLimits::default(),
+///     Arc::new(clock.clone()),
+/// )?;
+/// assert!(limiter.check_key("alice", 1).allowed);
+/// assert!(limiter.check_key("alice", 1).allowed);
+/// assert!(!limiter.check_key("alice", 1).allowed);
+/// assert!(limiter.check_key("bob", 1).allowed);
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
+pub struct KeyedRateLimiter {
+    policy: Policy,
+    label: &'static str,
+    registry: Registry<Entry>,
+    clock: SharedClock,
+}
+
+impl fmt::Debug for KeyedRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedRateLimiter")
+            .field("policy", &self.policy)
+            .field("stats", &self.registry.stats())
+            .finish()
+    }
+}
+
+impl KeyedRateLimiter {
+    /// A limiter applying `strategy` to every key, reading time from `clock`.
+    pub fn new(
+        strategy: RateLimitStrategy,
+        limits: RegistryLimits,
+        clock: SharedClock,
+    ) -> Result<Self, ConfigError> {
+        let policy = strategy.policy()?;
+        limits.validate()?;
+        Ok(Self::from_policy(policy, strategy.label(), limits, clock))
+    }
+
+    /// A limiter with the system clock and default limits.
+    pub fn with_strategy(strategy: RateLimitStrategy) -> Result<Self, ConfigError> {
+        Self::new(strategy, RegistryLimits::default(), default_clock())
+    }
+
+    pub(crate) fn from_policy(
+        policy: Policy,
+        label: &'static str,
+        limits: RegistryLimits,
+        clock: SharedClock,
+    ) -> Self {
+        KeyedRateLimiter {
+            policy,
+            label,
+            registry: Registry::new(limits),
+            clock,
+        }
+    }
+
+    /// The strategy's name (`token_bucket`, ...).
+    pub fn strategy_label(&self) -> &'static str {
+        self.label
+    }
+
+    /// The per-key limit.
+    pub fn limit(&self) -> u32 {
+        self.policy.limit()
+    }
+
+    /// The clock this limiter reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Decides on `cost` units for `key` now, without waiting.
+    #[inline]
+    pub fn check_key(&self, key: &str, cost: u32) -> Decision {
+        self.check_key_at(key, cost, self.clock.now())
+    }
+
+    /// Decides on `cost` units for `key` at `now`, without waiting.
+    #[inline]
+    pub fn check_key_at(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let (decision, _overflowed) = self.registry.with(key, now, Entry::new, |entry| {
+            let mut state = policy.unpack(entry.state);
+            let decision = policy.acquire(&mut state, nanos, cost, 0);
+            entry.state = policy.pack(&state);
+            record(policy, entry, &state, &decision);
+            decision
+        });
+        decision
+    }
+
+    /// Decides on `cost` units for `key` at `now`, reserving a later slot
+    /// within `max_wait` (see [`RateLimitStrategy::acquire`]).
+    pub fn acquire_key_at(
+        &self,
+        key: &str,
+        cost: u32,
+        now: Timestamp,
+        max_wait: Duration,
+    ) -> Admission {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let max_wait = duration_nanos(max_wait);
+        let (admission, _overflowed) = self.registry.with(key, now, Entry::new, |entry| {
+            let before = policy.unpack(entry.state);
+            let mut state = before;
+            let decision = policy.acquire(&mut state, nanos, cost, max_wait);
+            entry.state = policy.pack(&state);
+            record(policy, entry, &state, &decision);
+            let reservation =
+                (decision.allowed && !decision.wait.is_zero()).then_some(Reservation {
+                    cost,
+                    before,
+                    after: state,
+                });
+            Admission {
+                decision,
+                reservation,
+            }
+        });
+        admission
+    }
+
+    /// Gives back a reservation that was not used (see [`Reservation`]).
+    /// Returns whether it was given back.
+    pub fn cancel_at(&self, key: &str, reservation: &Reservation, now: Timestamp) -> bool {
+        let policy = self.policy;
+        self.registry
+            .peek(key, |entry| {
+                let mut state = policy.unpack(entry.state);
+                let refunded = policy.refund(&mut state, reservation, now.as_nanos());
+                if refunded {
+                    entry.state = policy.pack(&state);
+                    entry.full_at = policy.full_at(&state);
+                    entry.allowed = entry.allowed.saturating_sub(1);
+                }
+                refunded
+            })
+            .unwrap_or(false)
+    }
+
+    /// How long until a request of `cost` units for `key` would be admitted,
+    /// without recording anything: `None` if it would be admitted now (or
+    /// the key is unknown, hence full), `Some(Duration::MAX)` if never.
+    pub fn retry_after(&self, key: &str, cost: u32) -> Option<Duration> {
+        let now = self.clock.now().as_nanos();
+        let policy = self.policy;
+        let decision = self
+            .registry
+            .peek(key, |entry| {
+                let mut state = policy.unpack(entry.state);
+                policy.acquire(&mut state, now, cost, 0)
+            })
+            .unwrap_or_else(|| {
+                let mut state = policy.initial_state();
+                policy.acquire(&mut state, now, cost, 0)
+            });
+        if decision.allowed && decision.wait.is_zero() {
+            None
+        } else if decision.allowed {
+            Some(decision.wait)
+        } else {
+            Some(decision.retry_after.unwrap_or(Duration::MAX))
+        }
+    }
+
+    /// The use of every key at `now`.
+    pub fn usage_at(&self, now: Timestamp) -> Vec<KeyUsage> {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let mut rows = Vec::new();
+        self.registry.for_each(|key, entry| {
+            let (used, reset_at) = policy.usage(&policy.unpack(entry.state), nanos);
+            rows.push(KeyUsage {
+                key: key.clone(),
+                used,
+                limit: policy.limit(),
+                reset_at: Timestamp::from_nanos(reset_at),
+                allowed: u64::from(entry.allowed),
+                rejected: u64::from(entry.rejected),
+            });
+        });
+        rows
+    }
+
+    /// Drops idle keys that are back at full capacity; returns how many.
+    pub fn evict_idle(&self) -> u64 {
+        self.registry.evict_idle(self.clock.now())
+    }
+
+    /// The bounds on the key map.
+    pub fn registry_limits(&self) -> RegistryLimits {
+        self.registry.limits()
+    }
+
+    /// Counters of the key map.
+    pub fn registry_stats(&self) -> RegistryStats {
+        self.registry.stats()
+    }
+}
+
+#[inline]
+fn record(policy: Policy, entry: &mut Entry, state: &LimiterState, decision: &Decision) {
+    if decision.allowed {
+        entry.allowed = entry.allowed.saturating_add(1);
+        entry.full_at = policy.full_at(state);
+    } else {
+        entry.rejected = entry.rejected.saturating_add(1);
+    }
+}
+
+#[async_trait]
+impl RateLimiter for KeyedRateLimiter {
+    async fn check(
+        &self,
+        key: &ScopeKey,
+        cost: u32,
+        now: Timestamp,
+    ) -> Result<Decision, StoreError> {
+        Ok(self.check_key_at(key.as_str(), cost, now))
+    }
+
+    async fn acquire(
+        &self,
+        key: &ScopeKey,
+        cost: u32,
+        now: Timestamp,
+        max_wait: Duration,
+    ) -> Result<Admission, StoreError> {
+        Ok(self.acquire_key_at(key.as_str(), cost, now, max_wait))
+    }
+
+    async fn cancel(
+        &self,
+        key: &ScopeKey,
+        reservation: &Reservation,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        Ok(self.cancel_at(key.as_str(), reservation, now))
+    }
+
+    fn usage(&self, now: Timestamp) -> Vec<KeyUsage> {
+        self.usage_at(now)
+    }
+
+    fn stats(&self) -> RegistryStats {
+        self.registry.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::sync::Arc;
+
+    #[test]
+    fn only_keys_back_at_full_capacity_are_evicted() {
+        let strategies = [
+            RateLimitStrategy::TokenBucket {
+                capacity: 2,
+                refill_rate: 1,
+            },
+            RateLimitStrategy::LeakyBucket {
+                capacity: 2,
+                leak_rate: 1,
+            },
+            RateLimitStrategy::FixedWindow {
+                max_requests: 2,
+                window: Duration::from_secs(1),
+            },
+            RateLimitStrategy::SlidingWindow {
+                max_requests: 2,
+                window: Duration::from_secs(1),
+            },
+        ];
+        for strategy in strategies {
+            let clock = ManualClock::new();
+            let limits = RegistryLimits {
+                max_keys: 100,
+                idle_after: Duration::from_millis(500),
+            };
+            let limiter = KeyedRateLimiter::new(strategy, limits, Arc::new(clock.clone())).unwrap();
+            limiter.check_key("busy", 2);
+            limiter.check_key("light", 1);
+            clock.advance(Duration::from_millis(600));
+            // Idle, but neither is back at full capacity yet.
+            assert_eq!(limiter.evict_idle(), 0, "{}", strategy.label());
+            clock.advance(Duration::from_secs(3));
+            assert_eq!(limiter.evict_idle(), 2, "{}", strategy.label());
+            assert_eq!(limiter.registry_stats().keys, 0);
+        }
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
+
+    #[test]
+    fn retry_after_does_not_record() {
+        let clock = ManualClock::new();
+        let limiter = KeyedRateLimiter::new(
+            RateLimitStrategy::TokenBucket {
+                capacity: 1,
+                refill_rate: 4,
+            },
+            RegistryLimits::default(),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        assert_eq!(limiter.retry_after("k", 1), None);
+        assert!(limiter.check_key("k", 1).allowed);
+        for _ in 0..3 {
+            assert_eq!(
+                limiter.retry_after("k", 1),
+                Some(Duration::from_millis(250))
+            );
+        }
+        assert_eq!(limiter.retry_after("k", 2), Some(Duration::MAX), "never");
+    }
+}

@@ -1,0 +1,501 @@
+//! The rate limiter as a pmcp `AdvancedMiddleware`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pmcp::error::{Error, ErrorCode};
+use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
+use pmcp::types::JSONRPCRequest;
+use serde_json::json;
+
+use crate::clock::{SharedClock, Timestamp};
+use crate::metrics::MetricsConfig;
+use crate::registry::RegistryLimits;
+use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
+
+use super::backpressure::{BackpressureConfig, WaitGuard, WaitQueue};
+use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
+use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
+use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
+use super::strategy::{Decision, Policy};
+
+/// Where decisions are made.
+pub(crate) enum Engine {
+    /// The built-in limiter: synchronous, no boxed future per request.
+    Memory(KeyedRateLimiter),
+    /// A user's limiter, behind the async trait.
+    Custom(Arc<dyn RateLimiter>),
+}
+
+struct Inner {
+    scope: Scope,
+    engine: Engine,
+    cost: RequestCost,
+    backpressure: BackpressureConfig,
+    waiters: Arc<WaitQueue>,
+    metrics: Arc<RateLimitMetrics>,
+    metrics_config: MetricsConfig,
+    clock: SharedClock,
+    warned_missing: AtomicBool,
+}
+
+/// Scoped rate limiting for pmcp clients and servers; a drop-in replacement
+/// for `pmcp::shared::RateLimitMiddleware`.
+///
+/// A cheap handle: clones (and [`for_server`](Self::for_server),
+/// [`with_target`](Self::with_target)) share the same limiters and metrics.
+///
+/// # When to come back
+///
+/// pmcp's `Error::RateLimited` carries no wait time. A caller learns it in
+/// one of two ways:
+/// - with [`BackpressureConfig::signal_client`], the rejection is
+///   `Error::Protocol { code: -32005, message: "rate limit exceeded for <key>;
+///   retry after N ms", data: {"retryAfterMs", "limit", "remaining",
+///   "resetAtMs", "scope", "key", "header"} }` (`retryAfterMs` is `null` when
+///   the request's cost exceeds the limit and no wait will help);
+/// - in process, [`retry_after`](Self::retry_after) answers for a key.
+///
+/// ```
+/// use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+/// use pmcp::types::{JSONRPCRequest, RequestId};
+/// use pmcp_resilience::rate_limit::{BackpressureConfig, RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::Scope;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let limiter = RateLimitMiddleware::builder()
+///     .scope(Scope::PerTool)
+///     .strategy(RateLimitStrategy::TokenBucket { capacity: 1, refill_rate: 2 })
+///     .backpressure(BackpressureConfig::reject().with_client_signal())
+///     .build()?;
+/// let mut call = JSONRPCRequest {
+///     jsonrpc: "2.0".into(),
+///     method: "tools/call".into(),
+///     params: Some(serde_json::json!({"name": "search", "arguments": {}})),
+///     id: RequestId::from(1i64),
+/// };
+/// let context = MiddlewareContext::default();
+/// limiter.on_request_with_context(&mut call, &context).await?;
+/// match limiter.on_request_with_context(&mut call, &context).await {
+///     Err(pmcp::Error::Protocol { code, data: Some(data), .. }) => {
+///         assert_eq!(code, pmcp::ErrorCode::RATE_LIMITED);
+///         assert_eq!(data["key"], "tool:search");
+///         let retry_ms = data["retryAfterMs"].as_u64().unwrap_or(0);
+///         assert!(retry_ms > 0 && retry_ms <= 500);
+///     }
+///     other => panic!("expected a rate-limit signal, got {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RateLimitMiddleware {
+    inner: Arc<Inner>,
+    target: RequestTarget,
+}
+
+impl fmt::Debug for RateLimitMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitMiddleware")
+            .field("scope", &self.inner.scope)
+            .field("backpressure", &self.inner.backpressure)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl RateLimitMiddleware {
+    /// pmcp's constructor, with pmcp's meaning: one global bucket of
+    /// `bucket_size` tokens, starting full, gaining `max_requests` tokens
+    /// every `refill_duration`.
+    ///
+    /// Tokens come back one at a time, every `refill_duration / max_requests`
+    /// (rounded down to whole nanoseconds), rather than `max_requests` at
+    /// once at the end of each period: the same totals, without the steps.
+    /// Rejections are `pmcp::Error::RateLimited`.
+    pub fn new(max_requests: u32, bucket_size: u32, refill_duration: Duration) -> Self {
+        let clock = crate::clock::default_clock();
+        let policy = Policy::TokenBucket {
+            capacity: bucket_size,
+            interval: pmcp_interval(max_requests, bucket_size, refill_duration),
+        };
+        let engine = Engine::Memory(KeyedRateLimiter::from_policy(
+            policy,
+            "token_bucket",
+            RegistryLimits::default(),
+            Arc::clone(&clock),
+        ));
+        Self::from_parts(
+            Scope::Global,
+            engine,
+            RequestCost::default(),
+            BackpressureConfig::default(),
+            super::backpressure::DEFAULT_MAX_WAITERS,
+            MetricsConfig::default(),
+            clock,
+            RequestTarget::default(),
+        )
+    }
+
+    /// A builder for every other setting.
+    pub fn builder() -> RateLimitBuilder {
+        RateLimitBuilder::default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        scope: Scope,
+        engine: Engine,
+        cost: RequestCost,
+        backpressure: BackpressureConfig,
+        max_waiters: usize,
+        metrics_config: MetricsConfig,
+        clock: SharedClock,
+        target: RequestTarget,
+    ) -> Self {
+        RateLimitMiddleware {
+            inner: Arc::new(Inner {
+                scope,
+                engine,
+                cost,
+                backpressure,
+                waiters: Arc::new(WaitQueue::new(max_waiters)),
+                metrics: Arc::new(RateLimitMetrics::default()),
+                metrics_config,
+                clock,
+                warned_missing: AtomicBool::new(false),
+            }),
+            target,
+        }
+    }
+
+    /// A handle for requests to the server at `url`, sharing state.
+    pub fn for_server(&self, url: impl AsRef<str>) -> Self {
+        self.with_target(self.target.clone().with_server_url(url))
+    }
+
+    /// A handle with another target (server URL, session source), sharing state.
+    pub fn with_target(&self, target: RequestTarget) -> Self {
+        RateLimitMiddleware {
+            inner: Arc::clone(&self.inner),
+            target,
+        }
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> &Scope {
+        &self.inner.scope
+    }
+
+    /// How long until a request of cost 1 for `key` (as the scope builds it,
+    /// e.g. `session:abc`) would be admitted: `None` if it would be now.
+    /// With a custom limiter this is always `None`.
+    pub fn retry_after(&self, key: &str) -> Option<Duration> {
+        match &self.inner.engine {
+            Engine::Memory(limiter) => limiter.retry_after(key, 1),
+            Engine::Custom(_) => None,
+        }
+    }
+
+    /// The request's key under this handle's scope and target.
+    pub fn key_of(&self, request: &JSONRPCRequest) -> ScopeKey {
+        self.inner.scope.key(request, &self.target)
+    }
+
+    /// The counters, with the per-key view refreshed now (if no reader holds
+    /// it; see [`RateLimitMetrics::current_usage`]).
+    pub fn metrics(&self) -> Arc<RateLimitMetrics> {
+        if self.inner.metrics_config.per_key {
+            let rows = self.usage_rows();
+            self.inner.metrics.refresh_usage(&rows);
+        }
+        Arc::clone(&self.inner.metrics)
+    }
+
+    /// A point-in-time view with one row per key, for exporters.
+    pub fn snapshot(&self) -> RateLimitSnapshot {
+        let m = &self.inner.metrics;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let registry = match &self.inner.engine {
+            Engine::Memory(l) => l.registry_stats(),
+            Engine::Custom(l) => l.stats(),
+        };
+        RateLimitSnapshot {
+            scope: self.inner.scope.label(),
+            total_requests: load(&m.total_requests),
+            allowed_requests: load(&m.allowed_requests),
+            rejected_requests: load(&m.rejected_requests),
+            waited_requests: load(&m.waited_requests),
+            wait_time_ms: load(&m.wait_time_ms),
+            keys: self.usage_rows(),
+            registry,
+        }
+    }
+
+    /// The time as this middleware's clock reads it.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Requests waiting for capacity now.
+    pub fn waiting(&self) -> usize {
+        self.inner.waiters.len()
+    }
+
+    fn usage_rows(&self) -> Vec<super::limiter::KeyUsage> {
+        let now = self.inner.clock.now();
+        match &self.inner.engine {
+            Engine::Memory(l) => l.usage_at(now),
+            Engine::Custom(l) => l.usage(now),
+        }
+    }
+
+    fn count(&self, counter: &std::sync::atomic::AtomicU64, n: u64) {
+        if self.inner.metrics_config.enabled {
+            RateLimitMetrics::add(counter, n);
+        }
+    }
+
+    /// Decides on one request, waiting if the decision says so.
+    async fn admit(
+        &self,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> pmcp::Result<()> {
+        let inner = &*self.inner;
+        let resolved = key_in_context(&inner.scope, request, context, &self.target);
+        if let Some(missing) = resolved.missing
+            && !inner.warned_missing.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                ?missing,
+                key = resolved.key.as_str(),
+                "rate limit scope needs a part the request does not carry; \
+                 such requests share one limiter"
+            );
+        }
+        let key = resolved.key;
+        let cost = inner.cost.of(request);
+        let now = inner.clock.now();
+        let budget = inner.backpressure.wait_budget();
+        self.count(&inner.metrics.total_requests, 1);
+        let admission = match &inner.engine {
+            Engine::Memory(limiter) => limiter.acquire_key_at(key.as_str(), cost, now, budget),
+            Engine::Custom(limiter) => {
+                limiter
+                    .acquire(&key, cost, now, budget)
+                    .await
+                    .map_err(|e| {
+                        self.count(&inner.metrics.rejected_requests, 1);
+                        Error::protocol(
+                            ErrorCode::INTERNAL_ERROR,
+                            format!("rate limiter store failed for {key}: {e}"),
+                        )
+                    })?
+            }
+        };
+        let Admission {
+            decision,
+            reservation,
+        } = admission;
+        if !decision.allowed {
+            return Err(self.reject(&key, &decision, request, context));
+        }
+        if decision.wait.is_zero() {
+            self.count(&inner.metrics.allowed_requests, 1);
+            context.record_metric("rate_limit_passed".to_string(), 1.0);
+            return Ok(());
+        }
+        let refund = {
+            let this = self.clone();
+            let key = key.clone();
+            move || {
+                if let Some(reservation) = reservation {
+                    this.cancel(&key, reservation);
+                }
+            }
+        };
+        let Some(place) = inner.waiters.enter() else {
+            refund();
+            let mut full = decision;
+            full.allowed = false;
+            full.retry_after = Some(decision.wait);
+            tracing::debug!(key = key.as_str(), "too many requests waiting for capacity");
+            return Err(self.reject(&key, &full, request, context));
+        };
+        let guard = WaitGuard::new(place, refund);
+        tokio::time::sleep(decision.wait).await;
+        guard.complete();
+        self.count(&inner.metrics.allowed_requests, 1);
+        self.count(&inner.metrics.waited_requests, 1);
+        self.count(
+            &inner.metrics.wait_time_ms,
+            u64::try_from(decision.wait.as_millis()).unwrap_or(u64::MAX),
+        );
+        context.record_metric(
+            "rate_limit_waited_ms".to_string(),
+            decision.wait.as_secs_f64() * 1e3,
+        );
+        Ok(())
+    }
+
+    /// Gives back a reservation whose request stopped waiting.
+    fn cancel(&self, key: &ScopeKey, reservation: super::strategy::Reservation) {
+        let now = self.inner.clock.now();
+        match &self.inner.engine {
+            Engine::Memory(limiter) => {
+                limiter.cancel_at(key.as_str(), &reservation, now);
+            }
+            Engine::Custom(limiter) => {
+                // Drop cannot await: hand the refund to the runtime if there is one.
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let limiter = Arc::clone(limiter);
+                    let key = key.clone();
+                    handle.spawn(async move {
+                        if let Err(e) = limiter.cancel(&key, &reservation, now).await {
+                            tracing::warn!(key = key.as_str(), error = %e, "could not give back a rate-limit reservation");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn reject(
+        &self,
+        key: &ScopeKey,
+        decision: &Decision,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> Error {
+        let inner = &*self.inner;
+        self.count(&inner.metrics.rejected_requests, 1);
+        context.record_metric("rate_limit_exceeded".to_string(), 1.0);
+        tracing::debug!(key = key.as_str(), method = %request.method, "rate limit exceeded");
+        if !inner.backpressure.signal_client {
+            return Error::RateLimited;
+        }
+        let retry_ms = decision.retry_after.map(|d| {
+            // Round up so that a client retrying at that time finds capacity.
+            u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        });
+        let message = match retry_ms {
+            Some(ms) => format!("rate limit exceeded for {key}; retry after {ms} ms"),
+            None => format!(
+                "rate limit exceeded for {key}: this request costs more than the limit of {} and can never be admitted",
+                decision.limit
+            ),
+        };
+        Error::Protocol {
+            code: ErrorCode::RATE_LIMITED,
+            message,
+            data: Some(json!({
+                "retryAfterMs": retry_ms,
+                "limit": decision.limit,
+                "remaining": decision.remaining,
+                "resetAtMs": decision.reset_at.as_millis(),
+                "scope": inner.scope.label(),
+                "key": key.as_str(),
+                "header": inner.backpressure.backpressure_header,
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl AdvancedMiddleware for RateLimitMiddleware {
+    fn name(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    fn priority(&self) -> MiddlewarePriority {
+        MiddlewarePriority::High
+    }
+
+    async fn on_request_with_context(
+        &self,
+        request: &mut JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> pmcp::Result<()> {
+        self.admit(request, context).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use pmcp::types::RequestId;
+
+    fn pmcp_like(
+        max_requests: u32,
+        bucket_size: u32,
+        every: Duration,
+    ) -> (RateLimitMiddleware, ManualClock) {
+        let clock = ManualClock::new();
+        let shared: SharedClock = Arc::new(clock.clone());
+        let policy = Policy::TokenBucket {
+            capacity: bucket_size,
+            interval: pmcp_interval(max_requests, bucket_size, every),
+        };
+        let engine = Engine::Memory(KeyedRateLimiter::from_policy(
+            policy,
+            "token_bucket",
+            RegistryLimits::default(),
+            Arc::clone(&shared),
+        ));
+        let rl = RateLimitMiddleware::from_parts(
+            Scope::Global,
+            engine,
+            RequestCost::default(),
+            BackpressureConfig::default(),
+            1,
+            MetricsConfig::default(),
+            shared,
+            RequestTarget::default(),
+        );
+        (rl, clock)
+    }
+
+    async fn admitted(rl: &RateLimitMiddleware, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            let mut r = JSONRPCRequest {
+                jsonrpc: "2.0".into(),
+                method: "ping".into(),
+                params: None,
+                id: RequestId::from(1i64),
+            };
+            if rl
+                .on_request_with_context(&mut r, &MiddlewareContext::default())
+                .await
+                .is_ok()
+            {
+                ok += 1;
+            }
+        }
+        ok
+    }
+
+    #[tokio::test]
+    async fn new_refills_max_requests_per_refill_duration() {
+        let (rl, clock) = pmcp_like(2, 3, Duration::from_secs(1));
+        assert_eq!(admitted(&rl, 10).await, 3, "a full bucket of 3");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(admitted(&rl, 10).await, 2, "2 tokens per second");
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(admitted(&rl, 10).await, 3, "never more than the bucket");
+    }
+
+    #[tokio::test]
+    async fn new_with_zero_max_requests_never_refills() {
+        let (rl, clock) = pmcp_like(0, 3, Duration::from_secs(1));
+        assert_eq!(admitted(&rl, 10).await, 3);
+        clock.advance(Duration::from_secs(86_400 * 365));
+        assert_eq!(admitted(&rl, 10).await, 0);
+    }
+}
