@@ -25,6 +25,7 @@
 
 pub mod circuit_breaker;
 pub mod clock;
+mod counter;
 pub mod error;
 pub mod metrics;
 pub mod observe;

@@ -157,7 +157,7 @@ impl Scope {
                 join(&["custom:", &part(&custom)])
             }
         };
-        ScopeKey(Arc::from(key))
+        ScopeKey(key)
     }
 
     /// Whether resolving this scope needs the server URL.
@@ -180,12 +180,23 @@ pub(crate) fn tool_name(request: &JSONRPCRequest) -> Option<&str> {
 }
 
 /// Joins key parts already made safe by [`part`].
-fn join(parts: &[&str]) -> String {
-    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-    for p in parts {
-        out.push_str(p);
+fn join(parts: &[&str]) -> Arc<str> {
+    // Joined in a reused per-thread buffer, so a key costs one allocation
+    // (the `Arc<str>` itself) rather than a `String` and then a copy.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
-    out
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut out) => {
+            out.clear();
+            for p in parts {
+                out.push_str(p);
+            }
+            Arc::from(out.as_str())
+        }
+        // Re-entered from a custom key function: build it the plain way.
+        Err(_) => Arc::from(parts.concat()),
+    })
 }
 
 /// An untrusted key part, bounded in length and free of control characters.

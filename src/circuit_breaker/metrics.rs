@@ -1,7 +1,10 @@
 //! What a breaker reports: request counters, transitions, and the state of
 //! every key.
 //!
-//! The counters are relaxed atomics bumped on the request path. The per-key
+//! The counters are bumped on the request path in per-thread stripes (so
+//! threads do not fight over one cache line) and summed into the public
+//! atomics by every call of `CircuitBreakerMiddleware::metrics()` or
+//! `snapshot()`: read them from a fresh `metrics()`. The per-key
 //! view, [`CircuitBreakerMetrics::current_state`], is a `tokio` lock so that
 //! `metrics.current_state.read().await` works as in the feature request; it
 //! is written only when a key changes state (never per request). A change
@@ -16,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::state::CircuitState;
+use crate::counter::StripedCounter;
 use crate::registry::RegistryStats;
 
 /// The counters and per-key states of one breaker (shared by all its handles).
@@ -35,6 +39,16 @@ pub struct CircuitBreakerMetrics {
     /// is evicted. Keys that never left `Closed` are not listed.
     pub current_state: Arc<tokio::sync::RwLock<HashMap<String, CircuitState>>>,
     queued: Mutex<Vec<(String, Option<CircuitState>)>>,
+    pub(crate) live: LiveCounters,
+}
+
+/// The request-path side of the counters (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct LiveCounters {
+    pub(crate) total: StripedCounter,
+    pub(crate) successful: StripedCounter,
+    pub(crate) failed: StripedCounter,
+    pub(crate) rejected: StripedCounter,
 }
 
 impl CircuitBreakerMetrics {
@@ -64,6 +78,19 @@ impl CircuitBreakerMetrics {
 
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Brings the public counters up to date with the request-path stripes.
+    pub(crate) fn sync(&self) {
+        let live = &self.live;
+        self.total_requests
+            .store(live.total.sum(), Ordering::Relaxed);
+        self.successful_requests
+            .store(live.successful.sum(), Ordering::Relaxed);
+        self.failed_requests
+            .store(live.failed.sum(), Ordering::Relaxed);
+        self.rejected_requests
+            .store(live.rejected.sum(), Ordering::Relaxed);
     }
 }
 

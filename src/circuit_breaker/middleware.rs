@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use hashbrown::HashMap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
 use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 
@@ -131,7 +132,8 @@ pub(crate) struct Inner {
     scope: Scope,
     matcher: ErrorMatcher,
     inspect_results: bool,
-    policy: RwLock<BreakerPolicy>,
+    /// Read on every request; swapped whole by `reconfigure` (no lock to share).
+    policy: ArcSwap<BreakerPolicy>,
     registry: Registry<Entry>,
     pending: PendingCalls,
     metrics: Arc<CircuitBreakerMetrics>,
@@ -166,7 +168,7 @@ impl std::fmt::Debug for CircuitBreakerMiddleware {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CircuitBreakerMiddleware")
             .field("scope", &self.inner.scope)
-            .field("policy", &*self.inner.policy.read())
+            .field("policy", &**self.inner.policy.load())
             .field("target", &self.target)
             .finish_non_exhaustive()
     }
@@ -205,7 +207,7 @@ impl CircuitBreakerMiddleware {
             inspect_results: config.trigger_errors.looks_at_tool_errors(),
             scope: config.scope,
             matcher: config.trigger_errors,
-            policy: RwLock::new(config.policy),
+            policy: ArcSwap::from_pointee(config.policy),
             registry: Registry::new(config.registry_limits),
             pending: PendingCalls::new(),
             metrics: Arc::new(CircuitBreakerMetrics::default()),
@@ -243,6 +245,7 @@ impl CircuitBreakerMiddleware {
 
     /// The metrics, shared by every handle (per-key changes flushed first).
     pub fn metrics(&self) -> Arc<CircuitBreakerMetrics> {
+        self.inner.metrics.sync();
         self.prune_current_state();
         Arc::clone(&self.inner.metrics)
     }
@@ -250,6 +253,7 @@ impl CircuitBreakerMiddleware {
     /// A plain copy of the metrics with a row per key.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let m = &self.inner.metrics;
+        m.sync();
         let mut keys = Vec::new();
         self.inner.registry.for_each(|key, e| {
             keys.push(KeySnapshot {
@@ -290,14 +294,14 @@ impl CircuitBreakerMiddleware {
 
     /// The policy in force.
     pub fn policy(&self) -> BreakerPolicy {
-        *self.inner.policy.read()
+        **self.inner.policy.load()
     }
 
     /// Replaces the policy at run time; every key keeps its state and counts
     /// (a window of another shape starts empty).
     pub fn reconfigure(&self, policy: BreakerPolicy) -> Result<(), ConfigError> {
         validate_policy(&policy)?;
-        *self.inner.policy.write() = policy;
+        self.inner.policy.store(Arc::new(policy));
         Ok(())
     }
 
@@ -414,7 +418,7 @@ impl CircuitBreakerMiddleware {
         }
         let now = inner.clock.now();
         self.maybe_sweep(now);
-        let policy = *inner.policy.read();
+        let policy = **inner.policy.load();
         let jitter = fastrand::f64();
         let ((admission, transition, mode), overflowed) =
             inner
@@ -440,12 +444,12 @@ impl CircuitBreakerMiddleware {
             self.on_transition(&key, t);
         }
         if inner.metrics_config.enabled {
-            CircuitBreakerMetrics::add(&inner.metrics.total_requests);
+            inner.metrics.live.total.add(1);
         }
         match admission {
             Admission::Rejected { retry_after } => {
                 if inner.metrics_config.enabled {
-                    CircuitBreakerMetrics::add(&inner.metrics.rejected_requests);
+                    inner.metrics.live.rejected.add(1);
                 }
                 tracing::debug!(
                     key = key.as_str(),
@@ -490,7 +494,7 @@ impl CircuitBreakerMiddleware {
     /// Records the end of a pending call.
     fn finish(&self, pending: Pending, result: CallResult, now: Timestamp) {
         let inner = &*self.inner;
-        let policy = *inner.policy.read();
+        let policy = **inner.policy.load();
         let elapsed = now.saturating_since(pending.start);
         let jitter = fastrand::f64();
         let (transition, _) = inner
@@ -514,10 +518,8 @@ impl CircuitBreakerMiddleware {
             });
         if inner.metrics_config.enabled {
             match result {
-                CallResult::Success => {
-                    CircuitBreakerMetrics::add(&inner.metrics.successful_requests)
-                }
-                CallResult::Failure => CircuitBreakerMetrics::add(&inner.metrics.failed_requests),
+                CallResult::Success => inner.metrics.live.successful.add(1),
+                CallResult::Failure => inner.metrics.live.failed.add(1),
                 CallResult::Released => {}
             }
         }
