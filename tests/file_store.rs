@@ -73,12 +73,19 @@ fn assert_set_aside(dir: &TempDir, path: &Path, bytes: &[u8], expected: FileProb
             .unwrap();
     assert!(store.is_empty());
     let LoadOutcome::SetAside { problem, moved_to } = report.outcome else {
-        panic!("expected the file to be set aside, got {:?}", report.outcome);
+        panic!(
+            "expected the file to be set aside, got {:?}",
+            report.outcome
+        );
     };
     assert_eq!(problem, expected);
     assert!(!path.exists(), "the bad file is no longer at its path");
     assert_eq!(set_aside_files(dir.path()), vec![moved_to.clone()]);
-    assert_eq!(fs::read(&moved_to).unwrap(), bytes, "kept with its original bytes");
+    assert_eq!(
+        fs::read(&moved_to).unwrap(),
+        bytes,
+        "kept with its original bytes"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +156,12 @@ async fn a_stray_partial_temp_file_leaves_the_previous_file_loadable() {
 async fn a_truncated_file_is_set_aside() {
     let (dir, path) = setup();
     let bytes = valid_file(&path).await;
-    assert_set_aside(&dir, &path, &bytes[..bytes.len() - 7], FileProblem::Truncated);
+    assert_set_aside(
+        &dir,
+        &path,
+        &bytes[..bytes.len() - 7],
+        FileProblem::Truncated,
+    );
 }
 
 #[tokio::test]
@@ -245,7 +257,8 @@ async fn entries_of_another_state_type_are_set_aside() {
 #[tokio::test]
 async fn the_fail_policy_refuses_and_leaves_the_file_in_place() {
     let (dir, path) = setup();
-    let future = br#"{"format":"pmcp-resilience-state","version":9,"kind":"circuit_breaker","entries":{}}"#;
+    let future =
+        br#"{"format":"pmcp-resilience-state","version":9,"kind":"circuit_breaker","entries":{}}"#;
     fs::write(&path, future).unwrap();
     let err = open_with(
         &path,
@@ -430,7 +443,10 @@ async fn a_missing_directory_is_a_clear_error() {
     let path = dir.path().join("no-such-dir").join("state.json");
     let err = open(&path).unwrap_err();
     assert!(matches!(err, StoreError::File { .. }), "{err:?}");
-    assert!(err.to_string().contains("does the directory exist"), "{err}");
+    assert!(
+        err.to_string().contains("does the directory exist"),
+        "{err}"
+    );
 }
 
 #[test]

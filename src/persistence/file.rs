@@ -643,7 +643,9 @@ where
                 %error,
                 "could not write state file; retrying at the next flush"
             ),
-            Err(error) => tracing::warn!(path = %path.display(), %error, "state file write task failed"),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "state file write task failed")
+            }
         }
     }
 }
@@ -896,7 +898,11 @@ mod tests {
 
         assert_eq!(fs::read(&path).unwrap(), before, "the file was not touched");
         let temp = sibling(&path, ".tmp");
-        assert_eq!(fs::read(&temp).unwrap().len(), 20, "a partial temp file is left");
+        assert_eq!(
+            fs::read(&temp).unwrap().len(),
+            20,
+            "a partial temp file is left"
+        );
 
         let (store, report) = FileStore::<u32>::open(&path, KIND_RATE_LIMIT, options()).unwrap();
         assert!(report.removed_stale_temp);
