@@ -455,3 +455,102 @@ fn opening_outside_a_runtime_is_a_clear_error() {
     let err = open(&path).unwrap_err();
     assert!(err.to_string().contains("Tokio runtime"), "{err}");
 }
+
+/// Set in the child process of
+/// [`a_store_in_another_process_is_refused_until_that_process_exits`].
+const CHILD_PATH_VAR: &str = "PMCP_RESILIENCE_FILE_STORE_CHILD_PATH";
+
+/// Not a test on its own: in the child process it holds the file until its
+/// stdin closes; otherwise it does nothing.
+#[tokio::test]
+async fn child_process_holding_the_file() {
+    let Some(path) = std::env::var_os(CHILD_PATH_VAR) else {
+        return;
+    };
+    use std::io::{Read, Write};
+    let _store = open(Path::new(&path)).unwrap();
+    // Written to the handle, not with `println!`, which the test harness may capture.
+    let mut out = std::io::stdout();
+    out.write_all(b"\nstore-opened\n").unwrap();
+    out.flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+#[tokio::test]
+async fn a_store_in_another_process_is_refused_until_that_process_exits() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let (_dir, path) = setup();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_process_holding_the_file",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_PATH_VAR, &path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read in a thread so a child that never gets there fails the test instead of hanging it.
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "store-opened" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let holding = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    if !holding {
+        let _ = child.kill();
+    }
+    assert!(holding, "the child process opened the store");
+
+    let err = open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+
+    drop(child.stdin.take()); // the child exits
+    assert!(child.wait().unwrap().success());
+    assert!(open(&path).is_ok(), "the lock died with the process");
+}
+
+#[tokio::test]
+async fn concurrent_write_throughs_all_reach_the_file() {
+    let (_dir, path) = setup();
+    let store = Arc::new(open(&path).unwrap());
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.write_through(format!("k{i}"), breaker(i)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let writes = store.stats().writes;
+    assert!((1..=32).contains(&writes), "{writes}");
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    assert_eq!(json["entries"].as_object().unwrap().len(), 32);
+}
+
+#[test]
+fn the_store_and_its_futures_can_cross_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let (_dir, path) = setup();
+    let store = open(&path).unwrap();
+    send_sync(&store);
+    send(store.write_through("k", breaker(1)));
+    send(store.flush());
+}
