@@ -123,7 +123,11 @@ pub enum OnCorrupt {
 /// Decides whether a loaded state still matters at `now`; `false` drops it.
 type StillMatters<S> = Arc<dyn Fn(&S, Timestamp) -> bool + Send + Sync>;
 
-/// Settings of a [`FileStore`].
+/// Settings of a [`FileStore`]: how often it writes, what it does with an
+/// unreadable file, and which loaded entries it drops.
+///
+/// The defaults: a 1 s flush interval, [`OnCorrupt::StartEmpty`], the system
+/// clock, and no expiry on load.
 pub struct FileStoreOptions<S> {
     flush_interval: Duration,
     on_corrupt: OnCorrupt,
@@ -625,6 +629,9 @@ where
 {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Warn once when writes start failing (a full disk would otherwise log
+    // every interval); the count is in `FileStoreStats::failed_writes`.
+    let mut failing = false;
     loop {
         ticker.tick().await;
         // The store owns the only strong reference between writes: once it
@@ -636,15 +643,27 @@ where
             continue;
         }
         let path = shared.path.clone();
-        match tokio::task::spawn_blocking(move || shared.write_pending()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(
-                path = %path.display(),
-                %error,
-                "could not write state file; retrying at the next flush"
-            ),
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "state file write task failed")
+        let error = match tokio::task::spawn_blocking(move || shared.write_pending()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(format!("the file write task failed: {error}")),
+        };
+        match error {
+            None if failing => {
+                failing = false;
+                tracing::info!(path = %path.display(), "state file writes succeed again");
+            }
+            None => {}
+            Some(error) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "could not write the state file; retrying at every flush"
+                );
+            }
+            Some(error) => {
+                tracing::debug!(path = %path.display(), %error, "state file write failed again")
             }
         }
     }
@@ -927,6 +946,27 @@ mod tests {
         drop(store);
         let (store, _) = FileStore::<u32>::open(&path, KIND_RATE_LIMIT, options()).unwrap();
         assert_eq!(store.get("a"), Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_retries_a_failed_write_at_the_next_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let every = Duration::from_millis(200);
+        let (store, _) =
+            FileStore::open(&path, KIND_RATE_LIMIT, options().flush_interval(every)).unwrap();
+        store.crash_writes_after(0);
+        store.update("a", 5);
+        tokio::time::sleep(every + Duration::from_millis(10)).await;
+        assert_eq!(store.stats().failed_writes, 1);
+        assert!(store.stats().pending);
+        assert!(!path.exists());
+
+        store.shared.disk.lock().crash_after_bytes = None;
+        tokio::time::sleep(every).await;
+        assert_eq!(store.stats().writes, 1);
+        assert!(!store.stats().pending);
+        assert!(fs::read_to_string(&path).unwrap().contains(r#""a":5"#));
     }
 
     #[test]
