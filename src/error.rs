@@ -50,4 +50,47 @@ pub enum StoreError {
     /// Another failure, described.
     #[error("state store error: {0}")]
     Other(String),
+    /// The state file is held by another process or another store in this
+    /// process: a file store is for one owner at a time.
+    #[error(
+        "state file {} is already in use (lock {} is held by another process or store); \
+         give each process its own file, or stop the other one first",
+        path.display(),
+        lock_path.display()
+    )]
+    Locked {
+        /// The state file that was asked for.
+        path: std::path::PathBuf,
+        /// The sidecar lock file that is held.
+        lock_path: std::path::PathBuf,
+    },
+    /// A file operation of a file store failed.
+    #[error("could not {action} {}: {source}", path.display())]
+    File {
+        /// What was being done, e.g. "write the temporary file".
+        action: &'static str,
+        /// The file or directory concerned.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store was given an invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl StoreError {
+    /// A [`StoreError::File`] for `action` on `path`.
+    pub(crate) fn file(
+        action: &'static str,
+        path: impl Into<std::path::PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        StoreError::File {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
 }

@@ -1,0 +1,56 @@
+//! Where breaker and limiter state lives.
+//!
+//! ```
+//! use pmcp_resilience::persistence::{FileStore, FileStoreOptions, KIND_CIRCUIT_BREAKER};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("breakers.json");
+//! let (store, _report) =
+//!     FileStore::<String>::open(&path, KIND_CIRCUIT_BREAKER, FileStoreOptions::default())?;
+//! store.write_through("tool:search", "open".to_string()).await?; // on disk now
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`StatePersistence::Memory`] is the embedded default: state lives in the
+//! process and is lost on restart. [`StatePersistence::File`] keeps it in a
+//! [`FileStore`]: one file per process, written atomically, read back on start.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::circuit_breaker::CircuitBreakerStateStore;
+
+pub mod file;
+
+pub use file::{
+    FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
+    KIND_RATE_LIMIT, LoadOutcome, LoadReport, OnCorrupt,
+};
+
+/// Where a middleware keeps its per-key state.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum StatePersistence {
+    /// In memory only: fast, lost on restart, private to the process.
+    #[default]
+    Memory,
+    /// In a file, written atomically, read back on start.
+    File(PathBuf),
+    /// In a store of your own (circuit breakers only; a rate limiter takes a
+    /// limiter of your own through `RateLimitMiddleware::builder().limiter(..)`).
+    Custom(Arc<dyn CircuitBreakerStateStore>),
+}
+
+impl fmt::Debug for StatePersistence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StatePersistence::Memory => f.write_str("Memory"),
+            StatePersistence::File(path) => f.debug_tuple("File").field(path).finish(),
+            StatePersistence::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
