@@ -118,14 +118,23 @@ impl Scope {
     /// The key of `request` under this scope, with the server URL and session
     /// id taken from `target`.
     pub fn key(&self, request: &JSONRPCRequest, target: &RequestTarget) -> ScopeKey {
-        self.key_with(request, || target.server_url(), || target.session_id())
+        self.key_with(
+            request,
+            || target.server_url_str().map(Cow::Borrowed),
+            || target.session_id(),
+        )
     }
 
     /// The key with the server URL and session id supplied lazily (only the
     /// scopes that need them call the closures).
-    pub(crate) fn key_with<U, S>(&self, request: &JSONRPCRequest, url: U, session: S) -> ScopeKey
+    pub(crate) fn key_with<'u, U, S>(
+        &self,
+        request: &JSONRPCRequest,
+        url: U,
+        session: S,
+    ) -> ScopeKey
     where
-        U: FnOnce() -> Option<Arc<str>>,
+        U: FnOnce() -> Option<Cow<'u, str>>,
         S: FnOnce() -> Option<String>,
     {
         let key = match self {
@@ -320,6 +329,11 @@ impl RequestTarget {
         self.server_url.clone()
     }
 
+    /// The server URL, borrowed (no reference count touched on the request path).
+    pub(crate) fn server_url_str(&self) -> Option<&str> {
+        self.server_url.as_deref()
+    }
+
     /// The current session id, if known.
     pub fn session_id(&self) -> Option<String> {
         self.session.as_ref().and_then(|s| s())
@@ -341,8 +355,8 @@ pub(crate) fn key_in_context(
         || {
             let url = context
                 .get_metadata(SERVER_URL_METADATA)
-                .map(Arc::from)
-                .or_else(|| target.server_url());
+                .map(Cow::Owned)
+                .or_else(|| target.server_url_str().map(Cow::Borrowed));
             missing_url.set(url.is_none());
             url
         },
