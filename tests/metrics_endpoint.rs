@@ -1,8 +1,8 @@
 //! Scrapes `MetricsMiddleware::serve` over real HTTP and checks the text
 //! format and the JSON snapshot.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -10,114 +10,7 @@ use pmcp_resilience::observe::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
     MetricsExporter, MetricsMiddleware, Report,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A plain HTTP/1.1 GET; returns status, content type and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let raw = String::from_utf8(raw).expect("utf-8");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-type: "))
-        .unwrap_or_default()
-        .to_owned();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, content_type, body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("chunk size");
-        let size = usize::from_str_radix(size.trim(), 16).expect("hex size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-}
-
-/// `name{labels} value` lines, as (name, labels, value).
-fn parse(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    let mut out = Vec::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (series, value) = line.rsplit_once(' ').expect("value");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            v => v.parse().expect("number"),
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_owned(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let rest = rest.strip_suffix('}').expect("closing brace");
-                let mut labels = BTreeMap::new();
-                let mut chars = rest.chars().peekable();
-                while chars.peek().is_some() {
-                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                    assert_eq!(chars.next(), Some('"'));
-                    let mut val = String::new();
-                    while let Some(c) = chars.next() {
-                        match c {
-                            '\\' => match chars.next() {
-                                Some('n') => val.push('\n'),
-                                Some(c) => val.push(c),
-                                None => panic!("dangling escape"),
-                            },
-                            '"' => break,
-                            c => val.push(c),
-                        }
-                    }
-                    if chars.peek() == Some(&',') {
-                        chars.next();
-                    }
-                    labels.insert(key, val);
-                }
-                (name.to_owned(), labels)
-            }
-        };
-        out.push((name, labels, value));
-    }
-    out
-}
-
-fn value(
-    samples: &[(String, BTreeMap<String, String>, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
-    let want: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let found: Vec<f64> = samples
-        .iter()
-        .filter(|(n, l, _)| n == name && *l == want)
-        .map(|(_, _, v)| *v)
-        .collect();
-    assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
-    found[0]
-}
+use support::scrape::{get, parse, value};
 
 #[tokio::test]
 async fn serve_exposes_text_and_json_over_http() {

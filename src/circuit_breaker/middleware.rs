@@ -456,6 +456,7 @@ impl CircuitBreakerMiddleware {
                     ?retry_after,
                     "circuit breaker rejected a request"
                 );
+                crate::observe::mark_method(context, &request.method);
                 Err(self.rejection(&key, retry_after))
             }
             Admission::Allowed { .. } if mode == BreakerMode::Disabled => Ok(()),

@@ -27,6 +27,12 @@ use crate::observe::snapshot::Shared;
 /// `unknown`.
 pub const METHOD_METADATA_KEY: &str = "pmcp_resilience.method";
 
+/// Records `method` as the request's method in `context`, for a middleware
+/// that rejects a request before [`MetricsMiddleware`] sees it.
+pub(crate) fn mark_method(context: &MiddlewareContext, method: &str) {
+    context.set_metadata(METHOD_METADATA_KEY.into(), method.to_owned());
+}
+
 const LABEL_KEY: &str = "pmcp_resilience.metrics.label";
 const START_KEY: &str = "pmcp_resilience.metrics.start_ns";
 const ERROR_COUNTED_KEY: &str = "pmcp_resilience.metrics.error_counted";

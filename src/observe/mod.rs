@@ -93,7 +93,7 @@ mod collector;
 mod endpoint;
 mod histogram;
 mod middleware;
-mod report;
+pub(crate) mod report;
 mod requests;
 mod snapshot;
 #[cfg(test)]
@@ -103,13 +103,14 @@ pub(crate) mod text_format;
 
 pub use endpoint::MetricsServer;
 pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
+pub(crate) use middleware::mark_method;
 pub use middleware::{
     ExportTask, INTERNAL_ERROR_CODE, METHOD_METADATA_KEY, MetricsExporter, MetricsMiddleware,
     MetricsMiddlewareBuilder, UNKNOWN_METHOD,
 };
 pub use report::{
-    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport, Report,
-    ReportSource, StoreReport, scope_label,
+    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
+    NamedSource, Report, ReportSource, StoreReport, scope_label,
 };
 pub use requests::OTHER_METHOD;
 

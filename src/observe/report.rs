@@ -337,3 +337,82 @@ impl LimiterReport {
         }
     }
 }
+
+impl Report {
+    /// The name of the breaker or limiter reported on.
+    pub fn name(&self) -> &str {
+        match self {
+            Report::CircuitBreaker(r) => &r.name,
+            Report::RateLimit(r) => &r.name,
+        }
+    }
+
+    /// Renames the breaker or limiter reported on.
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        match self {
+            Report::CircuitBreaker(r) => r.name = name.into(),
+            Report::RateLimit(r) => r.name = name.into(),
+        }
+    }
+}
+
+/// A [`ReportSource`] under a name of your choosing: the `name` label of its
+/// metrics and its name in the JSON snapshot.
+///
+/// Breakers and limiters of this crate report themselves as
+/// `circuit_breaker` and `rate_limit`; wrap them to tell several apart.
+///
+/// ```
+/// use std::sync::Arc;
+/// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
+/// use pmcp_resilience::observe::{MetricsMiddleware, NamedSource, ReportSource};
+/// use std::time::Duration;
+///
+/// let cb = CircuitBreakerMiddleware::new(5, Duration::from_secs(60), Duration::from_secs(30));
+/// let named = NamedSource::new("upstream", cb.clone());
+/// assert_eq!(named.report().name(), "upstream");
+/// let metrics = MetricsMiddleware::builder()
+///     .source(Arc::new(named))
+///     .build()
+///     .expect("valid settings");
+/// assert_eq!(metrics.snapshot_json()["circuit_breakers"][0]["name"], "upstream");
+/// ```
+pub struct NamedSource<S> {
+    name: String,
+    source: S,
+}
+
+impl<S: ReportSource> NamedSource<S> {
+    /// `source`, reported as `name`.
+    pub fn new(name: impl Into<String>, source: S) -> Self {
+        NamedSource {
+            name: name.into(),
+            source,
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for NamedSource<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ReportSource> ReportSource for NamedSource<S> {
+    fn report(&self) -> Report {
+        let mut report = self.source.report();
+        report.set_name(self.name.as_str());
+        report
+    }
+}
+
+/// The part of a key after its scope's prefix (`method:tools/call` gives
+/// `tools/call` under the `method` scope), so that a label does not repeat
+/// the scope; keys without that prefix are kept whole.
+pub(crate) fn key_without_scope<'a>(scope: &str, key: &'a str) -> &'a str {
+    key.strip_prefix(scope)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .unwrap_or(key)
+}

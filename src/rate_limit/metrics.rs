@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use tokio::sync::RwLock;
 
+use crate::observe::{DurationHistogram, HistogramSnapshot};
 use crate::registry::RegistryStats;
 
 use super::limiter::KeyUsage;
@@ -29,6 +30,8 @@ pub struct RateLimitMetrics {
     pub waited_requests: AtomicU64,
     /// Total time admitted requests spent waiting, in milliseconds.
     pub wait_time_ms: AtomicU64,
+    /// How long each admitted request that waited did wait.
+    pub wait_histogram: DurationHistogram,
     /// Use per key, refreshed when `metrics()` is called (not per request).
     pub current_usage: Arc<RwLock<HashMap<String, RateLimitUsage>>>,
 }
@@ -61,6 +64,8 @@ pub struct RateLimitSnapshot {
     pub waited_requests: u64,
     /// Milliseconds spent waiting.
     pub wait_time_ms: u64,
+    /// The distribution of those waits.
+    pub wait_histogram: HistogramSnapshot,
     /// One row per key.
     pub keys: Vec<KeyUsage>,
     /// Counters of the key map (keys held, evicted, overflowed).

@@ -231,6 +231,7 @@ impl RateLimitMiddleware {
             rejected_requests: load(&m.rejected_requests),
             waited_requests: load(&m.waited_requests),
             wait_time_ms: load(&m.wait_time_ms),
+            wait_histogram: m.wait_histogram.snapshot(),
             keys: self.usage_rows(),
             registry,
         }
@@ -291,6 +292,7 @@ impl RateLimitMiddleware {
                     .await
                     .map_err(|e| {
                         self.count(&inner.metrics.rejected_requests, 1);
+                        crate::observe::mark_method(context, &request.method);
                         Error::protocol(
                             ErrorCode::INTERNAL_ERROR,
                             format!("rate limiter store failed for {key}: {e}"),
@@ -336,6 +338,9 @@ impl RateLimitMiddleware {
             &inner.metrics.wait_time_ms,
             u64::try_from(decision.wait.as_millis()).unwrap_or(u64::MAX),
         );
+        if inner.metrics_config.enabled {
+            inner.metrics.wait_histogram.record(decision.wait);
+        }
         context.record_metric(
             "rate_limit_waited_ms".to_string(),
             decision.wait.as_secs_f64() * 1e3,
@@ -374,6 +379,7 @@ impl RateLimitMiddleware {
     ) -> Error {
         let inner = &*self.inner;
         self.count(&inner.metrics.rejected_requests, 1);
+        crate::observe::mark_method(context, &request.method);
         context.record_metric("rate_limit_exceeded".to_string(), 1.0);
         tracing::debug!(key = key.as_str(), method = %request.method, "rate limit exceeded");
         if !inner.backpressure.signal_client {

@@ -80,6 +80,7 @@ mod config;
 mod limiter;
 mod metrics;
 mod middleware;
+pub mod report;
 pub mod strategy;
 
 pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};

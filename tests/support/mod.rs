@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU16, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -44,6 +44,8 @@ pub struct Behaviour {
     /// this code before pmcp sees it, as a server of another SDK would answer
     /// (pmcp's own server reports every tool error as -32603).
     pub jsonrpc_error: AtomicI32,
+    /// When each call reached a tool's code, in order: `(tool, instant)`.
+    pub call_times: Mutex<Vec<(String, Instant)>>,
 }
 
 impl Behaviour {
@@ -51,8 +53,21 @@ impl Behaviour {
         self.tool_calls.lock().get(tool).copied().unwrap_or(0)
     }
 
+    /// When the calls of `tool` reached its code, in order.
+    pub fn call_times(&self, tool: &str) -> Vec<Instant> {
+        self.call_times
+            .lock()
+            .iter()
+            .filter(|(t, _)| t == tool)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
     fn record(&self, tool: &str) {
         *self.tool_calls.lock().entry(tool.to_string()).or_default() += 1;
+        self.call_times
+            .lock()
+            .push((tool.to_string(), Instant::now()));
     }
 }
 
@@ -264,3 +279,4 @@ pub async fn call<T: pmcp::shared::Transport + 'static>(
         .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
 }
 pub mod redis;
+pub mod scrape;

@@ -1,0 +1,140 @@
+//! The breaker as a [`ReportSource`] of the unified metrics.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
+//! use pmcp_resilience::observe::{MetricsMiddleware, Report, ReportSource};
+//!
+//! let cb = CircuitBreakerMiddleware::new(5, Duration::from_secs(60), Duration::from_secs(30));
+//! let metrics = MetricsMiddleware::builder()
+//!     .source(Arc::new(cb.clone()))
+//!     .build()
+//!     .expect("valid settings");
+//! match cb.report() {
+//!     Report::CircuitBreaker(r) => {
+//!         assert_eq!((r.name.as_str(), r.scope), ("circuit_breaker", "global"));
+//!     }
+//!     other => panic!("a breaker reports as a breaker, got {other:?}"),
+//! }
+//! assert!(metrics.render().contains("mcp_circuit_breaker_keys"));
+//! ```
+
+use super::metrics::{KeySnapshot, MetricsSnapshot};
+use super::middleware::CircuitBreakerMiddleware;
+use super::state::CircuitState;
+use crate::observe::report::key_without_scope;
+use crate::observe::{BreakerKeyReport, BreakerReport, BreakerStateReport, Report, ReportSource};
+
+/// The name a breaker reports under unless wrapped in a
+/// [`NamedSource`](crate::observe::NamedSource).
+pub const DEFAULT_REPORT_NAME: &str = "circuit_breaker";
+
+impl From<CircuitState> for BreakerStateReport {
+    fn from(state: CircuitState) -> Self {
+        match state {
+            CircuitState::Closed => BreakerStateReport::Closed,
+            CircuitState::Open => BreakerStateReport::Open,
+            CircuitState::HalfOpen => BreakerStateReport::HalfOpen,
+        }
+    }
+}
+
+impl CircuitBreakerMiddleware {
+    /// The breaker's state as the unified metrics see it, under `name`.
+    ///
+    /// Key labels drop the scope's prefix (`method:tools/call` is reported
+    /// as `tools/call` under scope `method`). Per-key `transitions` are not
+    /// kept by the breaker and are reported as 0; the breaker-wide count is
+    /// in [`BreakerReport::transitions`].
+    pub fn report_named(&self, name: impl Into<String>) -> BreakerReport {
+        breaker_report(name.into(), self.snapshot())
+    }
+}
+
+fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
+    let MetricsSnapshot {
+        scope,
+        total_requests,
+        successful_requests,
+        failed_requests,
+        rejected_requests,
+        state_transitions,
+        keys,
+        registry,
+    } = snapshot;
+    let mut report = BreakerReport::new(name, scope);
+    report.keys = keys.into_iter().map(|row| key_report(scope, row)).collect();
+    report.total_requests = total_requests;
+    report.successful = successful_requests;
+    report.failed = failed_requests;
+    report.rejected = rejected_requests;
+    report.transitions = state_transitions;
+    report.registry = registry;
+    report
+}
+
+fn key_report(scope: &str, row: KeySnapshot) -> BreakerKeyReport {
+    BreakerKeyReport::new(key_without_scope(scope, &row.key), row.state.into()).with_counts(
+        row.failures,
+        row.rejections,
+        row.successes,
+        0,
+    )
+}
+
+impl ReportSource for CircuitBreakerMiddleware {
+    fn report(&self) -> Report {
+        Report::CircuitBreaker(self.report_named(DEFAULT_REPORT_NAME))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RegistryStats;
+
+    #[test]
+    fn snapshot_rows_become_key_reports_without_the_scope_prefix() {
+        let snapshot = MetricsSnapshot {
+            scope: "method",
+            total_requests: 10,
+            successful_requests: 4,
+            failed_requests: 3,
+            rejected_requests: 3,
+            state_transitions: 1,
+            keys: vec![KeySnapshot {
+                key: "method:tools/call".into(),
+                state: CircuitState::Open,
+                successes: 4,
+                failures: 3,
+                rejections: 3,
+            }],
+            registry: RegistryStats {
+                keys: 1,
+                evicted: 2,
+                overflowed: 0,
+            },
+        };
+        let r = breaker_report("b".into(), snapshot);
+        assert_eq!((r.name.as_str(), r.scope), ("b", "method"));
+        assert_eq!(
+            (
+                r.total_requests,
+                r.successful,
+                r.failed,
+                r.rejected,
+                r.transitions
+            ),
+            (10, 4, 3, 3, 1)
+        );
+        assert_eq!(r.registry.evicted, 2);
+        assert_eq!(
+            r.keys,
+            vec![
+                BreakerKeyReport::new("tools/call", BreakerStateReport::Open)
+                    .with_counts(3, 3, 4, 0)
+            ]
+        );
+    }
+}
