@@ -24,7 +24,10 @@ use std::sync::Arc;
 
 use crate::circuit_breaker::CircuitBreakerStateStore;
 
+mod backing;
 pub mod file;
+
+pub(crate) use backing::FileBacking;
 
 pub use file::{
     FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
