@@ -203,7 +203,7 @@ where
 
     /// Logs the first failure of a run of failures (a full disk would
     /// otherwise log every interval).
-    fn note(&self, result: Result<(), StoreError>) {
+    pub(crate) fn note(&self, result: Result<(), StoreError>) {
         match result {
             Ok(()) => {
                 if self.warned.swap(false, Ordering::Relaxed) {
