@@ -221,7 +221,8 @@ fn strategies() -> [RateLimitStrategy; 4] {
     ]
 }
 
-#[tokio::test]
+// Paused: a leaky bucket admits by delaying, and the delays are slept on Tokio's clock.
+#[tokio::test(start_paused = true)]
 async fn limiter_budget_survives_a_restart_for_every_strategy() {
     for strategy in strategies() {
         let dir = tempfile::tempdir().unwrap();
@@ -262,7 +263,7 @@ async fn limiter_state_is_written_on_drop_without_shutdown() {
     assert_eq!(admitted(&rl, "tools/call").await, 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keys_back_at_full_capacity_are_not_reloaded() {
     for strategy in strategies() {
         let dir = tempfile::tempdir().unwrap();
