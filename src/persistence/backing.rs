@@ -30,6 +30,9 @@ use crate::error::{ConfigError, StoreError};
 /// Takes a snapshot of the entries worth keeping; `None` once the registry is gone.
 pub(crate) type Snapshot<S> = Box<dyn Fn() -> Option<BTreeMap<String, S>> + Send + Sync>;
 
+/// A freshly opened backing, the entries it loaded, and what the load found.
+pub(crate) type Opened<S> = (Arc<FileBacking<S>>, BTreeMap<String, S>, LoadReport);
+
 /// A [`FileStore`] kept in step with a registry.
 pub(crate) struct FileBacking<S>
 where
@@ -68,7 +71,7 @@ where
         path: &std::path::Path,
         kind: &str,
         options: FileStoreOptions<S>,
-    ) -> Result<(Arc<Self>, BTreeMap<String, S>, LoadReport), ConfigError> {
+    ) -> Result<Opened<S>, ConfigError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ConfigError::Store(format!(
                 "file persistence ({}) needs a Tokio runtime: call build() inside one \
