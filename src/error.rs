@@ -22,6 +22,12 @@ pub enum ConfigError {
     /// The chosen persistence is not available in this build or for this middleware.
     #[error("unsupported persistence: {0}")]
     UnsupportedPersistence(Cow<'static, str>),
+    /// The state store could not be opened: the state file is in use by
+    /// another process or middleware, it is unreadable under
+    /// `OnCorrupt::Fail`, its directory cannot be used, or `build()` ran
+    /// outside a Tokio runtime. The message says which and what to change.
+    #[error("could not open the state store: {0}")]
+    Store(String),
 }
 
 impl ConfigError {
@@ -30,6 +36,15 @@ impl ConfigError {
         ConfigError::Invalid {
             field,
             reason: reason.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ConfigError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Config(config) => config,
+            other => ConfigError::Store(other.to_string()),
         }
     }
 }

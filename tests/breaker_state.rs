@@ -650,10 +650,11 @@ fn build_rejects_invalid_settings_with_clear_errors() {
         "open_backoff"
     );
     assert_eq!(field(b().build()), "accepted");
+    // File persistence needs a runtime for its background writes.
     assert!(matches!(
         b().persistence(pmcp_resilience::StatePersistence::File("x".into()))
             .build(),
-        Err(ConfigError::UnsupportedPersistence(_))
+        Err(ConfigError::Store(m)) if m.contains("Tokio runtime")
     ));
 }
 

@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use super::matcher::ErrorMatcher;
 use super::middleware::CircuitBreakerMiddleware;
-use super::state::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
+use super::persist;
+use super::state::{
+    BreakerPolicy, CircuitBreakerState, FailureRate, OpenBackoff, SlidingWindow, SlowCalls,
+};
 use crate::clock::{Clock, SharedClock, default_clock};
 use crate::error::ConfigError;
 use crate::metrics::MetricsConfig;
-use crate::persistence::StatePersistence;
+use crate::persistence::{FileStoreOptions, StatePersistence};
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope};
 
@@ -22,7 +25,7 @@ pub struct CircuitBreakerConfig {
     pub scope: Scope,
     /// Which outcomes count as failures.
     pub trigger_errors: ErrorMatcher,
-    /// Where state lives (only [`StatePersistence::Memory`] for now).
+    /// Where state lives (default [`StatePersistence::Memory`]).
     pub persistence: StatePersistence,
     /// What metrics are kept.
     pub metrics_config: MetricsConfig,
@@ -187,6 +190,7 @@ pub struct CircuitBreakerBuilder {
     config: CircuitBreakerConfig,
     clock: Option<SharedClock>,
     target: RequestTarget,
+    file_options: FileStoreOptions<CircuitBreakerState>,
 }
 
 impl CircuitBreakerBuilder {
@@ -220,9 +224,33 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Where state lives (only [`StatePersistence::Memory`] is available for now).
+    /// Where state lives (default [`StatePersistence::Memory`]).
+    ///
+    /// - [`StatePersistence::File`]: `build()` must run inside a Tokio
+    ///   runtime. It loads the file: a breaker that was open is still open
+    ///   until its open time is over (stale state is dropped, see
+    ///   [`CircuitBreakerMiddleware`]). Transitions are on disk before the
+    ///   request or response that caused them returns; other changes within
+    ///   the flush interval of [`file_options`](Self::file_options). A file
+    ///   in use by another breaker or process, or an unreadable one under
+    ///   [`OnCorrupt::Fail`](crate::persistence::OnCorrupt::Fail), makes
+    ///   `build()` return [`ConfigError::Store`].
+    /// - [`StatePersistence::Custom`]: every admission and every outcome goes
+    ///   through the store's `acquire` and `record`, so breakers sharing the
+    ///   store share their state. If the store fails, calls are admitted
+    ///   (fail open), the first failure is logged and every one is counted
+    ///   ([`CircuitBreakerMiddleware::store_errors`]).
     pub fn persistence(mut self, persistence: StatePersistence) -> Self {
         self.config.persistence = persistence;
+        self
+    }
+
+    /// Settings of the state file for [`StatePersistence::File`]: flush
+    /// interval (default 1 s) and what to do with an unreadable file
+    /// (default: set it aside and start empty). The clock and the expiry
+    /// rule are the breaker's own.
+    pub fn file_options(mut self, options: FileStoreOptions<CircuitBreakerState>) -> Self {
+        self.file_options = options;
         self
     }
 
@@ -332,23 +360,6 @@ impl CircuitBreakerBuilder {
     pub fn build(self) -> Result<CircuitBreakerMiddleware, ConfigError> {
         validate_policy(&self.config.policy)?;
         self.config.registry_limits.validate()?;
-        match &self.config.persistence {
-            StatePersistence::Memory => {}
-            StatePersistence::File(path) => {
-                return Err(ConfigError::UnsupportedPersistence(
-                    format!(
-                        "file persistence ({}) is not available yet: use StatePersistence::Memory",
-                        path.display()
-                    )
-                    .into(),
-                ));
-            }
-            StatePersistence::Custom(_) => {
-                return Err(ConfigError::UnsupportedPersistence(
-                    "custom stores are not available yet: use StatePersistence::Memory".into(),
-                ));
-            }
-        }
         let scope = &self.config.scope;
         if (scope.needs_server_url() && self.target.server_url().is_none())
             || (scope.needs_session() && self.target.session_id().is_none())
@@ -360,10 +371,13 @@ impl CircuitBreakerBuilder {
             );
         }
         let clock = self.clock.unwrap_or_else(default_clock);
-        Ok(CircuitBreakerMiddleware::from_parts(
+        // Opened last: a file is locked only once every setting is valid.
+        let opened = persist::open(&self.config.persistence, self.file_options, &clock)?;
+        Ok(CircuitBreakerMiddleware::from_backend(
             self.config,
             clock,
             self.target,
+            opened,
         ))
     }
 }

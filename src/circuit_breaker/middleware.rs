@@ -9,7 +9,13 @@
 //! middleware (this one or a sibling), never by the server, so it is not
 //! counted. Transport failures and HTTP statuses arrive through
 //! [`super::transport::ObservedTransport`].
+//!
+//! With file persistence the hooks also write transitions through before
+//! they return; with a custom store, admission and outcomes go through the
+//! store and the registry keeps this process's counters (see
+//! [`CircuitBreakerMiddleware`] for the guarantees).
 
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,13 +31,15 @@ use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 use super::config::{CircuitBreakerBuilder, CircuitBreakerConfig, validate_policy};
 use super::matcher::{ErrorMatcher, Outcome, outcome_of_error, outcome_of_response};
 use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
+use super::persist::{self, Backend, Opened};
 use super::state::{
     self, Admission, BreakerMode, BreakerPolicy, CallResult, CircuitBreakerState, CircuitState,
     ProbeId, Transition,
 };
+use super::store::CircuitBreakerStateStore;
 use super::transport::ObservedTransport;
 use crate::clock::{SharedClock, Timestamp, duration_nanos};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, StoreError};
 use crate::metrics::MetricsConfig;
 use crate::registry::{KeyState, OVERFLOW_KEY, Registry};
 use crate::scope::{MissingPart, RequestTarget, Scope, ScopeKey, key_in_context};
@@ -143,12 +151,70 @@ pub(crate) struct Inner {
     warned_fallback: AtomicBool,
     next_sweep: AtomicU64,
     id_hasher: foldhash::fast::FixedState,
+    backend: Backend,
+    store_errors: AtomicU64,
+    warned_store: AtomicBool,
 }
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Best effort: the file store's own drop then writes it and
+        // releases the file.
+        if let Backend::File(file) = &self.backend {
+            file.sync_now(file_snapshot(&self.registry, self.clock.now()));
+        }
+    }
+}
+
+/// The states of the keys worth keeping in the file at `now`.
+fn file_snapshot(
+    registry: &Registry<Entry>,
+    now: Timestamp,
+) -> BTreeMap<String, CircuitBreakerState> {
+    let mut states = BTreeMap::new();
+    registry.for_each(|key, e| {
+        if persist::worth_keeping(&e.state, now) {
+            states.insert(key.as_str().to_owned(), e.state.clone());
+        }
+    });
+    states
+}
+
+/// A state to write through: a transition happened on this key.
+type WriteThrough = Option<(ScopeKey, CircuitBreakerState)>;
 
 /// A scoped circuit breaker for pmcp: a cheap handle (clones share all state).
 ///
 /// A drop-in replacement for `pmcp::shared::CircuitBreakerMiddleware`:
 /// install it with `ClientBuilder::with_middleware(Arc::new(cb))`.
+///
+/// # State that survives restarts ([`StatePersistence::File`](crate::persistence::StatePersistence::File))
+///
+/// - On build, the file's states are loaded. A breaker that was open stays
+///   open until its open time is over; one whose open time has passed, and a
+///   closed one with no failures counted, are dropped (the key starts fresh
+///   and closed). Probes in flight in the old process are forgotten, so a
+///   half-open breaker admits new probes at once. Operator modes
+///   ([`force_open`](Self::force_open), ...) are kept.
+/// - A transition is on disk before the request or response hook that
+///   caused it returns (a write-through, awaited). A transition found by a
+///   transport failure ([`ObservedTransport`]) or a mode change is written
+///   by a background task right away. Other changes (failure counts of a
+///   closed breaker) reach the file within the flush interval (default
+///   1 s): that is the most a crash loses.
+/// - [`shutdown`](Self::shutdown) writes everything and releases the file;
+///   dropping the last handle does the same, best effort.
+/// - The file is for one breaker at a time (an OS lock): a second build on
+///   it fails with [`ConfigError::Store`].
+///
+/// # A shared store ([`StatePersistence::Custom`](crate::persistence::StatePersistence::Custom))
+///
+/// Every admission and every outcome is one call to the store's `acquire`
+/// or `record`, so breakers (in one process or many) sharing the store share
+/// their state. The per-key counters and the state shown by
+/// [`state_of`](Self::state_of) are this process's view. When the store
+/// fails the call is admitted (fail open), the first failure is logged as a
+/// warning and each is counted in [`store_errors`](Self::store_errors).
 ///
 /// ```
 /// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
@@ -203,6 +269,19 @@ impl CircuitBreakerMiddleware {
         clock: SharedClock,
         target: RequestTarget,
     ) -> Self {
+        let opened = Opened {
+            backend: Backend::Memory,
+            loaded: BTreeMap::new(),
+        };
+        Self::from_backend(config, clock, target, opened)
+    }
+
+    pub(crate) fn from_backend(
+        config: CircuitBreakerConfig,
+        clock: SharedClock,
+        target: RequestTarget,
+        opened: Opened,
+    ) -> Self {
         let inner = Inner {
             inspect_results: config.trigger_errors.looks_at_tool_errors(),
             scope: config.scope,
@@ -217,11 +296,53 @@ impl CircuitBreakerMiddleware {
             warned_fallback: AtomicBool::new(false),
             next_sweep: AtomicU64::new(0),
             id_hasher: foldhash::fast::FixedState::with_seed(0x0b5e_4ed1),
+            backend: opened.backend,
+            store_errors: AtomicU64::new(0),
+            warned_store: AtomicBool::new(false),
         };
-        CircuitBreakerMiddleware {
-            inner: Arc::new(inner),
-            target,
+        let now = inner.clock.now();
+        for (key, state) in opened.loaded {
+            let effective = state.effective_state();
+            inner
+                .registry
+                .with(&key, now, Entry::default, |e| e.state = state);
+            if inner.metrics_config.per_key {
+                inner.metrics.set_state(&key, Some(effective));
+            }
         }
+        let inner = Arc::new(inner);
+        if let Backend::File(file) = &inner.backend {
+            let weak = Arc::downgrade(&inner);
+            file.start(Box::new(move || {
+                let inner = weak.upgrade()?;
+                Some(file_snapshot(&inner.registry, inner.clock.now()))
+            }));
+        }
+        CircuitBreakerMiddleware { inner, target }
+    }
+
+    /// Writes the state file now (with file persistence; nothing to do otherwise).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.inner.backend {
+            Backend::File(file) => file.sync_and_flush().await,
+            Backend::Memory | Backend::Shared(_) => Ok(()),
+        }
+    }
+
+    /// For an orderly exit: writes the state file a last time and releases
+    /// it, so the next process (or breaker) can open it. The breaker keeps
+    /// working in memory; later changes are not written. Nothing to do
+    /// without file persistence.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        match &self.inner.backend {
+            Backend::File(file) => file.shutdown().await,
+            Backend::Memory | Backend::Shared(_) => Ok(()),
+        }
+    }
+
+    /// Calls to a custom state store that failed (each admitted the call).
+    pub fn store_errors(&self) -> u64 {
+        self.inner.store_errors.load(Ordering::Relaxed)
     }
 
     /// A handle for requests to the server at `url`, sharing all state.
@@ -331,10 +452,20 @@ impl CircuitBreakerMiddleware {
 
     fn set_mode(&self, key: &str, mode: BreakerMode) {
         let now = self.inner.clock.now();
-        let (effective, _) = self.inner.registry.with(key, now, Entry::default, |e| {
+        let ((effective, saved), _) = self.inner.registry.with(key, now, Entry::default, |e| {
             state::set_mode(&mut e.state, mode);
-            e.state.effective_state()
+            let saved = matches!(self.inner.backend, Backend::File(_)).then(|| e.state.clone());
+            (e.state.effective_state(), saved)
         });
+        match &self.inner.backend {
+            Backend::File(file) => {
+                if let Some(saved) = saved {
+                    file.write_detached(key, saved);
+                }
+            }
+            Backend::Shared(store) => self.set_shared_mode(store, key, mode),
+            Backend::Memory => {}
+        }
         if self.inner.metrics_config.per_key {
             self.inner.metrics.set_state(key, Some(effective));
         }
@@ -398,8 +529,8 @@ impl CircuitBreakerMiddleware {
         self.inner.id_hasher.hash_one(request_id)
     }
 
-    /// Admission for a request: `Ok` with the call remembered, or the rejection.
-    fn admit(&self, request: &JSONRPCRequest, context: &MiddlewareContext) -> pmcp::Result<()> {
+    /// The request's key, warning once when a part of it is missing.
+    fn resolve(&self, request: &JSONRPCRequest, context: &MiddlewareContext) -> ScopeKey {
         let inner = &*self.inner;
         let resolved = key_in_context(&inner.scope, request, context, &self.target);
         if let Some(missing) = resolved.missing
@@ -416,30 +547,156 @@ impl CircuitBreakerMiddleware {
                  (bind one with `for_server`/`with_target` or context metadata)"
             );
         }
+        resolved.key
+    }
+
+    /// Admission for a request by the in-memory state machine: `Ok` with the
+    /// call remembered, or the rejection; and the state to write through.
+    fn admit(
+        &self,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> (pmcp::Result<()>, WriteThrough) {
+        let inner = &*self.inner;
+        let key = self.resolve(request, context);
         let now = inner.clock.now();
         self.maybe_sweep(now);
         let policy = **inner.policy.load();
         let jitter = fastrand::f64();
-        let ((admission, transition, mode), overflowed) =
-            inner
-                .registry
-                .with(resolved.key.as_str(), now, Entry::default, |e| {
-                    let (admission, transition) =
-                        state::acquire(&mut e.state, &policy, now, jitter);
-                    match admission {
-                        Admission::Allowed { .. } if e.state.mode != BreakerMode::Disabled => {
-                            e.in_flight = e.in_flight.saturating_add(1);
-                        }
-                        Admission::Allowed { .. } => {}
-                        Admission::Rejected { .. } => e.rejections += 1,
+        let file = matches!(inner.backend, Backend::File(_));
+        let ((admission, transition, mode, saved), overflowed) =
+            inner.registry.with(key.as_str(), now, Entry::default, |e| {
+                let (admission, transition) = state::acquire(&mut e.state, &policy, now, jitter);
+                match admission {
+                    Admission::Allowed { .. } if e.state.mode != BreakerMode::Disabled => {
+                        e.in_flight = e.in_flight.saturating_add(1);
                     }
-                    (admission, transition, e.state.mode)
-                });
+                    Admission::Allowed { .. } => {}
+                    Admission::Rejected { .. } => e.rejections += 1,
+                }
+                let saved = (file && transition.is_some()).then(|| e.state.clone());
+                (admission, transition, e.state.mode, saved)
+            });
+        if let Backend::File(file) = &inner.backend {
+            file.mark_dirty();
+        }
         let key = if overflowed {
             ScopeKey::new(OVERFLOW_KEY)
         } else {
-            resolved.key
+            key
         };
+        let write = saved.map(|state| (key.clone(), state));
+        let result = self.conclude(key, admission, transition, mode, now, context);
+        if result.is_err() {
+            crate::observe::mark_method(context, &request.method);
+        }
+        (result, write)
+    }
+
+    /// Admission for a request by a shared store.
+    async fn admit_shared(
+        &self,
+        store: &dyn CircuitBreakerStateStore,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> pmcp::Result<()> {
+        let inner = &*self.inner;
+        let key = self.resolve(request, context);
+        let now = inner.clock.now();
+        self.maybe_sweep(now);
+        let policy = **inner.policy.load();
+        let jitter = fastrand::f64();
+        let decided = match store.acquire(key.as_str(), &policy, now, jitter).await {
+            Ok(decided) => Some(decided),
+            Err(error) => {
+                self.store_failed(&error);
+                None
+            }
+        };
+        let (admission, transition) = decided.unwrap_or((Admission::Allowed { probe: None }, None));
+        let ((), overflowed) = inner.registry.with(key.as_str(), now, Entry::default, |e| {
+            if decided.is_some() {
+                mirror(&mut e.state, admission, transition, now);
+            }
+            match admission {
+                Admission::Allowed { .. } => e.in_flight = e.in_flight.saturating_add(1),
+                Admission::Rejected { .. } => e.rejections += 1,
+            }
+        });
+        let key = if overflowed {
+            ScopeKey::new(OVERFLOW_KEY)
+        } else {
+            key
+        };
+        let result = self.conclude(
+            key,
+            admission,
+            transition,
+            BreakerMode::Normal,
+            now,
+            context,
+        );
+        if result.is_err() {
+            crate::observe::mark_method(context, &request.method);
+        }
+        result
+    }
+
+    /// Counts a failed call to a shared store; the call it was for is admitted.
+    fn store_failed(&self, error: &StoreError) {
+        self.inner.store_errors.fetch_add(1, Ordering::Relaxed);
+        if !self.inner.warned_store.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %error,
+                "circuit breaker state store failed; admitting calls while it does \
+                 (failures are counted in `store_errors`)"
+            );
+        } else {
+            tracing::debug!(%error, "circuit breaker state store failed again");
+        }
+    }
+
+    /// Sets an operator mode in a shared store, in the background.
+    fn set_shared_mode(
+        &self,
+        store: &Arc<dyn CircuitBreakerStateStore>,
+        key: &str,
+        mode: BreakerMode,
+    ) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key,
+                "no Tokio runtime: the mode was set in this process only"
+            );
+            return;
+        };
+        let store = Arc::clone(store);
+        let this = self.clone();
+        let key = key.to_owned();
+        handle.spawn(async move {
+            let result = async {
+                let mut s = store.get_state(&key).await?.unwrap_or_default();
+                state::set_mode(&mut s, mode);
+                store.set_state(&key, s).await
+            }
+            .await;
+            if let Err(error) = result {
+                this.store_failed(&error);
+            }
+        });
+    }
+
+    /// Counts an admission decision and remembers an admitted call.
+    fn conclude(
+        &self,
+        key: ScopeKey,
+        admission: Admission,
+        transition: Option<Transition>,
+        mode: BreakerMode,
+        now: Timestamp,
+        context: &MiddlewareContext,
+    ) -> pmcp::Result<()> {
+        let inner = &*self.inner;
         if let Some(t) = transition {
             self.on_transition(&key, t);
         }
@@ -456,7 +713,6 @@ impl CircuitBreakerMiddleware {
                     ?retry_after,
                     "circuit breaker rejected a request"
                 );
-                crate::observe::mark_method(context, &request.method);
                 Err(self.rejection(&key, retry_after))
             }
             Admission::Allowed { .. } if mode == BreakerMode::Disabled => Ok(()),
@@ -469,7 +725,7 @@ impl CircuitBreakerMiddleware {
                     probe,
                 };
                 for abandoned in inner.pending.insert(id, pending, now) {
-                    self.finish(abandoned, CallResult::Released, now);
+                    self.end_call_detached(abandoned, CallResult::Released);
                 }
                 Ok(())
             }
@@ -492,31 +748,102 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    /// Records the end of a pending call.
-    fn finish(&self, pending: Pending, result: CallResult, now: Timestamp) {
-        let inner = &*self.inner;
-        let policy = **inner.policy.load();
+    /// Ends a call from a hook, which can wait for the store or the file.
+    async fn end_call(&self, pending: Pending, result: CallResult) {
+        let now = self.inner.clock.now();
+        match &self.inner.backend {
+            Backend::Shared(store) => self.finish_shared(&**store, pending, result, now).await,
+            Backend::File(file) => {
+                if let Some((key, state)) = self.finish(pending, result, now) {
+                    file.note(file.write_through(key.as_str(), state).await);
+                }
+            }
+            Backend::Memory => {
+                self.finish(pending, result, now);
+            }
+        }
+    }
+
+    /// Ends a call from code that cannot wait: a store call or a write goes
+    /// to a background task.
+    fn end_call_detached(&self, pending: Pending, result: CallResult) {
+        let now = self.inner.clock.now();
+        match &self.inner.backend {
+            Backend::Shared(_) => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    let this = self.clone();
+                    handle.spawn(async move { this.end_call(pending, result).await });
+                }
+                Err(_) => {
+                    // No runtime to reach the store: keep the local counts right.
+                    self.count_end(&pending, result, None, now);
+                }
+            },
+            Backend::File(file) => {
+                if let Some((key, state)) = self.finish(pending, result, now) {
+                    file.write_detached(key.as_str(), state);
+                }
+            }
+            Backend::Memory => {
+                self.finish(pending, result, now);
+            }
+        }
+    }
+
+    /// Records the end of a pending call with a shared store.
+    async fn finish_shared(
+        &self,
+        store: &dyn CircuitBreakerStateStore,
+        pending: Pending,
+        result: CallResult,
+        now: Timestamp,
+    ) {
+        let policy = **self.inner.policy.load();
         let elapsed = now.saturating_since(pending.start);
         let jitter = fastrand::f64();
-        let (transition, _) = inner
+        let recorded = store
+            .record(
+                pending.key.as_str(),
+                &policy,
+                now,
+                result,
+                elapsed,
+                pending.probe,
+                jitter,
+            )
+            .await;
+        let transition = match recorded {
+            Ok(transition) => transition,
+            Err(error) => {
+                self.store_failed(&error);
+                None
+            }
+        };
+        self.count_end(&pending, result, transition, now);
+    }
+
+    /// This process's counts for the end of a call decided elsewhere.
+    fn count_end(
+        &self,
+        pending: &Pending,
+        result: CallResult,
+        transition: Option<Transition>,
+        now: Timestamp,
+    ) {
+        let inner = &*self.inner;
+        inner
             .registry
             .with(pending.key.as_str(), now, Entry::default, |e| {
-                e.in_flight = e.in_flight.saturating_sub(1);
-                match result {
-                    CallResult::Success => e.successes += 1,
-                    CallResult::Failure => e.failures += 1,
-                    CallResult::Released => {}
+                count_result(e, result);
+                if let Some(t) = transition {
+                    e.state.state = t.to;
                 }
-                state::record(
-                    &mut e.state,
-                    &policy,
-                    now,
-                    result,
-                    elapsed,
-                    pending.probe,
-                    jitter,
-                )
             });
+        self.count_metrics(result, transition, &pending.key);
+    }
+
+    fn count_metrics(&self, result: CallResult, transition: Option<Transition>, key: &ScopeKey) {
+        let inner = &*self.inner;
         if inner.metrics_config.enabled {
             match result {
                 CallResult::Success => inner.metrics.live.successful.add(1),
@@ -525,8 +852,40 @@ impl CircuitBreakerMiddleware {
             }
         }
         if let Some(t) = transition {
-            self.on_transition(&pending.key, t);
+            self.on_transition(key, t);
         }
+    }
+
+    /// Records the end of a pending call in the in-memory state machine;
+    /// returns the state to write through if it made a transition.
+    fn finish(&self, pending: Pending, result: CallResult, now: Timestamp) -> WriteThrough {
+        let inner = &*self.inner;
+        let policy = **inner.policy.load();
+        let elapsed = now.saturating_since(pending.start);
+        let jitter = fastrand::f64();
+        let file = matches!(inner.backend, Backend::File(_));
+        let ((transition, saved), _) =
+            inner
+                .registry
+                .with(pending.key.as_str(), now, Entry::default, |e| {
+                    count_result(e, result);
+                    let transition = state::record(
+                        &mut e.state,
+                        &policy,
+                        now,
+                        result,
+                        elapsed,
+                        pending.probe,
+                        jitter,
+                    );
+                    let saved = (file && transition.is_some()).then(|| e.state.clone());
+                    (transition, saved)
+                });
+        if let Backend::File(file) = &inner.backend {
+            file.mark_dirty();
+        }
+        self.count_metrics(result, transition, &pending.key);
+        saved.map(|state| (pending.key, state))
     }
 
     fn classify(&self, outcome: &Outcome<'_>) -> CallResult {
@@ -542,7 +901,7 @@ impl CircuitBreakerMiddleware {
         let id = self.pending_id_of(request_id);
         if let Some(pending) = self.inner.pending.take(id, None) {
             let result = self.classify(&outcome_of_error(error));
-            self.finish(pending, result, self.inner.clock.now());
+            self.end_call_detached(pending, result);
         }
     }
 
@@ -604,6 +963,38 @@ impl CircuitBreakerMiddleware {
     }
 }
 
+fn count_result(e: &mut Entry, result: CallResult) {
+    e.in_flight = e.in_flight.saturating_sub(1);
+    match result {
+        CallResult::Success => e.successes += 1,
+        CallResult::Failure => e.failures += 1,
+        CallResult::Released => {}
+    }
+}
+
+/// Keeps this process's view of a key decided by a shared store, for
+/// `state_of`, `retry_after` and the metrics.
+fn mirror(
+    s: &mut CircuitBreakerState,
+    admission: Admission,
+    transition: Option<Transition>,
+    now: Timestamp,
+) {
+    if let Some(t) = transition {
+        s.state = t.to;
+    }
+    match admission {
+        Admission::Allowed { probe: Some(_) } => s.state = CircuitState::HalfOpen,
+        Admission::Allowed { probe: None } => s.state = CircuitState::Closed,
+        Admission::Rejected { retry_after } => {
+            if s.state == CircuitState::Closed {
+                s.state = CircuitState::Open;
+            }
+            s.open_until = now.saturating_add(retry_after);
+        }
+    }
+}
+
 /// The identity of a context while its request is in flight.
 fn context_address(context: &MiddlewareContext) -> usize {
     Arc::as_ptr(&context.metadata) as *const u8 as usize
@@ -624,7 +1015,17 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         request: &mut JSONRPCRequest,
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
-        self.admit(request, context)
+        match &self.inner.backend {
+            Backend::Shared(store) => self.admit_shared(&**store, request, context).await,
+            Backend::File(file) => {
+                let (result, write) = self.admit(request, context);
+                if let Some((key, state)) = write {
+                    file.note(file.write_through(key.as_str(), state).await);
+                }
+                result
+            }
+            Backend::Memory => self.admit(request, context).0,
+        }
     }
 
     async fn on_response_with_context(
@@ -636,7 +1037,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         if let Some(pending) = self.inner.pending.take(id, Some(context_address(context))) {
             let outcome = outcome_of_response(response, self.inner.inspect_results);
             let result = self.classify(&outcome);
-            self.finish(pending, result, self.inner.clock.now());
+            self.end_call(pending, result).await;
         }
         Ok(())
     }
@@ -650,7 +1051,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         // included), not from the server: free the call, count nothing.
         let id = self.request_id(context);
         if let Some(pending) = self.inner.pending.take(id, Some(context_address(context))) {
-            self.finish(pending, CallResult::Released, self.inner.clock.now());
+            self.end_call(pending, CallResult::Released).await;
         }
         Ok(())
     }

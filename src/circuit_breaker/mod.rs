@@ -46,6 +46,7 @@ pub mod config;
 pub mod matcher;
 pub mod metrics;
 pub mod middleware;
+mod persist;
 pub mod report;
 pub mod state;
 pub mod store;

@@ -497,6 +497,11 @@ where
         &self.shared.kind
     }
 
+    /// The longest time an [`update`](Self::update) waits before it is written.
+    pub fn flush_interval(&self) -> Duration {
+        self.shared.flush_interval
+    }
+
     /// Makes every later write stop after `bytes` bytes of the temporary
     /// file and fail before the rename, as a crash would.
     #[cfg(test)]

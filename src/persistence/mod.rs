@@ -17,6 +17,14 @@
 //! [`StatePersistence::Memory`] is the embedded default: state lives in the
 //! process and is lost on restart. [`StatePersistence::File`] keeps it in a
 //! [`FileStore`]: one file per process, written atomically, read back on start.
+//!
+//! The middlewares take either through their builders' `persistence(..)`
+//! (and `file_options(..)` for the flush interval and the corrupt-file
+//! policy). With a file, a breaker writes each transition through before the
+//! hook that caused it returns, and a rate limiter writes its changes at
+//! most one flush interval later; both write everything on `shutdown()` and,
+//! best effort, when dropped. Give each middleware its own file: a second one
+//! on the same file is refused at `build()`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -24,7 +32,10 @@ use std::sync::Arc;
 
 use crate::circuit_breaker::CircuitBreakerStateStore;
 
+mod backing;
 pub mod file;
+
+pub(crate) use backing::FileBacking;
 
 pub use file::{
     FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
@@ -38,7 +49,8 @@ pub enum StatePersistence {
     /// In memory only: fast, lost on restart, private to the process.
     #[default]
     Memory,
-    /// In a file, written atomically, read back on start.
+    /// In a file, written atomically, read back on start (`build()` must run
+    /// inside a Tokio runtime).
     File(PathBuf),
     /// In a store of your own (circuit breakers only; a rate limiter takes a
     /// limiter of your own through `RateLimitMiddleware::builder().limiter(..)`).

@@ -10,14 +10,14 @@ use pmcp::types::JSONRPCRequest;
 use crate::clock::{SharedClock, default_clock};
 use crate::error::ConfigError;
 use crate::metrics::MetricsConfig;
-use crate::persistence::StatePersistence;
+use crate::persistence::{FileStoreOptions, StatePersistence};
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, tool_name};
 
 use super::backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
 use super::limiter::{KeyedRateLimiter, RateLimiter};
 use super::middleware::{Engine, RateLimitMiddleware};
-use super::strategy::RateLimitStrategy;
+use super::strategy::{LimiterState, RateLimitStrategy};
 
 /// A function giving the cost of a request in units.
 pub type CostFn = Arc<dyn Fn(&JSONRPCRequest) -> u32 + Send + Sync>;
@@ -92,6 +92,7 @@ pub struct RateLimitBuilder {
     clock: Option<SharedClock>,
     target: RequestTarget,
     limiter: Option<Arc<dyn RateLimiter>>,
+    file_options: FileStoreOptions<LimiterState>,
 }
 
 impl Default for RateLimitBuilder {
@@ -111,6 +112,7 @@ impl Default for RateLimitBuilder {
             clock: None,
             target: RequestTarget::default(),
             limiter: None,
+            file_options: FileStoreOptions::default(),
         }
     }
 }
@@ -129,8 +131,16 @@ impl RateLimitBuilder {
         self
     }
 
-    /// Where state lives. Only [`StatePersistence::Memory`] is available to
-    /// the rate limiter for now; others make `build()` fail.
+    /// Where state lives (default [`StatePersistence::Memory`]).
+    ///
+    /// With [`StatePersistence::File`], `build()` must run inside a Tokio
+    /// runtime; it loads the file (keys back at full capacity are dropped)
+    /// and the state is written at most every
+    /// [`file_options`](Self::file_options)' flush interval, which is the
+    /// most a crash loses, and on
+    /// [`RateLimitMiddleware::shutdown`] (and, best effort, on drop).
+    /// [`StatePersistence::Custom`] holds a breaker store: for a limiter of
+    /// your own use [`limiter`](Self::limiter).
     pub fn persistence(mut self, persistence: StatePersistence) -> Self {
         self.persistence = persistence;
         self
@@ -199,6 +209,15 @@ impl RateLimitBuilder {
         self
     }
 
+    /// Settings of the state file for [`StatePersistence::File`]: flush
+    /// interval (default 1 s) and what to do with an unreadable file
+    /// (default: set it aside and start empty). The clock and the expiry
+    /// rule are the limiter's own.
+    pub fn file_options(mut self, options: FileStoreOptions<LimiterState>) -> Self {
+        self.file_options = options;
+        self
+    }
+
     /// Use your own limiter instead of the built-in one (the strategy and
     /// persistence settings are then not used).
     pub fn limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
@@ -233,18 +252,22 @@ impl RateLimitBuilder {
         let engine = match self.limiter {
             Some(limiter) => Engine::Custom(limiter),
             None => {
-                match self.persistence {
-                    StatePersistence::Memory => {}
-                    other => {
+                // A shared store (the coming `StatePersistence::Redis` arm)
+                // is a limiter of its own: it returns
+                // `Engine::Custom(redis_store::rate_limiter_for(..))` here,
+                // before the in-memory limiter is built.
+                let file = match self.persistence {
+                    StatePersistence::Memory => None,
+                    StatePersistence::File(path) => Some(path),
+                    StatePersistence::Custom(_) => {
                         return Err(ConfigError::UnsupportedPersistence(
-                            format!(
-                                "the rate limiter keeps state in memory only for now; \
-                                 {other:?} is not supported yet"
-                            )
-                            .into(),
+                            "StatePersistence::Custom holds a circuit breaker store; \
+                             give the rate limiter a limiter of your own with \
+                             `RateLimitMiddleware::builder().limiter(..)`"
+                                .into(),
                         ));
                     }
-                }
+                };
                 let policy = self.strategy.policy()?;
                 self.registry_limits.validate()?;
                 if let Some((what, cost)) = self.cost.largest()
@@ -259,12 +282,22 @@ impl RateLimitBuilder {
                         ),
                     ));
                 }
-                Engine::Memory(KeyedRateLimiter::from_policy(
+                let mut limiter = KeyedRateLimiter::from_policy(
                     policy,
                     self.strategy.label(),
                     self.registry_limits,
                     Arc::clone(&clock),
-                ))
+                );
+                if let Some(path) = file {
+                    let report = limiter.attach_file(&path, self.file_options)?;
+                    tracing::info!(
+                        path = %path.display(),
+                        loaded = report.loaded,
+                        expired = report.expired,
+                        "rate limiter state loaded"
+                    );
+                }
+                Engine::Memory(limiter)
             }
         };
         Ok(RateLimitMiddleware::from_parts(

@@ -1,12 +1,16 @@
 //! The [`RateLimiter`] trait and the built-in keyed limiter in memory.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
 use crate::error::{ConfigError, StoreError};
+use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadReport};
 use crate::registry::{KeyState, Registry, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;
 
@@ -182,8 +186,11 @@ impl KeyState for Entry {
 pub struct KeyedRateLimiter {
     policy: Policy,
     label: &'static str,
-    registry: Registry<Entry>,
+    /// Shared with the file sync task (by a weak reference) when persisted.
+    registry: Arc<Registry<Entry>>,
     clock: SharedClock,
+    /// `None` for state in memory only: then the request path does nothing more.
+    file: Option<Arc<FileBacking<LimiterState>>>,
 }
 
 impl fmt::Debug for KeyedRateLimiter {
@@ -221,8 +228,85 @@ impl KeyedRateLimiter {
         KeyedRateLimiter {
             policy,
             label,
-            registry: Registry::new(limits),
+            registry: Arc::new(Registry::new(limits)),
             clock,
+            file: None,
+        }
+    }
+
+    /// A limiter whose state is kept in the file at `path`: what the file
+    /// holds is loaded now (keys back at full capacity are dropped), and
+    /// changes are written at most every [`FileStoreOptions::flush_interval`]
+    /// (the most a crash loses), on [`shutdown`](Self::shutdown) and, best
+    /// effort, on drop.
+    ///
+    /// Must be called inside a Tokio runtime. The file is for this limiter
+    /// alone: a second limiter (or process) on it gets [`ConfigError::Store`].
+    /// The options' clock and expiry rule are replaced by the limiter's own.
+    pub fn with_file(
+        strategy: RateLimitStrategy,
+        limits: RegistryLimits,
+        clock: SharedClock,
+        path: impl AsRef<Path>,
+        options: FileStoreOptions<LimiterState>,
+    ) -> Result<(Self, LoadReport), ConfigError> {
+        let mut limiter = Self::new(strategy, limits, clock)?;
+        let report = limiter.attach_file(path.as_ref(), options)?;
+        Ok((limiter, report))
+    }
+
+    /// Opens the state file, loads it into the registry and starts the
+    /// background sync.
+    pub(crate) fn attach_file(
+        &mut self,
+        path: &Path,
+        options: FileStoreOptions<LimiterState>,
+    ) -> Result<LoadReport, ConfigError> {
+        let policy = self.policy;
+        let options = options
+            .clock(Arc::clone(&self.clock))
+            .expire_on_load(move |state, now| still_matters(policy, state, now));
+        let (backing, entries, report) = FileBacking::open(path, KIND_RATE_LIMIT, options)?;
+        let now = self.clock.now();
+        for (key, state) in entries {
+            self.registry.with(&key, now, Entry::new, |entry| {
+                entry.state = policy.pack(&state);
+                entry.full_at = policy.full_at(&state);
+            });
+        }
+        let registry = Arc::downgrade(&self.registry);
+        let clock = Arc::clone(&self.clock);
+        backing.start(Box::new(move || {
+            let registry = registry.upgrade()?;
+            Some(snapshot(policy, &registry, clock.now()))
+        }));
+        self.file = Some(backing);
+        Ok(report)
+    }
+
+    /// Writes the state of every key that is not back at full capacity to
+    /// the state file now (nothing to do without file persistence).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.file {
+            Some(file) => file.sync_and_flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the state file a last time and releases it for the next owner
+    /// (nothing to do without file persistence). The limiter keeps working
+    /// in memory; later changes are not written.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        match &self.file {
+            Some(file) => file.shutdown().await,
+            None => Ok(()),
+        }
+    }
+
+    #[inline]
+    fn changed(&self) {
+        if let Some(file) = &self.file {
+            file.mark_dirty();
         }
     }
 
@@ -259,6 +343,7 @@ impl KeyedRateLimiter {
             record(policy, entry, &state, &decision);
             decision
         });
+        self.changed();
         decision
     }
 
@@ -291,6 +376,7 @@ impl KeyedRateLimiter {
                 reservation,
             }
         });
+        self.changed();
         admission
     }
 
@@ -298,7 +384,8 @@ impl KeyedRateLimiter {
     /// Returns whether it was given back.
     pub fn cancel_at(&self, key: &str, reservation: &Reservation, now: Timestamp) -> bool {
         let policy = self.policy;
-        self.registry
+        let refunded = self
+            .registry
             .peek(key, |entry| {
                 let mut state = policy.unpack(entry.state);
                 let refunded = policy.refund(&mut state, reservation, now.as_nanos());
@@ -309,7 +396,11 @@ impl KeyedRateLimiter {
                 }
                 refunded
             })
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if refunded {
+            self.changed();
+        }
+        refunded
     }
 
     /// How long until a request of `cost` units for `key` would be admitted,
@@ -370,6 +461,37 @@ impl KeyedRateLimiter {
     pub fn registry_stats(&self) -> RegistryStats {
         self.registry.stats()
     }
+}
+
+impl Drop for KeyedRateLimiter {
+    fn drop(&mut self) {
+        // Best effort: the file store's own drop then writes what is pending.
+        if let Some(file) = &self.file {
+            file.sync_now(snapshot(self.policy, &self.registry, self.clock.now()));
+        }
+    }
+}
+
+/// Whether a stored state still changes a decision at `now`: a key back at
+/// full capacity (or state of another strategy) is the same as no state.
+fn still_matters(policy: Policy, state: &LimiterState, now: Timestamp) -> bool {
+    policy.full_at(state) > now.as_nanos()
+}
+
+/// The keys not back at full capacity at `now`, with their state.
+fn snapshot(
+    policy: Policy,
+    registry: &Registry<Entry>,
+    now: Timestamp,
+) -> BTreeMap<String, LimiterState> {
+    let nanos = now.as_nanos();
+    let mut entries = BTreeMap::new();
+    registry.for_each(|key, entry| {
+        if entry.full_at > nanos {
+            entries.insert(key.as_str().to_owned(), policy.unpack(entry.state));
+        }
+    });
+    entries
 }
 
 #[inline]

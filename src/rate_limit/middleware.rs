@@ -12,6 +12,7 @@ use pmcp::types::JSONRPCRequest;
 use serde_json::json;
 
 use crate::clock::{SharedClock, Timestamp};
+use crate::error::StoreError;
 use crate::metrics::MetricsConfig;
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
@@ -144,6 +145,26 @@ impl RateLimitMiddleware {
     /// A builder for every other setting.
     pub fn builder() -> RateLimitBuilder {
         RateLimitBuilder::default()
+    }
+
+    /// Writes the state file now (with [`StatePersistence::File`](crate::persistence::StatePersistence::File);
+    /// nothing to do otherwise).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.inner.engine {
+            Engine::Memory(limiter) => limiter.flush().await,
+            Engine::Custom(_) => Ok(()),
+        }
+    }
+
+    /// For an orderly exit: writes the state file a last time and releases
+    /// it, so the next process (or middleware) can open it. Requests are
+    /// still limited afterwards, in memory only. Nothing to do without file
+    /// persistence.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        match &self.inner.engine {
+            Engine::Memory(limiter) => limiter.shutdown().await,
+            Engine::Custom(_) => Ok(()),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

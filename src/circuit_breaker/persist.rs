@@ -1,0 +1,146 @@
+//! Where a breaker's state lives besides its in-memory registry.
+//!
+//! - [`Backend::Memory`]: the registry alone.
+//! - [`Backend::File`]: the registry is the truth and a [`FileBacking`]
+//!   mirrors it. Transitions are written through (on disk before the request
+//!   or response that caused them returns); other changes (counts of a
+//!   closed breaker, mode changes) are written at most one flush interval later.
+//! - [`Backend::Shared`]: a [`CircuitBreakerStateStore`] decides (its async
+//!   `acquire`/`record`); the registry keeps only this process's counters
+//!   and the state last seen, for metrics.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use super::state::{BreakerMode, CircuitBreakerState, CircuitState};
+use super::store::CircuitBreakerStateStore;
+use crate::clock::{SharedClock, Timestamp};
+use crate::error::ConfigError;
+use crate::persistence::{
+    FileBacking, FileStoreOptions, KIND_CIRCUIT_BREAKER, LoadReport, StatePersistence,
+};
+
+/// Where a breaker keeps its state.
+pub(crate) enum Backend {
+    /// In the registry only.
+    Memory,
+    /// In the registry, mirrored to a file.
+    File(Arc<FileBacking<CircuitBreakerState>>),
+    /// In a store that decides, possibly shared by several processes.
+    Shared(Arc<dyn CircuitBreakerStateStore>),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Memory => f.write_str("Memory"),
+            Backend::File(file) => f.debug_tuple("File").field(file).finish(),
+            Backend::Shared(_) => f.write_str("Shared(..)"),
+        }
+    }
+}
+
+/// A backend opened for `persistence`, with the states it loaded.
+pub(crate) struct Opened {
+    pub(crate) backend: Backend,
+    pub(crate) loaded: BTreeMap<String, CircuitBreakerState>,
+}
+
+/// Opens the backend chosen by `persistence`.
+///
+/// Each shared store is one arm returning [`Backend::Shared`]; the Redis
+/// store goes here as
+/// `StatePersistence::Redis { .. } => Backend::Shared(redis_store::breaker_store_for(..)?)`.
+pub(crate) fn open(
+    persistence: &StatePersistence,
+    options: FileStoreOptions<CircuitBreakerState>,
+    clock: &SharedClock,
+) -> Result<Opened, ConfigError> {
+    let backend = match persistence {
+        StatePersistence::Memory => Backend::Memory,
+        StatePersistence::Custom(store) => Backend::Shared(Arc::clone(store)),
+        StatePersistence::File(path) => {
+            let options = options
+                .clock(Arc::clone(clock))
+                .expire_on_load(worth_keeping);
+            let (backing, loaded, report) = FileBacking::open(path, KIND_CIRCUIT_BREAKER, options)?;
+            log_load(&report);
+            let loaded = loaded
+                .into_iter()
+                .map(|(key, state)| (key, restored(state)))
+                .collect();
+            return Ok(Opened {
+                backend: Backend::File(backing),
+                loaded,
+            });
+        }
+    };
+    Ok(Opened {
+        backend,
+        loaded: BTreeMap::new(),
+    })
+}
+
+fn log_load(report: &LoadReport) {
+    tracing::info!(
+        path = %report.path.display(),
+        loaded = report.loaded,
+        expired = report.expired,
+        "circuit breaker state loaded"
+    );
+}
+
+/// Whether a breaker's state still matters at `now`, so it is worth keeping
+/// in the file (and loading from it).
+///
+/// - An operator's mode (forced open, forced closed, disabled, metrics only)
+///   always is.
+/// - An open breaker is until its open time is over; after that it is
+///   dropped and the key starts closed, with its backoff forgotten.
+/// - A half-open one is (it is waiting for probes).
+/// - A closed one is while it counts failures or slow calls; a closed
+///   breaker with nothing against it is the same as no state.
+pub(crate) fn worth_keeping(state: &CircuitBreakerState, now: Timestamp) -> bool {
+    if state.mode != BreakerMode::Normal {
+        return true;
+    }
+    match state.state {
+        CircuitState::Open => state.open_until > now,
+        CircuitState::HalfOpen => true,
+        CircuitState::Closed => {
+            state.consecutive_failures > 0
+                || state.window.iter().any(|b| b.failures > 0 || b.slow > 0)
+        }
+    }
+}
+
+/// A loaded state made fit for this process: probes in flight belonged to
+/// the process that wrote the file and will never be answered, so their
+/// places are freed rather than blocking new probes until their deadline.
+fn restored(mut state: CircuitBreakerState) -> CircuitBreakerState {
+    state.probes.clear();
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn only_state_that_changes_a_decision_is_kept() {
+        let now = Timestamp::from_millis(1_000);
+        let mut s = CircuitBreakerState::default();
+        assert!(!worth_keeping(&s, now), "fresh closed");
+        s.consecutive_failures = 1;
+        assert!(worth_keeping(&s, now), "closed, counting");
+        s.consecutive_failures = 0;
+        s.state = CircuitState::Open;
+        s.open_until = now.saturating_add(Duration::from_secs(1));
+        assert!(worth_keeping(&s, now), "open");
+        assert!(!worth_keeping(&s, s.open_until), "open time over");
+        s.mode = BreakerMode::ForcedOpen;
+        assert!(worth_keeping(&s, s.open_until), "operator's mode");
+    }
+}
