@@ -34,7 +34,18 @@ struct Settings {
     proxy: Option<ProxyTrust>,
     max_body_bytes: usize,
     usage_headers: bool,
+    refusals_as_200: bool,
     names: HeaderNames,
+}
+
+impl Settings {
+    /// A refusal with the status the settings ask for.
+    fn refusal(&self, mut response: Response<Body>) -> Response<Body> {
+        if self.refusals_as_200 {
+            *response.status_mut() = http::StatusCode::OK;
+        }
+        response
+    }
 }
 
 /// Rate limits and circuit breaking for a pmcp streamable-HTTP server,
@@ -56,6 +67,7 @@ impl std::fmt::Debug for ResilienceLayer {
             .field("proxy", &s.proxy)
             .field("max_body_bytes", &s.max_body_bytes)
             .field("usage_headers", &s.usage_headers)
+            .field("refusals_as_200", &s.refusals_as_200)
             .finish()
     }
 }
@@ -76,6 +88,7 @@ pub struct ResilienceLayerBuilder {
     proxy: Option<ProxyTrust>,
     max_body_bytes: Option<usize>,
     usage_headers: bool,
+    refusals_as_200: bool,
     policy_name: Option<String>,
 }
 
@@ -115,6 +128,22 @@ impl ResilienceLayerBuilder {
     /// Put the usage headers on admitted responses too (default `false`).
     pub fn with_usage_headers(mut self, on: bool) -> Self {
         self.usage_headers = on;
+        self
+    }
+
+    /// Answer refusals (rate limit, open breaker) with HTTP 200 instead of
+    /// 429/503, keeping every header and the JSON-RPC error body (default
+    /// `false`).
+    ///
+    /// For clients that read JSON-RPC errors only from 2xx answers: pmcp
+    /// 2.23's streamable-HTTP client (2025 protocol era) turns any non-2xx
+    /// answer into `Error::Transport(Request("Request failed with status:
+    /// 429 Too Many Requests"))` and drops the body, so the retry hint is
+    /// lost; with this setting it gets `Error::Protocol { code: -32005,
+    /// data: {"retryAfterMs", ..} }`. Plain HTTP clients and gateways then
+    /// lose the status code, so turn it on only for such fleets.
+    pub fn answer_refusals_with_200(mut self, on: bool) -> Self {
+        self.refusals_as_200 = on;
         self
     }
 
@@ -176,6 +205,7 @@ impl ResilienceLayerBuilder {
                 proxy: self.proxy,
                 max_body_bytes,
                 usage_headers: self.usage_headers,
+                refusals_as_200: self.refusals_as_200,
                 names: HeaderNames { reset, policy_name },
             }),
         })
@@ -381,13 +411,13 @@ where
                         now,
                         window,
                     };
-                    return Ok(signals::rate_limited(
+                    return Ok(settings.refusal(signals::rate_limited(
                         message.reply_id,
                         &usage,
                         &settings.names,
                         limiter.scope().label(),
                         &key,
-                    ));
+                    )));
                 }
                 (Err(e), None) => return Ok(signals::limiter_failed(message.reply_id, &e)),
             }
@@ -419,12 +449,12 @@ where
                     .key_with(call, || None, || session.clone());
                 let retry = breaker.retry_after(key.as_str());
                 // `calls` is dropped here: the calls admitted before are released.
-                return Ok(signals::circuit_open(
+                return Ok(settings.refusal(signals::circuit_open(
                     message.reply_id,
                     retry,
                     breaker.key_scope().label(),
                     &key,
-                ));
+                )));
             }
             let id = serde_json::to_value(&call.id).unwrap_or(Value::Null);
             calls.calls.push((id, context));
