@@ -47,13 +47,22 @@ async fn a_raw_client_sees_429_with_every_header_and_a_jsonrpc_body() {
     let s = [("mcp-session-id", session.as_str())];
 
     let first = post(server.addr, &tool_call(1, "echo"), &s).await;
-    assert_eq!(first.status, 200, "{:?}", String::from_utf8_lossy(&first.body));
+    assert_eq!(
+        first.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&first.body)
+    );
     assert_eq!(first.header("x-ratelimit-limit"), Some("2"));
     assert_eq!(first.header("x-ratelimit-remaining"), Some("1"));
     assert_eq!(first.header("x-ratelimit-reset"), Some("45"));
     assert_eq!(first.header("ratelimit-policy"), Some("\"tool\";q=2;w=60"));
     assert_eq!(first.header("ratelimit"), Some("\"tool\";r=1;t=45"));
-    assert_eq!(first.header("retry-after"), None, "only refusals carry Retry-After");
+    assert_eq!(
+        first.header("retry-after"),
+        None,
+        "only refusals carry Retry-After"
+    );
 
     let second = post(server.addr, &tool_call(2, "echo"), &s).await;
     assert_eq!(second.status, 200);
@@ -83,7 +92,11 @@ async fn a_raw_client_sees_429_with_every_header_and_a_jsonrpc_body() {
         "{body}"
     );
 
-    assert_eq!(server.behaviour.calls("echo"), 2, "the refused call never ran");
+    assert_eq!(
+        server.behaviour.calls("echo"),
+        2,
+        "the refused call never ran"
+    );
 }
 
 #[tokio::test]
@@ -109,14 +122,21 @@ async fn the_reset_header_follows_backpressure_header() {
     let s = [("mcp-session-id", session.as_str())];
     let first = post(server.addr, &tool_call(1, "echo"), &s).await;
     assert_eq!(first.status, 200);
-    assert_eq!(first.header("ratelimit"), None, "usage headers are off by default");
+    assert_eq!(
+        first.header("ratelimit"),
+        None,
+        "usage headers are off by default"
+    );
     let refused = post(server.addr, &tool_call(2, "echo"), &s).await;
     assert_eq!(refused.status, 429);
     // 500 ms to the next token: rounded up to 1 s.
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(refused.header("x-budget-reset"), Some("1"));
     assert_eq!(refused.header("x-ratelimit-reset"), None);
-    assert_eq!(refused.header("ratelimit-policy"), Some("\"calls\";q=1;w=1"));
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"calls\";q=1;w=1")
+    );
     assert_eq!(refused.header("ratelimit"), Some("\"calls\";r=0;t=1"));
     assert_eq!(refused.json()["error"]["data"]["retryAfterMs"], 500);
     assert_eq!(server.behaviour.calls("echo"), 1);
@@ -257,7 +277,8 @@ async fn malformed_oversized_and_batch_bodies_get_clear_answers() {
 
     // A batch within its budget reaches pmcp, which (2.23) does not take
     // batches and answers 400 itself; the layer counted it all the same.
-    let small: Vec<Value> = vec![serde_json::from_slice(&tool_call(20, "flaky")).unwrap_or(Value::Null)];
+    let small: Vec<Value> =
+        vec![serde_json::from_slice(&tool_call(20, "flaky")).unwrap_or(Value::Null)];
     let passed = post(server.addr, Value::Array(small).to_string().as_bytes(), &s).await;
     assert_eq!(passed.status, 400);
     assert_eq!(passed.json()["error"]["code"], -32700);
@@ -304,7 +325,10 @@ async fn waiting_for_capacity_smooths_a_burst() {
     }
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(140), "spread out: {took:?}");
-    assert!(took < Duration::from_millis(900), "within max_wait: {took:?}");
+    assert!(
+        took < Duration::from_millis(900),
+        "within max_wait: {took:?}"
+    );
     assert_eq!(server.behaviour.calls("echo"), 4);
 }
 
@@ -376,12 +400,21 @@ async fn server_errors_of_the_wrapped_service_count_as_failures() {
     // Client errors (a 4xx) are not the server's failures.
     server.answer_http(axum::http::StatusCode::NOT_FOUND);
     for id in 0..3 {
-        assert_eq!(post(server.addr, &tool_call(id, "echo"), &s).await.status, 404);
+        assert_eq!(
+            post(server.addr, &tool_call(id, "echo"), &s).await.status,
+            404
+        );
     }
-    assert_eq!(breaker.state_of("global"), Some(pmcp_resilience::CircuitState::Closed));
+    assert_eq!(
+        breaker.state_of("global"),
+        Some(pmcp_resilience::CircuitState::Closed)
+    );
     server.answer_http(axum::http::StatusCode::BAD_GATEWAY);
     for id in 0..2 {
-        assert_eq!(post(server.addr, &tool_call(id, "echo"), &s).await.status, 502);
+        assert_eq!(
+            post(server.addr, &tool_call(id, "echo"), &s).await.status,
+            502
+        );
     }
     let seen = server
         .behaviour
@@ -419,7 +452,12 @@ async fn client_address_keys_trust_proxies_only_when_told() {
         .expect("valid layer");
     let server = behind(layer).await;
     let session = open_session(server.addr).await;
-    let from = |ip: &'static str| [("mcp-session-id", session.clone()), ("x-forwarded-for", ip.to_string())];
+    let from = |ip: &'static str| {
+        [
+            ("mcp-session-id", session.clone()),
+            ("x-forwarded-for", ip.to_string()),
+        ]
+    };
     let headers = |h: &[(&'static str, String); 2]| -> Vec<(&'static str, String)> { h.to_vec() };
     let send = |h: Vec<(&'static str, String)>, id: i64| {
         let addr = server.addr;
@@ -449,23 +487,26 @@ async fn the_tool_middleware_limits_per_tool() {
         .build()
         .expect("valid limiter");
     let adapter = Arc::new(ToolRateLimit::new(limiter));
-    let server = start_server_wrapped(
-        "tool-limited",
-        move |b| b.tool_middleware(adapter),
-        |r| r,
-    )
-    .await;
+    let server =
+        start_server_wrapped("tool-limited", move |b| b.tool_middleware(adapter), |r| r).await;
     let mut c = client(transport(&server.url), vec![]);
     initialize(&mut c).await;
     let echoed = call(&c, "echo", json!({"message": "kept"}))
         .await
         .expect("first echo");
-    assert!(echoed.to_string().contains("kept"), "arguments reach the tool: {echoed}");
+    assert!(
+        echoed.to_string().contains("kept"),
+        "arguments reach the tool: {echoed}"
+    );
     let refused = call(&c, "echo", json!({"message": "b"})).await;
     eprintln!("tool middleware refusal: {refused:?}");
     match refused {
         Err(pmcp::Error::Protocol { code, message, .. }) => {
-            assert_eq!(code.as_i32(), -32603, "pmcp reports middleware errors as internal");
+            assert_eq!(
+                code.as_i32(),
+                -32603,
+                "pmcp reports middleware errors as internal"
+            );
             assert!(message.contains("-32005"), "{message}");
             assert!(message.contains("retry after 1000 ms"), "{message}");
         }
@@ -513,19 +554,26 @@ async fn the_rate_limiter_works_in_the_server_core_protocol_chain() {
         .handle_request(RequestId::from(0i64), Request::Client(Box::new(init)), None)
         .await;
     assert!(
-        matches!(opened.payload, pmcp::types::jsonrpc::ResponsePayload::Result(_)),
+        matches!(
+            opened.payload,
+            pmcp::types::jsonrpc::ResponsePayload::Result(_)
+        ),
         "{opened:?}"
     );
     let ping = || Request::Client(Box::new(ClientRequest::Ping));
     // Admitted: it reaches ServerCore's dispatch (which has no `ping`).
-    let first = core.handle_request(RequestId::from(1i64), ping(), None).await;
+    let first = core
+        .handle_request(RequestId::from(1i64), ping(), None)
+        .await;
     match first.payload {
         pmcp::types::jsonrpc::ResponsePayload::Error(e) => {
             assert_eq!(e.code, -32601, "{}", e.message)
         }
         pmcp::types::jsonrpc::ResponsePayload::Result(_) => {}
     }
-    let second = core.handle_request(RequestId::from(2i64), ping(), None).await;
+    let second = core
+        .handle_request(RequestId::from(2i64), ping(), None)
+        .await;
     match second.payload {
         pmcp::types::jsonrpc::ResponsePayload::Error(e) => {
             assert_eq!(e.code, -32603);
@@ -539,7 +587,13 @@ async fn the_rate_limiter_works_in_the_server_core_protocol_chain() {
 #[test]
 fn the_builder_checks_its_settings() {
     let err = ResilienceLayer::builder().build().err();
-    assert!(matches!(err, Some(ConfigError::Invalid { field: "rate_limit", .. })));
+    assert!(matches!(
+        err,
+        Some(ConfigError::Invalid {
+            field: "rate_limit",
+            ..
+        })
+    ));
     let limiter = || {
         RateLimitMiddleware::builder()
             .build()
@@ -550,23 +604,47 @@ fn the_builder_checks_its_settings() {
         .max_body_bytes(0)
         .build()
         .err();
-    assert!(matches!(zero, Some(ConfigError::Invalid { field: "max_body_bytes", .. })));
+    assert!(matches!(
+        zero,
+        Some(ConfigError::Invalid {
+            field: "max_body_bytes",
+            ..
+        })
+    ));
     let hops = ResilienceLayer::builder()
         .rate_limit(limiter())
         .trust_proxy(ProxyTrust::forwarded(0))
         .build()
         .err();
-    assert!(matches!(hops, Some(ConfigError::Invalid { field: "trust_proxy", .. })));
+    assert!(matches!(
+        hops,
+        Some(ConfigError::Invalid {
+            field: "trust_proxy",
+            ..
+        })
+    ));
     let name = ResilienceLayer::builder()
         .rate_limit(limiter())
         .policy_name("a \"quoted\" name")
         .build()
         .err();
-    assert!(matches!(name, Some(ConfigError::Invalid { field: "policy_name", .. })));
+    assert!(matches!(
+        name,
+        Some(ConfigError::Invalid {
+            field: "policy_name",
+            ..
+        })
+    ));
     let header = RateLimitMiddleware::builder()
         .backpressure(BackpressureConfig::reject().with_header("bad header"))
         .build()
         .expect("the limiter checks it only when signalling");
     let bad = ResilienceLayer::builder().rate_limit(header).build().err();
-    assert!(matches!(bad, Some(ConfigError::Invalid { field: "backpressure_header", .. })));
+    assert!(matches!(
+        bad,
+        Some(ConfigError::Invalid {
+            field: "backpressure_header",
+            ..
+        })
+    ));
 }

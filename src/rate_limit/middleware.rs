@@ -324,21 +324,19 @@ impl RateLimitMiddleware {
         self.count(&inner.metrics.total_requests, 1);
         let admission = match &inner.engine {
             Engine::Memory(limiter) => limiter.acquire_key_at(key.as_str(), cost, now, budget),
-            Engine::Custom(limiter) => {
-                match limiter.acquire(&key, cost, now, budget).await {
-                    Ok(admission) => admission,
-                    Err(e) => {
-                        self.count(&inner.metrics.rejected_requests, 1);
-                        return Verdict::refused(
-                            None,
-                            Error::protocol(
-                                ErrorCode::INTERNAL_ERROR,
-                                format!("rate limiter store failed for {key}: {e}"),
-                            ),
-                        );
-                    }
+            Engine::Custom(limiter) => match limiter.acquire(&key, cost, now, budget).await {
+                Ok(admission) => admission,
+                Err(e) => {
+                    self.count(&inner.metrics.rejected_requests, 1);
+                    return Verdict::refused(
+                        None,
+                        Error::protocol(
+                            ErrorCode::INTERNAL_ERROR,
+                            format!("rate limiter store failed for {key}: {e}"),
+                        ),
+                    );
                 }
-            }
+            },
         };
         let Admission {
             decision,

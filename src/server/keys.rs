@@ -231,9 +231,9 @@ pub(crate) fn parse_message(bytes: &[u8]) -> Result<Message, BodyError> {
                 reply_id,
             })
         }
-        Value::Array(elements) if elements.is_empty() => {
-            Err(BodyError::Invalid("an empty batch is not a valid JSON-RPC message"))
-        }
+        Value::Array(elements) if elements.is_empty() => Err(BodyError::Invalid(
+            "an empty batch is not a valid JSON-RPC message",
+        )),
         Value::Array(elements) => Ok(Message {
             calls: elements.into_iter().filter_map(as_request).collect(),
             reply_id: Value::Null,
@@ -289,7 +289,10 @@ mod tests {
     #[test]
     fn trusted_hops_pick_the_address_the_outer_proxy_saw() {
         let p = parts(
-            &[("x-forwarded-for", "6.6.6.6, 2.2.2.2"), ("x-forwarded-for", "10.0.0.9")],
+            &[
+                ("x-forwarded-for", "6.6.6.6, 2.2.2.2"),
+                ("x-forwarded-for", "10.0.0.9"),
+            ],
             Some("10.0.0.1:5000"),
         );
         let one = ProxyTrust::x_forwarded_for(1);
@@ -303,7 +306,10 @@ mod tests {
             "too few entries: the peer"
         );
         let f = parts(
-            &[("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=http")],
+            &[(
+                "forwarded",
+                "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=http",
+            )],
             None,
         );
         assert_eq!(
@@ -314,12 +320,19 @@ mod tests {
 
     #[test]
     fn bodies_are_read_by_the_documented_rules() {
-        let single = parse_message(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo"}}"#).unwrap();
+        let single = parse_message(
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo"}}"#,
+        )
+        .unwrap();
         assert_eq!(single.calls.len(), 1);
         assert_eq!(single.reply_id, serde_json::json!(7));
-        let note = parse_message(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        let note =
+            parse_message(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
         assert!(note.calls.is_empty());
-        let batch = parse_message(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"},3]"#).unwrap();
+        let batch = parse_message(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"n"},3]"#,
+        )
+        .unwrap();
         assert_eq!(batch.calls.len(), 1);
         assert_eq!(batch.reply_id, Value::Null);
         assert!(matches!(parse_message(b"{nope"), Err(BodyError::Parse(_))));

@@ -386,9 +386,7 @@ where
         for call in &message.calls {
             let key = match &http_key {
                 Some(k) => k.clone(),
-                None => limiter
-                    .scope()
-                    .key_with(call, || None, || session.clone()),
+                None => limiter.scope().key_with(call, || None, || session.clone()),
             };
             let cost = limiter.cost_of(call);
             let context = MiddlewareContext::default();

@@ -93,15 +93,20 @@ impl Usage {
         if let Ok(v) = HeaderValue::from_str(&policy) {
             headers.insert("ratelimit-policy", v);
         }
-        if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining))
-        {
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining)) {
             headers.insert("ratelimit", v);
         }
     }
 }
 
 /// A response with a JSON-RPC error body.
-fn error_response(status: StatusCode, id: Value, code: i32, message: &str, data: Option<Value>) -> Response<Body> {
+fn error_response(
+    status: StatusCode,
+    id: Value,
+    code: i32,
+    message: &str,
+    data: Option<Value>,
+) -> Response<Body> {
     let mut error = json!({ "code": code, "message": message });
     if let Some(data) = data {
         error["data"] = data;

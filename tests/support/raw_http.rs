@@ -59,7 +59,10 @@ pub async fn post(addr: SocketAddr, body: &[u8], extra: &[(&str, &str)]) -> RawR
 
 fn parse(raw: &[u8]) -> RawResponse {
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        panic!("no complete HTTP head in {:?}", String::from_utf8_lossy(raw));
+        panic!(
+            "no complete HTTP head in {:?}",
+            String::from_utf8_lossy(raw)
+        );
     };
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.split("\r\n");
@@ -76,7 +79,11 @@ fn parse(raw: &[u8]) -> RawResponse {
     let chunked = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
-    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
     RawResponse {
         status,
         headers,
