@@ -1,6 +1,30 @@
 //! What the layer reads from an HTTP request: its JSON-RPC calls, the MCP
 //! session, the client's address, or a key of your own.
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitMiddleware;
+//! use pmcp_resilience::server::{ProxyTrust, RequestKey, ResilienceLayer};
+//! use std::sync::Arc;
+//!
+//! # fn main() -> Result<(), pmcp_resilience::ConfigError> {
+//! // One budget per client IP, behind one reverse proxy appending to X-Forwarded-For.
+//! let by_address = ResilienceLayer::builder()
+//!     .rate_limit(RateLimitMiddleware::builder().build()?)
+//!     .key(RequestKey::ClientAddress)
+//!     .trust_proxy(ProxyTrust::x_forwarded_for(1))
+//!     .build()?;
+//! // One budget per API key header; requests without one use the limiter's scope.
+//! let by_api_key = ResilienceLayer::builder()
+//!     .rate_limit(RateLimitMiddleware::builder().build()?)
+//!     .key(RequestKey::Custom(Arc::new(|parts: &http::request::Parts| {
+//!         parts.headers.get("x-api-key")?.to_str().ok().map(str::to_owned)
+//!     })))
+//!     .build()?;
+//! # let _ = (by_address, by_api_key);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Rules
 //!
 //! - **Session**: the `mcp-session-id` header, as sent. Requests without it
@@ -12,7 +36,16 @@
 //! - **Batches** (a JSON array): every request in it is decided on its own,
 //!   under its own key and cost, in order. If one is refused, the whole batch
 //!   is answered 429 (the units taken by the elements before it are not given
-//!   back, as they would not be had they been sent one by one).
+//!   back, as they would not be had they been sent one by one). pmcp 2.23
+//!   itself answers batches with 400; counting them anyway means a batch
+//!   never slips past the limit on a server that accepts them.
+//! - **Other HTTP methods**: `GET` (the server-to-client SSE stream) and
+//!   `DELETE` (ending a session) carry no JSON-RPC request and pass
+//!   uncounted; so does a POST holding only notifications or responses.
+//! - **Bodies** are read up to `max_body_bytes` (default 1 MiB): a larger
+//!   `Content-Length`, or a body that grows past it, is answered 413; a body
+//!   that is not JSON 400 (-32700); JSON that is not a message or batch 400
+//!   (-32600).
 //! - **Client address**: the peer of the TCP connection, from axum's
 //!   `ConnectInfo<SocketAddr>` (serve with
 //!   `into_make_service_with_connect_info::<SocketAddr>()`), unless a
@@ -39,6 +72,9 @@ use crate::scope::ScopeKey;
 
 /// The header carrying the MCP session id.
 pub const SESSION_HEADER: &str = "mcp-session-id";
+
+/// The key of requests whose client address is not known.
+pub(crate) const UNKNOWN_CLIENT: &str = "client:unknown";
 
 /// A function computing a rate-limit key from an HTTP request's head;
 /// `None` falls back to the limiter's own scope.
@@ -184,7 +220,7 @@ pub(crate) fn http_key(
             let ip = client_address(parts, trust);
             Some(ScopeKey::new(&match ip {
                 Some(ip) => format!("client:{ip}"),
-                None => "client:unknown".to_string(),
+                None => UNKNOWN_CLIENT.to_string(),
             }))
         }
         RequestKey::Custom(f) => f(parts).map(|k| ScopeKey::new(&format!("http:{k}"))),
@@ -316,6 +352,30 @@ mod tests {
             client_address(&f, Some(&ProxyTrust::forwarded(1))),
             "2001:db8::1".parse().ok()
         );
+    }
+
+    #[test]
+    fn http_keys_are_prefixed_and_bounded() {
+        let p = parts(&[("x-api-key", "k1")], None);
+        assert_eq!(http_key(&RequestKey::Scope, &p, None), None);
+        assert_eq!(
+            http_key(&RequestKey::ClientAddress, &p, None).map(|k| k.to_string()),
+            Some(UNKNOWN_CLIENT.to_string())
+        );
+        let api: HttpKeyFn = Arc::new(|p: &Parts| {
+            p.headers
+                .get("x-api-key")?
+                .to_str()
+                .ok()
+                .map(|v| v.repeat(300))
+        });
+        let key = http_key(&RequestKey::Custom(api), &p, None).map(|k| k.to_string());
+        assert!(
+            key.as_deref()
+                .is_some_and(|k| k.starts_with("http:k1k1") && k.len() <= 200)
+        );
+        let none: HttpKeyFn = Arc::new(|_: &Parts| None);
+        assert_eq!(http_key(&RequestKey::Custom(none), &p, None), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -36,6 +36,7 @@ struct Settings {
     usage_headers: bool,
     refusals_as_200: bool,
     names: HeaderNames,
+    warned_no_address: AtomicBool,
 }
 
 impl Settings {
@@ -207,6 +208,7 @@ impl ResilienceLayerBuilder {
                 usage_headers: self.usage_headers,
                 refusals_as_200: self.refusals_as_200,
                 names: HeaderNames { reset, policy_name },
+                warned_no_address: AtomicBool::new(false),
             }),
         })
     }
@@ -382,6 +384,19 @@ where
     let mut tightest: Option<Usage> = None;
     if let Some(limiter) = &settings.limiter {
         let http_key = keys::http_key(&settings.key, &parts, settings.proxy.as_ref());
+        if http_key
+            .as_ref()
+            .is_some_and(|k| k.as_str() == keys::UNKNOWN_CLIENT)
+            && !settings.warned_no_address.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "rate limit keyed by client address, but the request carries no \
+                 ConnectInfo<SocketAddr>: serve with \
+                 `into_make_service_with_connect_info::<SocketAddr>()`; such requests \
+                 share the key `{}`",
+                keys::UNKNOWN_CLIENT
+            );
+        }
         let window = limiter.window();
         for call in &message.calls {
             let key = match &http_key {

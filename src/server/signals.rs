@@ -1,5 +1,13 @@
 //! What the layer tells HTTP clients: status codes, headers, JSON-RPC bodies.
 //!
+//! ```
+//! use pmcp_resilience::server::signals;
+//!
+//! // The codes are pmcp's own, so pmcp clients recognise them.
+//! assert_eq!(signals::RATE_LIMITED, pmcp::ErrorCode::RATE_LIMITED.as_i32());
+//! assert_eq!(signals::CIRCUIT_BREAKER_OPEN, pmcp::ErrorCode::CIRCUIT_BREAKER_OPEN.as_i32());
+//! ```
+//!
 //! # Headers
 //!
 //! All durations are whole seconds, **rounded up** (a client waiting that
@@ -24,7 +32,8 @@
 //! Refusals carry a JSON-RPC error whose `id` is the request's (`null` for a
 //! batch or an unreadable body):
 //! - 429: code -32005, `data: {"retryAfterMs", "limit", "remaining",
-//!   "resetAfterMs", "scope", "key"}` (`retryAfterMs` is `null` when the
+//!   "resetAfterMs", "resetAtMs", "scope", "key"}` (`resetAtMs`: Unix
+//!   milliseconds, as in the client-side signal) (`retryAfterMs` is `null` when the
 //!   request costs more than the limit and no wait helps; there is then no
 //!   `Retry-After`);
 //! - 503 (breaker open): code -32006, `data: {"retryAfterMs", "scope", "key"}`;
@@ -142,6 +151,7 @@ pub(crate) fn rate_limited(
         "limit": d.limit,
         "remaining": d.remaining,
         "resetAfterMs": ceil_millis(usage.reset_after()),
+        "resetAtMs": d.reset_at.as_millis(),
         "scope": scope,
         "key": key.as_str(),
     });

@@ -1,6 +1,28 @@
 //! The rate limiter as a pmcp [`ToolMiddleware`], for per-tool limits inside
 //! the server.
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+//! use pmcp_resilience::server::ToolRateLimit;
+//! use pmcp_resilience::Scope;
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Each tool: at most 10 calls a minute, whoever calls.
+//! let limiter = RateLimitMiddleware::builder()
+//!     .scope(Scope::PerTool)
+//!     .strategy(RateLimitStrategy::SlidingWindow { max_requests: 10, window: Duration::from_secs(60) })
+//!     .build()?;
+//! let _server = pmcp::Server::builder()
+//!     .name("per-tool")
+//!     .version("1.0.0")
+//!     .tool_middleware(Arc::new(ToolRateLimit::new(limiter)))
+//!     .build()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! pmcp runs tool middleware just before the tool, after the request has
 //! been parsed and routed; it passes no session id there on the `Server`
 //! path (a [`Scope::PerSession`](crate::Scope::PerSession) limiter then keys
