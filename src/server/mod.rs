@@ -48,7 +48,10 @@
 //!   their strategies, scopes, stores, costs, backpressure and metrics apply.
 //!   With [`BackpressureConfig::wait_for_capacity`](crate::BackpressureConfig)
 //!   the layer waits (fairly, up to `max_wait`) instead of refusing.
-//!   [`signals`] documents every header and body.
+//!   [`signals`] documents every header and body. The limiter decides
+//!   first, then the breaker: a call refused by an open breaker has used
+//!   its rate-limit units, and a flood is turned away before it reaches the
+//!   breaker's bookkeeping.
 //! - pmcp's protocol chain (`ServerCoreBuilder::protocol_middleware`):
 //!   [`RateLimitMiddleware`](crate::RateLimitMiddleware) and
 //!   [`CircuitBreakerMiddleware`](crate::CircuitBreakerMiddleware) are
