@@ -11,7 +11,7 @@ use pmcp_resilience::rate_limit::{BackpressureConfig, RateLimitMiddleware, RateL
 use pmcp_resilience::server::{ProxyTrust, RequestKey, ResilienceLayer, ToolRateLimit};
 use pmcp_resilience::{CircuitBreakerMiddleware, ConfigError, ManualClock, Scope, Timestamp};
 use serde_json::{Value, json};
-use support::raw_http::{open_session, post, tool_call};
+use support::raw_http::{open_session, post, send, tool_call};
 use support::{TestServer, call, client, initialize, start_server_wrapped, transport};
 
 /// A fixed-window limiter of `max` calls per minute per tool, on a manual
@@ -96,6 +96,18 @@ async fn a_raw_client_sees_429_with_every_header_and_a_jsonrpc_body() {
         server.behaviour.calls("echo"),
         2,
         "the refused call never ran"
+    );
+
+    // Notifications pass free, and so does DELETE (ending the session).
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 3}});
+    let noted = post(server.addr, note.to_string().as_bytes(), &s).await;
+    assert_ne!(noted.status, 429);
+    let ended = send(server.addr, "DELETE", b"", &s).await;
+    assert!(
+        (200..300).contains(&ended.status),
+        "DELETE reaches pmcp: {}",
+        ended.status
     );
 }
 

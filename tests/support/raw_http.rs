@@ -31,8 +31,18 @@ impl RawResponse {
 
 /// POSTs `body` to `/` with the MCP headers and `extra` headers.
 pub async fn post(addr: SocketAddr, body: &[u8], extra: &[(&str, &str)]) -> RawResponse {
+    send(addr, "POST", body, extra).await
+}
+
+/// Sends a `method` request with `body` to `/`, with the MCP headers and `extra`.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> RawResponse {
     let mut head = format!(
-        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+        "{method} / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
          Connection: close\r\n",
         body.len()
