@@ -155,7 +155,7 @@ async fn the_reset_header_follows_backpressure_header() {
 }
 
 #[tokio::test]
-async fn a_pmcp_client_sees_the_refusal_and_its_retry_hint() {
+async fn a_pmcp_client_sees_only_the_429_status_by_default() {
     let (limiter, _clock) = per_tool_window(1);
     let layer = ResilienceLayer::builder()
         .rate_limit(limiter)
@@ -342,6 +342,39 @@ async fn waiting_for_capacity_smooths_a_burst() {
         "within max_wait: {took:?}"
     );
     assert_eq!(server.behaviour.calls("echo"), 4);
+}
+
+#[tokio::test]
+async fn a_wait_beyond_max_wait_is_refused_at_once() {
+    let clock = ManualClock::new();
+    let limiter = RateLimitMiddleware::builder()
+        .scope(Scope::PerTool)
+        .strategy(RateLimitStrategy::TokenBucket {
+            capacity: 1,
+            refill_rate: 1,
+        })
+        .backpressure(BackpressureConfig::wait_up_to(Duration::from_millis(100)))
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .expect("valid limiter");
+    let layer = ResilienceLayer::builder()
+        .rate_limit(limiter)
+        .build()
+        .expect("valid layer");
+    let server = behind(layer).await;
+    let session = open_session(server.addr).await;
+    let s = [("mcp-session-id", session.as_str())];
+    assert_eq!(
+        post(server.addr, &tool_call(1, "echo"), &s).await.status,
+        200
+    );
+    let started = Instant::now();
+    let refused = post(server.addr, &tool_call(2, "echo"), &s).await;
+    assert!(started.elapsed() < Duration::from_millis(100), "no wait");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.json()["error"]["data"]["retryAfterMs"], 1000);
+    assert_eq!(server.behaviour.calls("echo"), 1);
 }
 
 #[tokio::test]

@@ -30,6 +30,10 @@
 //! - **Session**: the `mcp-session-id` header, as sent. Requests without it
 //!   (the `initialize` that opens a session) get the key part
 //!   [`NO_SESSION`](crate::scope::NO_SESSION) under [`Scope::PerSession`](crate::Scope::PerSession).
+//! - **Server URL**: none on the server side; scopes that use one
+//!   (`PerServer`, `PerEndpoint`) get the part
+//!   [`UNKNOWN_SERVER`](crate::scope::UNKNOWN_SERVER), so they act as
+//!   `Global` and `PerMethod`.
 //! - **Method and tool**: from the JSON-RPC body. Only *requests* (an object
 //!   with a `method` and a non-null `id`) are counted; notifications and
 //!   responses sent by the client pass free.
