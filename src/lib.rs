@@ -17,6 +17,7 @@
 //! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
 //! - [`metrics`]: settings shared by the metrics of both middlewares.
 //! - [`observe`]: `MetricsMiddleware`, Prometheus export and the JSON snapshot of all breakers and limiters.
+//! - [`server`]: protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
 //! - [`error`]: configuration and store errors.
 
@@ -33,6 +34,7 @@ pub mod persistence;
 pub mod rate_limit;
 pub mod registry;
 pub mod scope;
+pub mod server;
 
 pub use circuit_breaker::{
     CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore,

@@ -398,6 +398,11 @@ impl CircuitBreakerMiddleware {
         }
     }
 
+    /// The scope (for the server layer, which resolves keys itself).
+    pub(crate) fn key_scope(&self) -> &Scope {
+        &self.inner.scope
+    }
+
     /// The state of `key` as callers see it, or `None` if the key is not held.
     pub fn state_of(&self, key: &str) -> Option<CircuitState> {
         self.inner.registry.peek(key, |e| e.state.effective_state())

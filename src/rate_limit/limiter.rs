@@ -310,6 +310,10 @@ impl KeyedRateLimiter {
         }
     }
 
+    pub(crate) fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// The strategy's name (`token_bucket`, ...).
     pub fn strategy_label(&self) -> &'static str {
         self.label

@@ -23,6 +23,31 @@ use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
 use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
 use super::strategy::{Decision, Policy};
 
+/// A decision with its outcome, for callers that need the numbers
+/// (the server layer's headers).
+pub(crate) struct Verdict {
+    /// The limiter's decision, when it got that far.
+    pub(crate) decision: Option<Decision>,
+    /// What the middleware answers.
+    pub(crate) result: pmcp::Result<()>,
+}
+
+impl Verdict {
+    fn admitted(decision: Decision) -> Self {
+        Verdict {
+            decision: Some(decision),
+            result: Ok(()),
+        }
+    }
+
+    fn refused(decision: Option<Decision>, error: Error) -> Self {
+        Verdict {
+            decision,
+            result: Err(error),
+        }
+    }
+}
+
 /// Where decisions are made.
 pub(crate) enum Engine {
     /// The built-in limiter: synchronous, no boxed future per request.
@@ -302,36 +327,52 @@ impl RateLimitMiddleware {
         }
         let key = resolved.key;
         let cost = inner.cost.of(request);
+        self.admit_key(key, cost, request, context).await.result
+    }
+
+    /// Decides on `cost` units for `key`, waiting if the decision says so;
+    /// returns the decision with the outcome (the server layer turns it into
+    /// HTTP headers).
+    pub(crate) async fn admit_key(
+        &self,
+        key: ScopeKey,
+        cost: u32,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> Verdict {
+        let inner = &*self.inner;
         let now = inner.clock.now();
         let budget = inner.backpressure.wait_budget();
         self.count(&inner.metrics.total_requests, 1);
         let admission = match &inner.engine {
             Engine::Memory(limiter) => limiter.acquire_key_at(key.as_str(), cost, now, budget),
-            Engine::Custom(limiter) => {
-                limiter
-                    .acquire(&key, cost, now, budget)
-                    .await
-                    .map_err(|e| {
-                        self.count(&inner.metrics.rejected_requests, 1);
-                        crate::observe::mark_method(context, &request.method);
+            Engine::Custom(limiter) => match limiter.acquire(&key, cost, now, budget).await {
+                Ok(admission) => admission,
+                Err(e) => {
+                    self.count(&inner.metrics.rejected_requests, 1);
+                    crate::observe::mark_method(context, &request.method);
+                    return Verdict::refused(
+                        None,
                         Error::protocol(
                             ErrorCode::INTERNAL_ERROR,
                             format!("rate limiter store failed for {key}: {e}"),
-                        )
-                    })?
-            }
+                        ),
+                    );
+                }
+            },
         };
         let Admission {
             decision,
             reservation,
         } = admission;
         if !decision.allowed {
-            return Err(self.reject(&key, &decision, request, context));
+            let error = self.reject(&key, &decision, request, context);
+            return Verdict::refused(Some(decision), error);
         }
         if decision.wait.is_zero() {
             self.count(&inner.metrics.allowed_requests, 1);
             context.record_metric("rate_limit_passed".to_string(), 1.0);
-            return Ok(());
+            return Verdict::admitted(decision);
         }
         let refund = {
             let this = self.clone();
@@ -348,7 +389,8 @@ impl RateLimitMiddleware {
             full.allowed = false;
             full.retry_after = Some(decision.wait);
             tracing::debug!(key = key.as_str(), "too many requests waiting for capacity");
-            return Err(self.reject(&key, &full, request, context));
+            let error = self.reject(&key, &full, request, context);
+            return Verdict::refused(Some(full), error);
         };
         let guard = WaitGuard::new(place, refund);
         tokio::time::sleep(decision.wait).await;
@@ -366,7 +408,32 @@ impl RateLimitMiddleware {
             "rate_limit_waited_ms".to_string(),
             decision.wait.as_secs_f64() * 1e3,
         );
-        Ok(())
+        Verdict::admitted(decision)
+    }
+
+    /// The cost of `request` in units.
+    pub(crate) fn cost_of(&self, request: &JSONRPCRequest) -> u32 {
+        self.inner.cost.of(request)
+    }
+
+    /// The backpressure settings.
+    pub(crate) fn backpressure(&self) -> &BackpressureConfig {
+        &self.inner.backpressure
+    }
+
+    /// The time over which the limit applies (a window, or the time to
+    /// refill from empty); `None` for a custom limiter.
+    pub(crate) fn window(&self) -> Option<Duration> {
+        match &self.inner.engine {
+            Engine::Memory(limiter) => Some(Duration::from_nanos(match limiter.policy() {
+                Policy::FixedWindow { window, .. } | Policy::SlidingWindow { window, .. } => window,
+                Policy::TokenBucket { capacity, interval }
+                | Policy::LeakyBucket { capacity, interval } => {
+                    u64::from(capacity).saturating_mul(interval)
+                }
+            })),
+            Engine::Custom(_) => None,
+        }
     }
 
     /// Gives back a reservation whose request stopped waiting.

@@ -144,6 +144,17 @@ impl ToolHandler for Tool {
 /// Starts a pmcp server on 127.0.0.1 with the tools `echo`, `fail`, `flaky`,
 /// `slow` and `strict`, handling requests concurrently.
 pub async fn start_server(name: &str) -> TestServer {
+    start_server_wrapped(name, |b| b, |r| r).await
+}
+
+/// Like [`start_server`], with `customize` applied to the server builder
+/// (tool middlewares, ...) and `wrap` to the finished router (outermost
+/// layers). Served with `ConnectInfo<SocketAddr>`.
+pub async fn start_server_wrapped(
+    name: &str,
+    customize: impl FnOnce(pmcp::server::ServerBuilder) -> pmcp::server::ServerBuilder,
+    wrap: impl FnOnce(axum::Router) -> axum::Router,
+) -> TestServer {
     let behaviour = Arc::new(Behaviour::default());
     let mut builder = Server::builder()
         .name(name)
@@ -158,7 +169,7 @@ pub async fn start_server(name: &str) -> TestServer {
             },
         );
     }
-    let server = match builder.build() {
+    let server = match customize(builder).build() {
         Ok(server) => server,
         Err(e) => panic!("test server {name} failed to build: {e}"),
     };
@@ -214,8 +225,13 @@ pub async fn start_server(name: &str) -> TestServer {
         Ok(a) => a,
         Err(e) => panic!("no local address: {e}"),
     };
+    let app = wrap(app);
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
     });
     TestServer {
         addr,
@@ -278,5 +294,6 @@ pub async fn call<T: pmcp::shared::Transport + 'static>(
         .await
         .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
 }
+pub mod raw_http;
 pub mod redis;
 pub mod scrape;
