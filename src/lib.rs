@@ -18,6 +18,7 @@
 //! - [`metrics`]: settings shared by the metrics of both middlewares.
 //! - [`observe`]: `MetricsMiddleware`, Prometheus export and the JSON snapshot of all breakers and limiters.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
+//! - `redis_store` (feature `redis`): limiter and breaker state shared through Redis.
 //! - [`error`]: configuration and store errors.
 
 #![warn(missing_docs)]
@@ -31,6 +32,8 @@ pub mod observe;
 pub mod persistence;
 pub mod rate_limit;
 pub mod registry;
+#[cfg(feature = "redis")]
+pub mod redis_store;
 pub mod scope;
 
 pub use circuit_breaker::{
