@@ -57,7 +57,7 @@ pub struct RedisRateLimiter {
     link: Link,
     strategy: RateLimitStrategy,
     micros: Policy,
-    kind: u8,
+    pub(crate) kind: u8,
     p1: u64,
     p2: u64,
     suffix: String,
@@ -237,6 +237,11 @@ impl RedisRateLimiter {
     #[cfg(test)]
     pub(crate) fn micro(&self) -> Policy {
         self.micros
+    }
+
+    #[cfg(test)]
+    pub(crate) fn link_client(&self) -> redis::Client {
+        self.link.client.clone()
     }
 
     /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in tests.

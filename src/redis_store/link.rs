@@ -13,7 +13,7 @@ use crate::error::StoreError;
 
 /// One lazily created, self-reconnecting connection plus the store's health.
 pub(crate) struct Link {
-    client: redis::Client,
+    pub(crate) client: redis::Client,
     conn: Mutex<Option<ConnectionManager>>,
     pub(crate) options: RedisOptions,
     origin: Instant,

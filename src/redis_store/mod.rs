@@ -59,7 +59,8 @@
 //! expires when the key is back at full capacity; a rejected request writes
 //! nothing and does not touch the expiry. A breaker key is written only when
 //! its state changes, and expires after [`RedisOptions::breaker_ttl`] without
-//! a change; a closed breaker with nothing counted is deleted.
+//! a change; a closed breaker that never went half-open and counts nothing is
+//! deleted.
 //!
 //! # When Redis cannot be reached
 //!
