@@ -35,9 +35,22 @@ impl Drop for Server {
 }
 
 fn start() -> Option<Server> {
-    let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
     let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -55,10 +68,22 @@ fn start() -> Option<Server> {
 
 fn strategies() -> [RateLimitStrategy; 4] {
     [
-        RateLimitStrategy::TokenBucket { capacity: u32::MAX / 2_000_000, refill_rate: 1_000_000 },
-        RateLimitStrategy::LeakyBucket { capacity: 1_000, leak_rate: 1_000_000 },
-        RateLimitStrategy::FixedWindow { max_requests: u32::MAX, window: Duration::from_secs(1) },
-        RateLimitStrategy::SlidingWindow { max_requests: 1_000_000, window: Duration::from_secs(1) },
+        RateLimitStrategy::TokenBucket {
+            capacity: u32::MAX / 2_000_000,
+            refill_rate: 1_000_000,
+        },
+        RateLimitStrategy::LeakyBucket {
+            capacity: 1_000,
+            leak_rate: 1_000_000,
+        },
+        RateLimitStrategy::FixedWindow {
+            max_requests: u32::MAX,
+            window: Duration::from_secs(1),
+        },
+        RateLimitStrategy::SlidingWindow {
+            max_requests: 1_000_000,
+            window: Duration::from_secs(1),
+        },
     ]
 }
 
@@ -68,22 +93,34 @@ fn bench(c: &mut Criterion) {
         return;
     };
     let url = format!("redis://127.0.0.1:{}/", server.1);
-    let Ok(rt) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    else {
         return;
     };
-    let Ok(client) = redis::Client::open(url.as_str()) else { return };
+    let Ok(client) = redis::Client::open(url.as_str()) else {
+        return;
+    };
     let options = RedisOptions::default().call_timeout(Duration::from_secs(2));
     let token = strategies()[0];
-    let Ok(limiter) = RedisRateLimiter::new(client.clone(), token, options.clone()) else { return };
+    let Ok(limiter) = RedisRateLimiter::new(client.clone(), token, options.clone()) else {
+        return;
+    };
     let limiter = std::sync::Arc::new(limiter);
-    let Ok(conn) = rt.block_on(redis::aio::ConnectionManager::new(client.clone())) else { return };
+    let Ok(conn) = rt.block_on(redis::aio::ConnectionManager::new(client.clone())) else {
+        return;
+    };
     let key = ScopeKey::new("bench:key");
     let t0 = Timestamp::from_nanos(0);
 
     // MEMORY USAGE per key for each strategy.
     rt.block_on(async {
         for s in strategies() {
-            let Ok(l) = RedisRateLimiter::new(client.clone(), s, options.clone()) else { continue };
+            let Ok(l) = RedisRateLimiter::new(client.clone(), s, options.clone()) else {
+                continue;
+            };
             let _ = l.check(&ScopeKey::new("memory:probe"), 1, t0).await;
             let mut c = conn.clone();
             let bytes: redis::RedisResult<Option<u64>> = redis::cmd("MEMORY")
@@ -91,12 +128,17 @@ fn bench(c: &mut Criterion) {
                 .arg(l.redis_key("memory:probe"))
                 .query_async(&mut c)
                 .await;
-            println!("MEMORY USAGE {}: {:?} bytes", s.label(), bytes.ok().flatten());
+            println!(
+                "MEMORY USAGE {}: {:?} bytes",
+                s.label(),
+                bytes.ok().flatten()
+            );
         }
     });
 
     let mut g = c.benchmark_group("redis");
-    g.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
     for inflight in [1usize, 64] {
         g.bench_function(format!("ping_{inflight}_in_flight"), |b| {
             b.to_async(&rt).iter(|| {
@@ -104,7 +146,8 @@ fn bench(c: &mut Criterion) {
                     .map(|_| {
                         let mut c = conn.clone();
                         async move {
-                            let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
+                            let _: redis::RedisResult<String> =
+                                redis::cmd("PING").query_async(&mut c).await;
                         }
                     })
                     .collect();
@@ -127,7 +170,10 @@ fn bench(c: &mut Criterion) {
         });
     }
     // A key over its limit: answered by the local denial cache.
-    let full = RateLimitStrategy::FixedWindow { max_requests: 1, window: Duration::from_secs(3600) };
+    let full = RateLimitStrategy::FixedWindow {
+        max_requests: 1,
+        window: Duration::from_secs(3600),
+    };
     if let Ok(denied) = RedisRateLimiter::new(client.clone(), full, options.clone()) {
         let k = ScopeKey::new("bench:denied");
         rt.block_on(async {

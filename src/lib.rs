@@ -31,9 +31,9 @@ pub mod metrics;
 pub mod observe;
 pub mod persistence;
 pub mod rate_limit;
-pub mod registry;
 #[cfg(feature = "redis")]
 pub mod redis_store;
+pub mod registry;
 pub mod scope;
 
 pub use circuit_breaker::{

@@ -32,7 +32,11 @@ async fn command_calls(url: &str, command: &str) -> u64 {
     let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
         panic!("connect")
     };
-    let info: String = match redis::cmd("INFO").arg("commandstats").query_async(&mut c).await {
+    let info: String = match redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+    {
         Ok(i) => i,
         Err(e) => panic!("INFO: {e}"),
     };
@@ -51,17 +55,30 @@ fn now() -> Timestamp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_its_limit_is_answered_locally_and_rejections_write_nothing() {
     let server = RedisServer::start();
-    let strategy = RateLimitStrategy::FixedWindow { max_requests: 3, window: Duration::from_secs(60) };
+    let strategy = RateLimitStrategy::FixedWindow {
+        max_requests: 3,
+        window: Duration::from_secs(60),
+    };
     let l = limiter(&server.url(), strategy, RedisOptions::default());
     let key = ScopeKey::new("tool:search");
     for _ in 0..3 {
         assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
     }
-    let Ok(mut c) = client(&server.url()).get_multiplexed_async_connection().await else {
+    let Ok(mut c) = client(&server.url())
+        .get_multiplexed_async_connection()
+        .await
+    else {
         panic!("connect")
     };
-    let pttl: i64 = redis::cmd("PTTL").arg(l.redis_key("tool:search")).query_async(&mut c).await.unwrap_or(-3);
-    assert!(pttl > 0 && pttl <= 60_000, "the key expires with its window: {pttl}");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(l.redis_key("tool:search"))
+        .query_async(&mut c)
+        .await
+        .unwrap_or(-3);
+    assert!(
+        pttl > 0 && pttl <= 60_000,
+        "the key expires with its window: {pttl}"
+    );
     let sets = command_calls(&server.url(), "set").await;
     let trips = l.health().round_trips;
     let first = l.check(&key, 1, now()).await;
@@ -70,9 +87,17 @@ async fn a_key_over_its_limit_is_answered_locally_and_rejections_write_nothing()
         assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if !d.allowed));
     }
     let h = l.health();
-    assert_eq!(h.round_trips, trips + 1, "one round trip for the first rejection only");
+    assert_eq!(
+        h.round_trips,
+        trips + 1,
+        "one round trip for the first rejection only"
+    );
     assert_eq!(h.cached_denials, 100);
-    assert_eq!(command_calls(&server.url(), "set").await, sets, "a rejection writes nothing");
+    assert_eq!(
+        command_calls(&server.url(), "set").await,
+        sets,
+        "a rejection writes nothing"
+    );
     assert_eq!(command_calls(&server.url(), "pexpire").await, 0);
 }
 
@@ -81,7 +106,9 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
     let server = RedisServer::start();
     let a = RedisBreakerStore::new(client(&server.url()), RedisOptions::default());
     let b = RedisBreakerStore::new(client(&server.url()), RedisOptions::default());
-    let (Ok(a), Ok(b)) = (a, b) else { panic!("stores") };
+    let (Ok(a), Ok(b)) = (a, b) else {
+        panic!("stores")
+    };
     let (a, b) = (Arc::new(a), Arc::new(b));
     let policy = BreakerPolicy {
         consecutive_failures: 3,
@@ -92,19 +119,33 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
     };
     let key = "server:https://api.example";
     for _ in 0..3 {
-        let r = a.record(key, &policy, now(), CallResult::Failure, Duration::ZERO, None, 0.5).await;
+        let r = a
+            .record(
+                key,
+                &policy,
+                now(),
+                CallResult::Failure,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
+            .await;
         assert!(r.is_ok());
     }
     let seen = b.get_state(key).await.ok().flatten().map(|s| s.state);
     assert_eq!(seen, Some(CircuitState::Open));
-    assert!(matches!(b.acquire(key, &policy, now(), 0.5).await, Ok((Admission::Rejected { .. }, _))));
+    assert!(matches!(
+        b.acquire(key, &policy, now(), 0.5).await,
+        Ok((Admission::Rejected { .. }, _))
+    ));
     // A real process waits out the open time on Redis's clock.
     tokio::time::sleep(Duration::from_millis(250)).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let policy = policy;
-        tasks.push(tokio::spawn(async move { store.acquire(key, &policy, now(), 0.5).await }));
+        tasks.push(tokio::spawn(async move {
+            store.acquire(key, &policy, now(), 0.5).await
+        }));
     }
     let mut probes = 0;
     for t in tasks {
@@ -120,12 +161,19 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_every_policy_answers_in_time_and_recovers() {
-    for policy in [FailurePolicy::FailOpen, FailurePolicy::FailClosed, FailurePolicy::LocalFallback] {
+    for policy in [
+        FailurePolicy::FailOpen,
+        FailurePolicy::FailClosed,
+        FailurePolicy::LocalFallback,
+    ] {
         let mut server = RedisServer::start();
         let options = RedisOptions::default()
             .failure_policy(policy)
             .retry_interval(Duration::from_millis(100));
-        let strategy = RateLimitStrategy::TokenBucket { capacity: 1_000_000, refill_rate: 1000 };
+        let strategy = RateLimitStrategy::TokenBucket {
+            capacity: 1_000_000,
+            refill_rate: 1000,
+        };
         let l = Arc::new(limiter(&server.url(), strategy, options.clone()));
         let breaker = match RedisBreakerStore::new(client(&server.url()), options) {
             Ok(b) => b,
@@ -153,7 +201,10 @@ async fn redis_killed_under_load_every_policy_answers_in_time_and_recovers() {
             assert!(b.is_ok());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(slowest < Duration::from_secs(1), "{policy:?}: a call took {slowest:?}");
+        assert!(
+            slowest < Duration::from_secs(1),
+            "{policy:?}: a call took {slowest:?}"
+        );
         let expected = match policy {
             FailurePolicy::FailOpen => StoreMode::FailOpen,
             FailurePolicy::FailClosed => StoreMode::FailClosed,
@@ -180,9 +231,18 @@ const CHILD_ENV: &str = "PMCP_REDIS_CHILD_URL";
 /// Child role of the next test: hammers one key for a while and prints its admissions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_hammers_the_shared_limit() {
-    let Ok(url) = std::env::var(CHILD_ENV) else { return };
-    let strategy = RateLimitStrategy::TokenBucket { capacity: 50, refill_rate: 20 };
-    let l = limiter(&url, strategy, RedisOptions::default().call_timeout(Duration::from_secs(1)));
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 50,
+        refill_rate: 20,
+    };
+    let l = limiter(
+        &url,
+        strategy,
+        RedisOptions::default().call_timeout(Duration::from_secs(1)),
+    );
     let key = ScopeKey::new("tenant:shared");
     let mut admitted = 0u64;
     let until = Instant::now() + Duration::from_millis(1500);
@@ -197,7 +257,9 @@ async fn child_hammers_the_shared_limit() {
 }
 
 async fn redis_time_us(url: &str) -> u64 {
-    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else { panic!("connect") };
+    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
+        panic!("connect")
+    };
     let t: (u64, u64) = match redis::cmd("TIME").query_async(&mut c).await {
         Ok(t) => t,
         Err(e) => panic!("TIME: {e}"),
@@ -216,7 +278,13 @@ async fn three_processes_sharing_one_limit_admit_no_more_than_it() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["--exact", "child_hammers_the_shared_limit", "--nocapture", "--test-threads", "1"])
+                .args([
+                    "--exact",
+                    "child_hammers_the_shared_limit",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
                 .env(CHILD_ENV, server.url())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
@@ -232,7 +300,11 @@ async fn three_processes_sharing_one_limit_admit_no_more_than_it() {
         let n: u64 = text
             .split("ADMITTED=")
             .nth(1)
-            .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            })
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("child printed no count: {text}"));
         assert!(n > 0, "every child got some admissions");

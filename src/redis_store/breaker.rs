@@ -77,7 +77,9 @@ impl fmt::Debug for RedisBreakerStore {
 }
 
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).min(1 << 51)
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .min(1 << 51)
 }
 
 fn state_code(s: i64) -> CircuitState {

@@ -13,8 +13,7 @@ use super::scripts;
 use crate::clock::{Timestamp, default_clock};
 use crate::error::{ConfigError, StoreError};
 use crate::rate_limit::strategy::{
-    FixedWindowState, LeakyBucketState, LimiterState, Policy, SlidingWindowState,
-    TokenBucketState,
+    FixedWindowState, LeakyBucketState, LimiterState, Policy, SlidingWindowState, TokenBucketState,
 };
 use crate::rate_limit::{
     Admission, Decision, KeyedRateLimiter, RateLimitStrategy, RateLimiter, Reservation,
@@ -412,13 +411,12 @@ impl RateLimiter for RedisRateLimiter {
                 if !decision.allowed {
                     self.denials.insert(key, cost, decision);
                 }
-                let reservation = (decision.allowed && !decision.wait.is_zero()).then(|| {
-                    Reservation {
+                let reservation =
+                    (decision.allowed && !decision.wait.is_zero()).then(|| Reservation {
                         cost,
                         before: self.state(reply.before),
                         after: self.state(reply.after),
-                    }
-                });
+                    });
                 Ok(Admission {
                     decision,
                     reservation,

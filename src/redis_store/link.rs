@@ -89,7 +89,8 @@ impl Link {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(self.options.call_timeout, f(conn)).await {
             Ok(Ok(v)) => {
-                self.mode.store(StoreMode::Normal.to_u8(), Ordering::Relaxed);
+                self.mode
+                    .store(StoreMode::Normal.to_u8(), Ordering::Relaxed);
                 Ok(v)
             }
             Ok(Err(e)) => {

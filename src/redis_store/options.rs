@@ -210,7 +210,9 @@ impl RedisOptions {
                  the hash tag of the scope key)",
             ));
         }
-        let ms = |d: Duration, lo: u64, hi: u64| d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi);
+        let ms = |d: Duration, lo: u64, hi: u64| {
+            d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi)
+        };
         if !ms(self.call_timeout, 1, 60_000) {
             return Err(ConfigError::invalid(
                 "call_timeout",

@@ -12,8 +12,8 @@ use crate::circuit_breaker::state::{
     self, Admission, BreakerPolicy, CallResult, CircuitBreakerState, ProbeId,
 };
 use crate::clock::Timestamp;
-use crate::rate_limit::strategy::{LimiterState, Reservation};
 use crate::rate_limit::RateLimitStrategy;
+use crate::rate_limit::strategy::{LimiterState, Reservation};
 
 const START_US: i64 = 1_767_225_600_000_000;
 
@@ -52,13 +52,34 @@ fn as_array(kind: u8, s: &LimiterState) -> [u64; 3] {
 async fn limiter_scripts_match_the_rust_strategies() {
     let server = server::RedisServer::start();
     let strategies = [
-        RateLimitStrategy::TokenBucket { capacity: 5, refill_rate: 3 },
-        RateLimitStrategy::TokenBucket { capacity: 1, refill_rate: 7 },
-        RateLimitStrategy::LeakyBucket { capacity: 4, leak_rate: 3 },
-        RateLimitStrategy::FixedWindow { max_requests: 5, window: Duration::from_millis(700) },
-        RateLimitStrategy::FixedWindow { max_requests: 3, window: Duration::from_secs(1) },
-        RateLimitStrategy::SlidingWindow { max_requests: 5, window: Duration::from_millis(700) },
-        RateLimitStrategy::SlidingWindow { max_requests: 7, window: Duration::from_secs(1) },
+        RateLimitStrategy::TokenBucket {
+            capacity: 5,
+            refill_rate: 3,
+        },
+        RateLimitStrategy::TokenBucket {
+            capacity: 1,
+            refill_rate: 7,
+        },
+        RateLimitStrategy::LeakyBucket {
+            capacity: 4,
+            leak_rate: 3,
+        },
+        RateLimitStrategy::FixedWindow {
+            max_requests: 5,
+            window: Duration::from_millis(700),
+        },
+        RateLimitStrategy::FixedWindow {
+            max_requests: 3,
+            window: Duration::from_secs(1),
+        },
+        RateLimitStrategy::SlidingWindow {
+            max_requests: 5,
+            window: Duration::from_millis(700),
+        },
+        RateLimitStrategy::SlidingWindow {
+            max_requests: 7,
+            window: Duration::from_secs(1),
+        },
     ];
     let mut compared = 0;
     for (n, strategy) in strategies.into_iter().enumerate() {
@@ -83,12 +104,23 @@ async fn limiter_scripts_match_the_rust_strategies() {
                     _ => rng.i64(0..1_500_000),
                 };
                 let now_u = u64::try_from(now).unwrap_or(0);
-                if rng.u8(0..8) == 0 && let Some(r) = last.take() {
+                if rng.u8(0..8) == 0
+                    && let Some(r) = last.take()
+                {
                     let rust = policy.refund(&mut state, &r, now_u);
                     let lua = limiter
-                        .script_cancel(&key, as_array(kind, &r.before), as_array(kind, &r.after), now)
+                        .script_cancel(
+                            &key,
+                            as_array(kind, &r.before),
+                            as_array(kind, &r.after),
+                            now,
+                        )
                         .await;
-                    assert_eq!(lua.ok(), Some(rust), "{strategy:?} seed {seed} step {step}: cancel");
+                    assert_eq!(
+                        lua.ok(),
+                        Some(rust),
+                        "{strategy:?} seed {seed} step {step}: cancel"
+                    );
                     persist(&limiter.link_client(), &redis_key).await;
                     continue;
                 }
@@ -104,20 +136,32 @@ async fn limiter_scripts_match_the_rust_strategies() {
                     Err(e) => panic!("script: {e}"),
                 };
                 persist(&limiter.link_client(), &redis_key).await;
-                let ctx = format!("{strategy:?} seed {seed} step {step} cost {cost} now {now} wait {max_wait_us} rust {before:?} -> {state:?} {rust:?} lua {lua:?}");
+                let ctx = format!(
+                    "{strategy:?} seed {seed} step {step} cost {cost} now {now} wait {max_wait_us} rust {before:?} -> {state:?} {rust:?} lua {lua:?}"
+                );
                 assert_eq!(lua.allowed, rust.allowed, "{ctx}: allowed");
                 assert_eq!(lua.remaining, u64::from(rust.remaining), "{ctx}: remaining");
                 assert_eq!(lua.reset_at, rust.reset_at.as_nanos(), "{ctx}: reset_at");
                 if rust.allowed {
-                    assert_eq!(lua.wait, u64::try_from(rust.wait.as_nanos()).unwrap_or(0), "{ctx}: wait");
+                    assert_eq!(
+                        lua.wait,
+                        u64::try_from(rust.wait.as_nanos()).unwrap_or(0),
+                        "{ctx}: wait"
+                    );
                 } else {
-                    let rust_retry = rust.retry_after.map(|d| u64::try_from(d.as_nanos()).unwrap_or(0));
+                    let rust_retry = rust
+                        .retry_after
+                        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(0));
                     assert_eq!(lua.retry_after, rust_retry, "{ctx}: retry_after");
                 }
                 if rust.allowed {
                     assert_eq!(lua.after, as_array(kind, &state), "{ctx}: state");
                     if !rust.wait.is_zero() {
-                        last = Some(Reservation { cost, before, after: state });
+                        last = Some(Reservation {
+                            cost,
+                            before,
+                            after: state,
+                        });
                     }
                 }
                 compared += 1;
@@ -190,10 +234,21 @@ async fn breaker_script_matches_the_rust_state_machine() {
                     let got = store.record_at(&key, policy, result, probe, now).await.ok();
                     assert_eq!(got, Some(expected), "{ctx}: record {result:?}");
                 }
-                let stored = store.get_state(&key).await.ok().flatten().unwrap_or_default();
+                let stored = store
+                    .get_state(&key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
                 assert_eq!(stored.state, rust.state, "{ctx}: state");
-                assert_eq!(stored.consecutive_failures, rust.consecutive_failures, "{ctx}");
-                assert_eq!(stored.half_open_successes, rust.half_open_successes, "{ctx}");
+                assert_eq!(
+                    stored.consecutive_failures, rust.consecutive_failures,
+                    "{ctx}"
+                );
+                assert_eq!(
+                    stored.half_open_successes, rust.half_open_successes,
+                    "{ctx}"
+                );
                 assert_eq!(stored.trips, rust.trips, "{ctx}");
                 let mut a: Vec<_> = stored.probes.iter().map(|p| (p.id, p.deadline)).collect();
                 let mut b: Vec<_> = rust.probes.iter().map(|p| (p.id, p.deadline)).collect();
@@ -220,7 +275,10 @@ fn unsupported_breaker_rules_are_refused() {
 
 #[test]
 fn limits_outside_exact_lua_arithmetic_are_refused() {
-    let too_fast = RateLimitStrategy::TokenBucket { capacity: 10, refill_rate: 2_000_000 };
+    let too_fast = RateLimitStrategy::TokenBucket {
+        capacity: 10,
+        refill_rate: 2_000_000,
+    };
     let too_big = RateLimitStrategy::SlidingWindow {
         max_requests: u32::MAX,
         window: Duration::from_secs(86_400),
