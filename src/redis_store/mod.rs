@@ -47,7 +47,7 @@
 //! `10^6 / rate` microseconds, rounded down. The Rust side runs the very same
 //! pure functions of [`crate::rate_limit::strategy`] on microsecond values,
 //! and a test holds both to identical decisions. Limits that would leave the
-//! exact range are refused with a [`ConfigError`](crate::ConfigError): rates
+//! exact range are refused with a [`ConfigError`](crate::ConfigError::Invalid): rates
 //! above 10^6 per second, windows under 1 µs, and sliding windows with
 //! `max_requests × window_µs > 2^51`. Numbers are written to Redis with
 //! `string.format('%.0f')` (never `tostring`, which keeps 14 digits), and
