@@ -19,6 +19,7 @@
 //! - [`observe`]: `MetricsMiddleware`, Prometheus export and the JSON snapshot of all breakers and limiters.
 //! - [`server`]: protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
+//! - `redis_store` (feature `redis`): limiter and breaker state shared through Redis.
 //! - [`error`]: configuration and store errors.
 
 #![warn(missing_docs)]
@@ -32,6 +33,8 @@ pub mod metrics;
 pub mod observe;
 pub mod persistence;
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+pub mod redis_store;
 pub mod registry;
 pub mod scope;
 pub mod server;

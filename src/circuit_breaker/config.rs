@@ -191,6 +191,8 @@ pub struct CircuitBreakerBuilder {
     clock: Option<SharedClock>,
     target: RequestTarget,
     file_options: FileStoreOptions<CircuitBreakerState>,
+    #[cfg(feature = "redis")]
+    redis_options: crate::redis_store::RedisOptions,
 }
 
 impl CircuitBreakerBuilder {
@@ -251,6 +253,17 @@ impl CircuitBreakerBuilder {
     /// rule are the breaker's own.
     pub fn file_options(mut self, options: FileStoreOptions<CircuitBreakerState>) -> Self {
         self.file_options = options;
+        self
+    }
+
+    /// Settings of the Redis store for `StatePersistence::Redis`: call
+    /// timeout, failure policy, denial cache (the key prefix comes from the
+    /// persistence itself). The Redis store supports consecutive-failure
+    /// trips, half-open probes and modes; `build()` refuses the other trip
+    /// rules with a clear error.
+    #[cfg(feature = "redis")]
+    pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
+        self.redis_options = options;
         self
     }
 
@@ -372,7 +385,16 @@ impl CircuitBreakerBuilder {
         }
         let clock = self.clock.unwrap_or_else(default_clock);
         // Opened last: a file is locked only once every setting is valid.
-        let opened = persist::open(&self.config.persistence, self.file_options, &clock)?;
+        let opened = persist::open(
+            &self.config.persistence,
+            &self.config.policy,
+            persist::Options {
+                file: self.file_options,
+                #[cfg(feature = "redis")]
+                redis: self.redis_options,
+            },
+            &clock,
+        )?;
         Ok(CircuitBreakerMiddleware::from_backend(
             self.config,
             clock,

@@ -47,21 +47,38 @@ pub(crate) struct Opened {
     pub(crate) loaded: BTreeMap<String, CircuitBreakerState>,
 }
 
-/// Opens the backend chosen by `persistence`.
-///
-/// Each shared store is one arm returning [`Backend::Shared`]; the Redis
-/// store goes here as
-/// `StatePersistence::Redis { .. } => Backend::Shared(redis_store::breaker_store_for(..)?)`.
+/// The settings of every kind of store, as the builder holds them.
+pub(crate) struct Options {
+    pub(crate) file: FileStoreOptions<CircuitBreakerState>,
+    #[cfg(feature = "redis")]
+    pub(crate) redis: crate::redis_store::RedisOptions,
+}
+
+/// Opens the backend chosen by `persistence`; each shared store is one arm
+/// returning [`Backend::Shared`].
 pub(crate) fn open(
     persistence: &StatePersistence,
-    options: FileStoreOptions<CircuitBreakerState>,
+    policy: &crate::circuit_breaker::BreakerPolicy,
+    options: Options,
     clock: &SharedClock,
 ) -> Result<Opened, ConfigError> {
+    #[cfg(not(feature = "redis"))]
+    let _ = policy;
     let backend = match persistence {
         StatePersistence::Memory => Backend::Memory,
         StatePersistence::Custom(store) => Backend::Shared(Arc::clone(store)),
+        #[cfg(feature = "redis")]
+        StatePersistence::Redis { client, key_prefix } => {
+            Backend::Shared(crate::redis_store::breaker_store_for(
+                client.clone(),
+                key_prefix,
+                policy,
+                options.redis,
+            )?)
+        }
         StatePersistence::File(path) => {
             let options = options
+                .file
                 .clock(Arc::clone(clock))
                 .expire_on_load(worth_keeping);
             let (backing, loaded, report) = FileBacking::open(path, KIND_CIRCUIT_BREAKER, options)?;

@@ -52,6 +52,17 @@ pub enum StatePersistence {
     /// In a file, written atomically, read back on start (`build()` must run
     /// inside a Tokio runtime).
     File(PathBuf),
+    /// In Redis, shared by every process pointed at the same server and
+    /// prefix: each decision is one Lua script using the server's clock.
+    /// Tune timeouts and the failure policy with the builders'
+    /// `redis_options(..)`.
+    #[cfg(feature = "redis")]
+    Redis {
+        /// The Redis client (for example `redis::Client::open("redis://127.0.0.1/")?`).
+        client: redis::Client,
+        /// Prepended to every key (at most 64 bytes; no braces).
+        key_prefix: String,
+    },
     /// In a store of your own (circuit breakers only; a rate limiter takes a
     /// limiter of your own through `RateLimitMiddleware::builder().limiter(..)`).
     Custom(Arc<dyn CircuitBreakerStateStore>),
@@ -63,6 +74,11 @@ impl fmt::Debug for StatePersistence {
             StatePersistence::Memory => f.write_str("Memory"),
             StatePersistence::File(path) => f.debug_tuple("File").field(path).finish(),
             StatePersistence::Custom(_) => f.write_str("Custom(..)"),
+            #[cfg(feature = "redis")]
+            StatePersistence::Redis { key_prefix, .. } => f
+                .debug_struct("Redis")
+                .field("key_prefix", key_prefix)
+                .finish_non_exhaustive(),
         }
     }
 }

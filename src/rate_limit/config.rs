@@ -93,6 +93,8 @@ pub struct RateLimitBuilder {
     target: RequestTarget,
     limiter: Option<Arc<dyn RateLimiter>>,
     file_options: FileStoreOptions<LimiterState>,
+    #[cfg(feature = "redis")]
+    redis_options: crate::redis_store::RedisOptions,
 }
 
 impl Default for RateLimitBuilder {
@@ -113,6 +115,8 @@ impl Default for RateLimitBuilder {
             target: RequestTarget::default(),
             limiter: None,
             file_options: FileStoreOptions::default(),
+            #[cfg(feature = "redis")]
+            redis_options: crate::redis_store::RedisOptions::default(),
         }
     }
 }
@@ -218,6 +222,16 @@ impl RateLimitBuilder {
         self
     }
 
+    /// Settings of the Redis limiter for `StatePersistence::Redis`: call
+    /// timeout, failure policy (fail open, fail closed, or a local in-memory
+    /// limiter while Redis is down), denial cache. The key prefix comes from
+    /// the persistence itself.
+    #[cfg(feature = "redis")]
+    pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
+        self.redis_options = options;
+        self
+    }
+
     /// Use your own limiter instead of the built-in one (the strategy and
     /// persistence settings are then not used).
     pub fn limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
@@ -252,13 +266,13 @@ impl RateLimitBuilder {
         let engine = match self.limiter {
             Some(limiter) => Engine::Custom(limiter),
             None => {
-                // A shared store (the coming `StatePersistence::Redis` arm)
-                // is a limiter of its own: it returns
-                // `Engine::Custom(redis_store::rate_limiter_for(..))` here,
-                // before the in-memory limiter is built.
-                let file = match self.persistence {
+                // A shared store is a limiter of its own, behind the trait.
+                let persistence = self.persistence;
+                let file = match &persistence {
                     StatePersistence::Memory => None,
-                    StatePersistence::File(path) => Some(path),
+                    StatePersistence::File(path) => Some(path.clone()),
+                    #[cfg(feature = "redis")]
+                    StatePersistence::Redis { .. } => None,
                     StatePersistence::Custom(_) => {
                         return Err(ConfigError::UnsupportedPersistence(
                             "StatePersistence::Custom holds a circuit breaker store; \
@@ -280,6 +294,25 @@ impl RateLimitBuilder {
                              such requests could never pass",
                             policy.limit()
                         ),
+                    ));
+                }
+                #[cfg(feature = "redis")]
+                if let StatePersistence::Redis { client, key_prefix } = &persistence {
+                    let limiter = crate::redis_store::rate_limiter_for(
+                        client.clone(),
+                        key_prefix,
+                        self.strategy,
+                        self.redis_options,
+                    )?;
+                    return Ok(RateLimitMiddleware::from_parts(
+                        self.scope,
+                        Engine::Custom(limiter),
+                        self.cost,
+                        self.backpressure,
+                        self.max_waiters,
+                        self.metrics_config,
+                        clock,
+                        self.target,
                     ));
                 }
                 let mut limiter = KeyedRateLimiter::from_policy(

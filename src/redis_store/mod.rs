@@ -1,0 +1,121 @@
+//! State shared by several processes through Redis (cargo feature `redis`).
+//!
+//! [`RedisRateLimiter`] and [`RedisBreakerStore`] keep each scope key's state
+//! in Redis and decide with one Lua script per request: one round trip, no
+//! read-modify-write from the client, and the time taken from the Redis
+//! server's `TIME`, so clients with skewed clocks still agree.
+//!
+//! ```no_run
+//! use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+//! use pmcp_resilience::redis_store::{FailurePolicy, RedisOptions, RedisRateLimiter};
+//! use std::sync::Arc;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = redis::Client::open("redis://127.0.0.1:6380/")?;
+//! let options = RedisOptions::default()
+//!     .key_prefix("myapp:")
+//!     .failure_policy(FailurePolicy::LocalFallback);
+//! let limiter = RedisRateLimiter::new(
+//!     client,
+//!     RateLimitStrategy::TokenBucket { capacity: 100, refill_rate: 10 },
+//!     options,
+//! )?;
+//! let middleware = RateLimitMiddleware::builder().limiter(Arc::new(limiter)).build()?;
+//! # drop(middleware);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Key layout
+//!
+//! `<prefix>{<scope key>}:rl:<strategy>` for a limiter and
+//! `<prefix>{<scope key>}:cb` for a breaker. The braces are a Redis Cluster
+//! hash tag: every key of one scope key lives in one slot, so no script ever
+//! spans slots (no `CROSSSLOT`). In the scope key, `%`, `{` and `}` are
+//! percent-escaped, so an untrusted part (a session id, a tool name) cannot
+//! close the tag early; a scope key longer than 256 bytes once escaped is
+//! replaced by its first 128 bytes and a 64-bit FNV-1a digest of the whole.
+//! The prefix may not contain braces.
+//!
+//! # Time resolution
+//!
+//! Redis scripts run Lua 5.1, whose numbers are doubles: integers are exact
+//! only up to 2^53, and nanoseconds since the epoch (about 1.8e18) are not.
+//! The scripts therefore work in **whole microseconds** (about 1.8e15, well
+//! below 2^53 = 9.007e15): the time is `TIME` seconds × 10^6 + microseconds,
+//! windows are rounded down to whole microseconds and a refill interval is
+//! `10^6 / rate` microseconds, rounded down. The Rust side runs the very same
+//! pure functions of [`crate::rate_limit::strategy`] on microsecond values,
+//! and a test holds both to identical decisions. Limits that would leave the
+//! exact range are refused with a [`ConfigError`](crate::ConfigError::Invalid): rates
+//! above 10^6 per second, windows under 1 µs, and sliding windows with
+//! `max_requests × window_µs > 2^51`. Numbers are written to Redis with
+//! `string.format('%.0f')` (never `tostring`, which keeps 14 digits), and
+//! every reply is an integer.
+//!
+//! # Expiry
+//!
+//! A limiter key is written (`SET … PX`) only when a request is admitted, and
+//! expires when the key is back at full capacity; a rejected request writes
+//! nothing and does not touch the expiry. A breaker key is written only when
+//! its state changes, and expires after [`RedisOptions::breaker_ttl`] without
+//! a change; a closed breaker that never went half-open and counts nothing is
+//! deleted.
+//!
+//! # When Redis cannot be reached
+//!
+//! Every call has a timeout ([`RedisOptions::call_timeout`]); the connection
+//! is a `redis::aio::ConnectionManager` that reconnects by itself. On an
+//! error the [`FailurePolicy`] decides, and for
+//! [`RedisOptions::retry_interval`] the store does not wait on Redis again;
+//! the first call after that tries Redis, and a success puts the store back
+//! in [`StoreMode::Normal`]. [`RedisHealth`] shows the mode and counters.
+
+mod breaker;
+mod denial;
+mod keys;
+mod limiter;
+mod link;
+mod options;
+mod scripts;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+pub use breaker::RedisBreakerStore;
+pub use limiter::RedisRateLimiter;
+pub use options::{FailurePolicy, RedisHealth, RedisOptions, StoreMode};
+
+use crate::circuit_breaker::CircuitBreakerStateStore;
+use crate::circuit_breaker::state::BreakerPolicy;
+use crate::error::ConfigError;
+use crate::rate_limit::{RateLimitStrategy, RateLimiter};
+
+/// A Redis breaker store for the builders: `key_prefix` overrides the one in
+/// `options`, and `policy` is checked against what the store supports.
+#[allow(dead_code)]
+pub(crate) fn breaker_store_for(
+    client: redis::Client,
+    key_prefix: &str,
+    policy: &BreakerPolicy,
+    options: RedisOptions,
+) -> Result<Arc<dyn CircuitBreakerStateStore>, ConfigError> {
+    RedisBreakerStore::supports(policy)?;
+    let store = RedisBreakerStore::new(client, options.key_prefix(key_prefix))?;
+    Ok(Arc::new(store))
+}
+
+/// A Redis rate limiter for the builders: `key_prefix` overrides the one in
+/// `options`.
+#[allow(dead_code)]
+pub(crate) fn rate_limiter_for(
+    client: redis::Client,
+    key_prefix: &str,
+    strategy: RateLimitStrategy,
+    options: RedisOptions,
+) -> Result<Arc<dyn RateLimiter>, ConfigError> {
+    let limiter = RedisRateLimiter::new(client, strategy, options.key_prefix(key_prefix))?;
+    Ok(Arc::new(limiter))
+}

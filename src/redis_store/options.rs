@@ -1,0 +1,248 @@
+//! Settings of the Redis stores, the failure policy, and what they report.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// What a Redis store does while Redis cannot be reached or does not answer
+/// within [`RedisOptions::call_timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Admit every request (a limiter admits, a breaker lets calls through
+    /// and counts nothing): availability first.
+    FailOpen,
+    /// Reject every request, with [`RedisOptions::retry_interval`] as the
+    /// time to retry: protection first.
+    FailClosed,
+    /// Decide in this process, in memory, with the same strategy or breaker
+    /// policy, until Redis answers again (limits then hold per process, not
+    /// for the fleet).
+    #[default]
+    LocalFallback,
+}
+
+impl FailurePolicy {
+    fn mode(self) -> StoreMode {
+        match self {
+            FailurePolicy::FailOpen => StoreMode::FailOpen,
+            FailurePolicy::FailClosed => StoreMode::FailClosed,
+            FailurePolicy::LocalFallback => StoreMode::LocalFallback,
+        }
+    }
+
+    pub(crate) fn degraded_mode(self) -> StoreMode {
+        self.mode()
+    }
+}
+
+/// How a Redis store is deciding right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreMode {
+    /// Redis answers: decisions are shared by the fleet.
+    Normal,
+    /// Redis is unreachable and requests are admitted.
+    FailOpen,
+    /// Redis is unreachable and requests are rejected.
+    FailClosed,
+    /// Redis is unreachable and this process decides alone, in memory.
+    LocalFallback,
+}
+
+impl StoreMode {
+    /// A label for metrics: `normal`, `fail_open`, `fail_closed`, `local_fallback`.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreMode::Normal => "normal",
+            StoreMode::FailOpen => "fail_open",
+            StoreMode::FailClosed => "fail_closed",
+            StoreMode::LocalFallback => "local_fallback",
+        }
+    }
+
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            StoreMode::Normal => 0,
+            StoreMode::FailOpen => 1,
+            StoreMode::FailClosed => 2,
+            StoreMode::LocalFallback => 3,
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            1 => StoreMode::FailOpen,
+            2 => StoreMode::FailClosed,
+            3 => StoreMode::LocalFallback,
+            _ => StoreMode::Normal,
+        }
+    }
+}
+
+/// The health of a Redis store, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisHealth {
+    /// How the store decides now.
+    pub mode: StoreMode,
+    /// Calls to Redis that failed or timed out, since the store was created.
+    pub store_errors: u64,
+    /// Calls made to Redis (scripts and commands), since the store was created.
+    pub round_trips: u64,
+    /// Decisions taken without Redis under the failure policy.
+    pub degraded_decisions: u64,
+    /// Rejections answered from the local denial cache, without a round trip.
+    pub cached_denials: u64,
+}
+
+/// Settings shared by [`RedisRateLimiter`](super::RedisRateLimiter) and
+/// [`RedisBreakerStore`](super::RedisBreakerStore).
+///
+/// ```
+/// use pmcp_resilience::redis_store::{FailurePolicy, RedisOptions};
+/// use std::time::Duration;
+///
+/// let options = RedisOptions::default()
+///     .key_prefix("billing:")
+///     .call_timeout(Duration::from_millis(20))
+///     .failure_policy(FailurePolicy::FailClosed);
+/// assert!(options.validate().is_ok());
+/// assert!(RedisOptions::default().key_prefix("a{b").validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// Prepended to every key (default `pmcp:`); at most 64 bytes, no braces
+    /// or control characters.
+    pub key_prefix: String,
+    /// The longest a request waits for Redis, connection included (default 50 ms).
+    pub call_timeout: Duration,
+    /// The longest one connection attempt may take (default 1 s; a call
+    /// still gives up after `call_timeout`).
+    pub connect_timeout: Duration,
+    /// What to do while Redis cannot be reached (default
+    /// [`FailurePolicy::LocalFallback`]).
+    pub failure_policy: FailurePolicy,
+    /// After a failed call, how long requests are decided by the failure
+    /// policy without trying Redis (default 250 ms); the first request after
+    /// that tries Redis again.
+    pub retry_interval: Duration,
+    /// Keys remembered by the local denial cache (default 10 000; 0 turns
+    /// the cache off).
+    pub denial_cache_capacity: usize,
+    /// How long a breaker key lives without a change (default 24 h).
+    pub breaker_ttl: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            key_prefix: "pmcp:".to_owned(),
+            call_timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            failure_policy: FailurePolicy::default(),
+            retry_interval: Duration::from_millis(250),
+            denial_cache_capacity: 10_000,
+            breaker_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Sets [`key_prefix`](Self::key_prefix).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`call_timeout`](Self::call_timeout).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`failure_policy`](Self::failure_policy).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Sets [`retry_interval`](Self::retry_interval).
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+
+    /// Sets [`denial_cache_capacity`](Self::denial_cache_capacity).
+    pub fn denial_cache_capacity(mut self, capacity: usize) -> Self {
+        self.denial_cache_capacity = capacity;
+        self
+    }
+
+    /// Sets [`breaker_ttl`](Self::breaker_ttl).
+    pub fn breaker_ttl(mut self, ttl: Duration) -> Self {
+        self.breaker_ttl = ttl;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.key_prefix.len() > 64 {
+            return Err(ConfigError::invalid(
+                "key_prefix",
+                "the key prefix must be at most 64 bytes",
+            ));
+        }
+        if self
+            .key_prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_control())
+        {
+            return Err(ConfigError::invalid(
+                "key_prefix",
+                "the key prefix may not contain `{`, `}` or control characters (the braces are \
+                 the hash tag of the scope key)",
+            ));
+        }
+        let ms = |d: Duration, lo: u64, hi: u64| {
+            d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi)
+        };
+        if !ms(self.call_timeout, 1, 60_000) {
+            return Err(ConfigError::invalid(
+                "call_timeout",
+                "the call timeout must be between 1 ms and 60 s (for example 50 ms)",
+            ));
+        }
+        if !ms(self.connect_timeout, 1, 60_000) {
+            return Err(ConfigError::invalid(
+                "connect_timeout",
+                "the connect timeout must be between 1 ms and 60 s",
+            ));
+        }
+        if !ms(self.retry_interval, 1, 600_000) {
+            return Err(ConfigError::invalid(
+                "retry_interval",
+                "the retry interval must be between 1 ms and 10 min",
+            ));
+        }
+        if self.denial_cache_capacity > 1_000_000 {
+            return Err(ConfigError::invalid(
+                "denial_cache_capacity",
+                "the denial cache holds at most 1 000 000 keys",
+            ));
+        }
+        if self.breaker_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "breaker_ttl",
+                "breaker keys must live at least 1 s",
+            ));
+        }
+        Ok(())
+    }
+}

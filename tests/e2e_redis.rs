@@ -1,0 +1,128 @@
+//! End to end through the builders: `StatePersistence::Redis` for the
+//! breaker and the limiter, two middleware instances (as two processes
+//! would have) sharing one Redis started by the test, real pmcp servers and
+//! clients on loopback.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pmcp::shared::AdvancedMiddleware;
+use pmcp_resilience::{
+    CircuitBreakerMiddleware, CircuitBreakerScope, RateLimitMiddleware, RateLimitScope,
+    RateLimitStrategy, StatePersistence,
+};
+use serde_json::json;
+use support::redis::RedisServer;
+use support::*;
+
+fn redis_persistence(server: &RedisServer, prefix: &str) -> StatePersistence {
+    let client = match ::redis::Client::open(server.url()) {
+        Ok(c) => c,
+        Err(e) => panic!("redis client: {e}"),
+    };
+    StatePersistence::Redis {
+        client,
+        key_prefix: prefix.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_limit_through_redis() {
+    let redis = RedisServer::start();
+    let server = start_server("shared-limit").await;
+    let build = || match RateLimitMiddleware::builder()
+        .scope(RateLimitScope::PerTool)
+        .strategy(RateLimitStrategy::FixedWindow {
+            max_requests: 4,
+            window: Duration::from_secs(60),
+        })
+        .persistence(redis_persistence(&redis, "e2e:"))
+        .build()
+    {
+        Ok(rl) => rl,
+        Err(e) => panic!("limiter config: {e}"),
+    };
+    let (a, b) = (build(), build());
+    let mut ca = client(
+        transport(&server.url),
+        vec![Arc::new(a) as Arc<dyn AdvancedMiddleware>],
+    );
+    let mut cb = client(
+        transport(&server.url),
+        vec![Arc::new(b) as Arc<dyn AdvancedMiddleware>],
+    );
+    initialize(&mut ca).await;
+    initialize(&mut cb).await;
+    let mut admitted = 0;
+    for i in 0..10 {
+        let c = if i % 2 == 0 { &ca } else { &cb };
+        if call(c, "echo", json!({"message": i})).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted, 4,
+        "two instances together admit the one shared limit"
+    );
+    assert_eq!(server.behaviour.calls("echo"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_seen_by_one_instance_open_the_breaker_for_the_other() {
+    let redis = RedisServer::start();
+    let server = start_server("shared-breaker").await;
+    server.break_flaky();
+    let build = || match CircuitBreakerMiddleware::builder()
+        .scope(CircuitBreakerScope::PerTool)
+        .failure_threshold(3)
+        .timeout(Duration::from_secs(60))
+        .persistence(redis_persistence(&redis, "e2e:"))
+        .build()
+    {
+        Ok(cb) => cb,
+        Err(e) => panic!("breaker config: {e}"),
+    };
+    let (first, second) = (build(), build());
+    let mut c1 = client(
+        transport(&server.url),
+        vec![Arc::new(first) as Arc<dyn AdvancedMiddleware>],
+    );
+    let mut c2 = client(
+        transport(&server.url),
+        vec![Arc::new(second) as Arc<dyn AdvancedMiddleware>],
+    );
+    initialize(&mut c1).await;
+    initialize(&mut c2).await;
+    for _ in 0..3 {
+        assert!(call(&c1, "flaky", json!({})).await.is_err());
+    }
+    let r = call(&c2, "flaky", json!({})).await;
+    assert!(
+        matches!(r, Err(pmcp::Error::CircuitBreakerOpen)),
+        "the second instance must see the breaker opened by the first, got {r:?}"
+    );
+    assert_eq!(
+        server.behaviour.calls("flaky"),
+        3,
+        "the open breaker kept the call off the server"
+    );
+}
+
+#[test]
+fn the_redis_breaker_refuses_rules_it_cannot_share() {
+    let redis = RedisServer::start();
+    let built = CircuitBreakerMiddleware::builder()
+        .failure_rate(0.5, 10)
+        .persistence(redis_persistence(&redis, "e2e:"))
+        .build();
+    match built {
+        Err(e) => assert!(
+            e.to_string().to_lowercase().contains("redis"),
+            "unclear error: {e}"
+        ),
+        Ok(_) => panic!("a failure-rate breaker on Redis must be refused"),
+    }
+}

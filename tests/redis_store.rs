@@ -1,0 +1,318 @@
+//! The Redis stores against a real `redis-server` started by each test.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, CallResult};
+use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
+use pmcp_resilience::redis_store::{
+    FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
+};
+use pmcp_resilience::{CircuitBreakerStateStore, CircuitState, ScopeKey, Timestamp};
+use support::redis::RedisServer;
+
+fn client(url: &str) -> redis::Client {
+    match redis::Client::open(url) {
+        Ok(c) => c,
+        Err(e) => panic!("client: {e}"),
+    }
+}
+
+fn limiter(url: &str, strategy: RateLimitStrategy, options: RedisOptions) -> RedisRateLimiter {
+    match RedisRateLimiter::new(client(url), strategy, options) {
+        Ok(l) => l,
+        Err(e) => panic!("limiter: {e}"),
+    }
+}
+
+async fn command_calls(url: &str, command: &str) -> u64 {
+    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
+        panic!("connect")
+    };
+    let info: String = match redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => panic!("INFO: {e}"),
+    };
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_nanos(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_limit_is_answered_locally_and_rejections_write_nothing() {
+    let server = RedisServer::start();
+    let strategy = RateLimitStrategy::FixedWindow {
+        max_requests: 3,
+        window: Duration::from_secs(60),
+    };
+    let l = limiter(&server.url(), strategy, RedisOptions::default());
+    let key = ScopeKey::new("tool:search");
+    for _ in 0..3 {
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+    }
+    let Ok(mut c) = client(&server.url())
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        panic!("connect")
+    };
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(l.redis_key("tool:search"))
+        .query_async(&mut c)
+        .await
+        .unwrap_or(-3);
+    assert!(
+        pttl > 0 && pttl <= 60_000,
+        "the key expires with its window: {pttl}"
+    );
+    let sets = command_calls(&server.url(), "set").await;
+    let trips = l.health().round_trips;
+    let first = l.check(&key, 1, now()).await;
+    assert!(matches!(first, Ok(d) if !d.allowed && d.retry_after.is_some()));
+    for _ in 0..100 {
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if !d.allowed));
+    }
+    let h = l.health();
+    assert_eq!(
+        h.round_trips,
+        trips + 1,
+        "one round trip for the first rejection only"
+    );
+    assert_eq!(h.cached_denials, 100);
+    assert_eq!(
+        command_calls(&server.url(), "set").await,
+        sets,
+        "a rejection writes nothing"
+    );
+    assert_eq!(command_calls(&server.url(), "pexpire").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_share_failures_and_half_open_probes_across_stores() {
+    let server = RedisServer::start();
+    let a = RedisBreakerStore::new(client(&server.url()), RedisOptions::default());
+    let b = RedisBreakerStore::new(client(&server.url()), RedisOptions::default());
+    let (Ok(a), Ok(b)) = (a, b) else {
+        panic!("stores")
+    };
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let policy = BreakerPolicy {
+        consecutive_failures: 3,
+        timeout: Duration::from_millis(200),
+        half_open_max_probes: 1,
+        probe_deadline: Duration::from_secs(5),
+        ..BreakerPolicy::default()
+    };
+    let key = "server:https://api.example";
+    for _ in 0..3 {
+        let r = a
+            .record(
+                key,
+                &policy,
+                now(),
+                CallResult::Failure,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
+            .await;
+        assert!(r.is_ok());
+    }
+    let seen = b.get_state(key).await.ok().flatten().map(|s| s.state);
+    assert_eq!(seen, Some(CircuitState::Open));
+    assert!(matches!(
+        b.acquire(key, &policy, now(), 0.5).await,
+        Ok((Admission::Rejected { .. }, _))
+    ));
+    // A real process waits out the open time on Redis's clock.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            store.acquire(key, &policy, now(), 0.5).await
+        }));
+    }
+    let mut probes = 0;
+    for t in tasks {
+        if let Ok(Ok((Admission::Allowed { probe }, _))) = t.await {
+            assert!(probe.is_some());
+            probes += 1;
+        }
+    }
+    assert_eq!(probes, 1, "one probe in the whole fleet");
+    let rows = a.get_metrics().await.unwrap_or_default();
+    assert_eq!(rows.get(key).map(|r| r.state), Some(CircuitState::HalfOpen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_every_policy_answers_in_time_and_recovers() {
+    for policy in [
+        FailurePolicy::FailOpen,
+        FailurePolicy::FailClosed,
+        FailurePolicy::LocalFallback,
+    ] {
+        let mut server = RedisServer::start();
+        let options = RedisOptions::default()
+            .failure_policy(policy)
+            .retry_interval(Duration::from_millis(100));
+        let strategy = RateLimitStrategy::TokenBucket {
+            capacity: 1_000_000,
+            refill_rate: 1000,
+        };
+        let l = Arc::new(limiter(&server.url(), strategy, options.clone()));
+        let breaker = match RedisBreakerStore::new(client(&server.url()), options) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let bp = BreakerPolicy::default();
+        let key = ScopeKey::new("session:s1");
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+        assert_eq!(l.health().mode, StoreMode::Normal);
+        server.kill();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..50 {
+            let started = Instant::now();
+            let d = l.check(&key, 1, now()).await;
+            let b = breaker.acquire("server:x", &bp, now(), 0.5).await;
+            slowest = slowest.max(started.elapsed());
+            let d = match d {
+                Ok(d) => d,
+                Err(e) => panic!("{policy:?}: {e}"),
+            };
+            match policy {
+                FailurePolicy::FailOpen | FailurePolicy::LocalFallback => assert!(d.allowed),
+                _ => assert!(!d.allowed),
+            }
+            assert!(b.is_ok());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            slowest < Duration::from_secs(1),
+            "{policy:?}: a call took {slowest:?}"
+        );
+        let expected = match policy {
+            FailurePolicy::FailOpen => StoreMode::FailOpen,
+            FailurePolicy::FailClosed => StoreMode::FailClosed,
+            _ => StoreMode::LocalFallback,
+        };
+        assert_eq!(l.health().mode, expected);
+        assert_eq!(breaker.health().mode, expected);
+        assert!(l.health().store_errors > 0);
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while l.health().mode != StoreMode::Normal && Instant::now() < deadline {
+            let _ = l.check(&key, 1, now()).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(l.health().mode, StoreMode::Normal, "{policy:?}: recovered");
+        let trips = l.health().round_trips;
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+        assert_eq!(l.health().round_trips, trips + 1, "decided by Redis again");
+    }
+}
+
+const CHILD_ENV: &str = "PMCP_REDIS_CHILD_URL";
+
+/// Child role of the next test: hammers one key for a while and prints its admissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_hammers_the_shared_limit() {
+    let Ok(url) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 50,
+        refill_rate: 20,
+    };
+    let l = limiter(
+        &url,
+        strategy,
+        RedisOptions::default().call_timeout(Duration::from_secs(1)),
+    );
+    let key = ScopeKey::new("tenant:shared");
+    let mut admitted = 0u64;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        if let Ok(d) = l.check(&key, 1, now()).await
+            && d.allowed
+        {
+            admitted += 1;
+        }
+    }
+    println!("ADMITTED={admitted}");
+}
+
+async fn redis_time_us(url: &str) -> u64 {
+    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
+        panic!("connect")
+    };
+    let t: (u64, u64) = match redis::cmd("TIME").query_async(&mut c).await {
+        Ok(t) => t,
+        Err(e) => panic!("TIME: {e}"),
+    };
+    t.0 * 1_000_000 + t.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_sharing_one_limit_admit_no_more_than_it() {
+    let server = RedisServer::start();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => panic!("current_exe: {e}"),
+    };
+    let started = redis_time_us(&server.url()).await;
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "child_hammers_the_shared_limit",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(CHILD_ENV, server.url())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+        })
+        .collect();
+    let mut total = 0u64;
+    for child in children {
+        let out = match child.and_then(|c| c.wait_with_output()) {
+            Ok(o) => o,
+            Err(e) => panic!("child: {e}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let n: u64 = text
+            .split("ADMITTED=")
+            .nth(1)
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("child printed no count: {text}"));
+        assert!(n > 0, "every child got some admissions");
+        total += n;
+    }
+    let elapsed_us = redis_time_us(&server.url()).await - started;
+    // Capacity 50 at once, then 20 per second (on Redis's clock).
+    let bound = 50 + (elapsed_us * 20).div_ceil(1_000_000);
+    assert!(total <= bound, "admitted {total}, bound {bound}");
+    assert!(total >= 50, "admitted {total}");
+}
