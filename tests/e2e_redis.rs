@@ -126,3 +126,75 @@ fn the_redis_breaker_refuses_rules_it_cannot_share() {
         Ok(_) => panic!("a failure-rate breaker on Redis must be refused"),
     }
 }
+
+fn store_mode_line(text: &str, mode: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with("mcp_resilience_store_mode{")
+                && l.contains("kind=\"redis\"")
+                && l.contains(&format!("mode=\"{mode}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_mode_shows_in_the_metrics_and_recovers_with_redis() {
+    let mut redis = RedisServer::start();
+    let server = start_server("store-mode").await;
+    let rl = match RateLimitMiddleware::builder()
+        .scope(RateLimitScope::PerMethod)
+        .strategy(RateLimitStrategy::TokenBucket {
+            capacity: 1000,
+            refill_rate: 1000,
+        })
+        .persistence(redis_persistence(&redis, "mode:"))
+        .redis_options(
+            pmcp_resilience::redis_store::RedisOptions::default()
+                .failure_policy(pmcp_resilience::redis_store::FailurePolicy::LocalFallback)
+                .retry_interval(Duration::from_millis(100)),
+        )
+        .build()
+    {
+        Ok(rl) => rl,
+        Err(e) => panic!("limiter config: {e}"),
+    };
+    let metrics = match pmcp_resilience::observe::MetricsMiddleware::builder()
+        .source(Arc::new(rl.clone()))
+        .build()
+    {
+        Ok(m) => m,
+        Err(e) => panic!("metrics config: {e}"),
+    };
+    let mut c = client(
+        transport(&server.url),
+        vec![Arc::new(rl.clone()) as Arc<dyn AdvancedMiddleware>],
+    );
+    initialize(&mut c).await;
+    assert!(call(&c, "echo", json!({})).await.is_ok());
+    assert_eq!(store_mode_line(&metrics.render(), "normal"), Some(1.0));
+    assert_eq!(rl.store_report().kind, "redis");
+
+    redis.kill();
+    // Redis is down: the local fallback limiter answers, and the metrics say so.
+    assert!(call(&c, "echo", json!({})).await.is_ok());
+    let text = metrics.render();
+    assert_eq!(
+        store_mode_line(&text, "local_fallback"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(store_mode_line(&text, "normal"), Some(0.0));
+
+    redis.restart();
+    // After the retry interval the store tries Redis again by itself.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(call(&c, "echo", json!({})).await.is_ok());
+    assert_eq!(store_mode_line(&metrics.render(), "normal"), Some(1.0));
+    assert!(
+        metrics
+            .render()
+            .contains("mcp_resilience_store_latency_seconds_count{kind=\"redis\"}"),
+        "store latency is exported"
+    );
+}

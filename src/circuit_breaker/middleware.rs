@@ -403,6 +403,17 @@ impl CircuitBreakerMiddleware {
         &self.inner.scope
     }
 
+    /// Where this breaker's state lives and how that store is doing (kind
+    /// `memory`, `file`, `redis` or `custom`; mode `normal` or the failure
+    /// policy in force).
+    pub fn store_report(&self) -> crate::observe::StoreReport {
+        match &self.inner.backend {
+            Backend::Memory => crate::observe::StoreReport::memory(),
+            Backend::File(_) => crate::observe::StoreReport::new("file", "normal"),
+            Backend::Shared(store) => store.store_report(),
+        }
+    }
+
     /// The state of `key` as callers see it, or `None` if the key is not held.
     pub fn state_of(&self, key: &str) -> Option<CircuitState> {
         self.inner.registry.peek(key, |e| e.state.effective_state())

@@ -48,7 +48,9 @@ impl CircuitBreakerMiddleware {
     /// kept by the breaker and are reported as 0; the breaker-wide count is
     /// in [`BreakerReport::transitions`].
     pub fn report_named(&self, name: impl Into<String>) -> BreakerReport {
-        breaker_report(name.into(), self.snapshot())
+        let mut report = breaker_report(name.into(), self.snapshot());
+        report.store = self.store_report();
+        report
     }
 }
 

@@ -33,6 +33,12 @@ pub trait CircuitBreakerStateStore: Send + Sync {
     /// A row per stored key (counters are zero for stores that keep only state).
     async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError>;
 
+    /// Where the store keeps state and how it is doing, for the unified
+    /// metrics (default: kind `custom`, mode `normal`).
+    fn store_report(&self) -> crate::observe::StoreReport {
+        crate::observe::StoreReport::new("custom", "normal")
+    }
+
     /// Runs [`state::acquire`] on `key`. The default reads, decides and writes
     /// back, which is atomic only for a store private to one process.
     async fn acquire(
@@ -83,6 +89,10 @@ impl InMemoryStateStore {
 
 #[async_trait]
 impl CircuitBreakerStateStore for InMemoryStateStore {
+    fn store_report(&self) -> crate::observe::StoreReport {
+        crate::observe::StoreReport::memory()
+    }
+
     async fn get_state(&self, key: &str) -> Result<Option<CircuitBreakerState>, StoreError> {
         Ok(self.states.lock().get(key).cloned())
     }

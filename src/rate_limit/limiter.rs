@@ -10,6 +10,7 @@ use async_trait::async_trait;
 
 use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
 use crate::error::{ConfigError, StoreError};
+use crate::observe::StoreReport;
 use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadReport};
 use crate::registry::{KeyState, Registry, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;
@@ -127,6 +128,12 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
     /// Counters of the store's key map, if it has one.
     fn stats(&self) -> RegistryStats {
         RegistryStats::default()
+    }
+
+    /// Where the limiter keeps its state and how that store is doing, for
+    /// the unified metrics (default: kind `custom`, mode `normal`).
+    fn store_report(&self) -> StoreReport {
+        StoreReport::new("custom", "normal")
     }
 }
 
@@ -544,6 +551,14 @@ impl RateLimiter for KeyedRateLimiter {
 
     fn stats(&self) -> RegistryStats {
         self.registry.stats()
+    }
+
+    fn store_report(&self) -> StoreReport {
+        if self.file.is_some() {
+            StoreReport::new("file", "normal")
+        } else {
+            StoreReport::memory()
+        }
     }
 }
 

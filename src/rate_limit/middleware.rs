@@ -262,6 +262,16 @@ impl RateLimitMiddleware {
         Arc::clone(&self.inner.metrics)
     }
 
+    /// Where this limiter's state lives and how that store is doing (kind
+    /// `memory`, `file`, `redis` or `custom`; mode `normal` or the failure
+    /// policy in force).
+    pub fn store_report(&self) -> crate::observe::StoreReport {
+        match &self.inner.engine {
+            Engine::Memory(limiter) => RateLimiter::store_report(limiter),
+            Engine::Custom(limiter) => limiter.store_report(),
+        }
+    }
+
     /// A point-in-time view with one row per key, for exporters.
     pub fn snapshot(&self) -> RateLimitSnapshot {
         let m = &self.inner.metrics;

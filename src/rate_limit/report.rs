@@ -35,7 +35,9 @@ impl RateLimitMiddleware {
     /// as `tools/call` under scope `method`); the wait histogram holds the
     /// requests that waited for capacity and were then admitted.
     pub fn report_named(&self, name: impl Into<String>) -> LimiterReport {
-        limiter_report(name.into(), self.snapshot())
+        let mut report = limiter_report(name.into(), self.snapshot());
+        report.store = self.store_report();
+        report
     }
 }
 

@@ -318,6 +318,10 @@ impl RedisBreakerStore {
 
 #[async_trait]
 impl CircuitBreakerStateStore for RedisBreakerStore {
+    fn store_report(&self) -> crate::observe::StoreReport {
+        self.link.store_report()
+    }
+
     async fn get_state(&self, key: &str) -> Result<Option<CircuitBreakerState>, StoreError> {
         let redis_key = self.redis_key(key);
         let text: Option<String> = self

@@ -372,6 +372,10 @@ impl RedisRateLimiter {
 
 #[async_trait]
 impl RateLimiter for RedisRateLimiter {
+    fn store_report(&self) -> crate::observe::StoreReport {
+        self.link.store_report()
+    }
+
     async fn check(
         &self,
         key: &crate::ScopeKey,

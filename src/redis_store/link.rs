@@ -10,6 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::options::{RedisHealth, RedisOptions, StoreMode};
 use crate::clock::duration_nanos;
 use crate::error::StoreError;
+use crate::observe::{DurationHistogram, StoreReport};
 
 /// One lazily created, self-reconnecting connection plus the store's health.
 pub(crate) struct Link {
@@ -24,6 +25,8 @@ pub(crate) struct Link {
     round_trips: AtomicU64,
     pub(crate) degraded: AtomicU64,
     pub(crate) cached_denials: AtomicU64,
+    /// Round-trip time of calls that reached Redis.
+    latency: DurationHistogram,
 }
 
 impl Link {
@@ -38,12 +41,22 @@ impl Link {
             errors: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
             degraded: AtomicU64::new(0),
+            latency: DurationHistogram::new(),
             cached_denials: AtomicU64::new(0),
         }
     }
 
     fn elapsed(&self) -> u64 {
         duration_nanos(self.origin.elapsed())
+    }
+
+    /// The store as the unified metrics see it: kind, current mode, latency.
+    pub(crate) fn store_report(&self) -> StoreReport {
+        StoreReport::new(
+            "redis",
+            StoreMode::from_u8(self.mode.load(Ordering::Relaxed)).label(),
+        )
+        .with_latency(self.latency.snapshot())
     }
 
     pub(crate) fn health(&self) -> RedisHealth {
@@ -87,8 +100,10 @@ impl Link {
         }
         let conn = self.connection()?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         match tokio::time::timeout(self.options.call_timeout, f(conn)).await {
             Ok(Ok(v)) => {
+                self.latency.record(started.elapsed());
                 self.mode
                     .store(StoreMode::Normal.to_u8(), Ordering::Relaxed);
                 Ok(v)
