@@ -162,6 +162,10 @@ async fn scripted_breaker_and_limiters_show_up_in_the_scraped_metrics() {
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &flaky), 1.0);
     assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &flaky), 2.0);
     assert_eq!(
+        value(&s, "mcp_circuit_breaker_transitions_total", &flaky),
+        1.0
+    );
+    assert_eq!(
         value(&s, "mcp_circuit_breaker_requests_rejected_total", &flaky),
         2.0
     );

@@ -107,6 +107,8 @@ pub struct KeySnapshot {
     pub failures: u64,
     /// Requests rejected.
     pub rejections: u64,
+    /// State changes of this key seen by this process.
+    pub transitions: u64,
 }
 
 /// A plain copy of a breaker's metrics, for exporters (Prometheus and others).

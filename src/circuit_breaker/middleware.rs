@@ -53,6 +53,7 @@ pub(crate) struct Entry {
     successes: u64,
     failures: u64,
     rejections: u64,
+    transitions: u64,
 }
 
 impl KeyState for Entry {
@@ -383,6 +384,7 @@ impl CircuitBreakerMiddleware {
                 successes: e.successes,
                 failures: e.failures,
                 rejections: e.rejections,
+                transitions: e.transitions,
             });
         });
         keys.sort_by(|a, b| a.key.cmp(&b.key));
@@ -583,6 +585,7 @@ impl CircuitBreakerMiddleware {
         let ((admission, transition, mode, saved), overflowed) =
             inner.registry.with(key.as_str(), now, Entry::default, |e| {
                 let (admission, transition) = state::acquire(&mut e.state, &policy, now, jitter);
+                e.transitions += u64::from(transition.is_some());
                 match admission {
                     Admission::Allowed { .. } if e.state.mode != BreakerMode::Disabled => {
                         e.in_flight = e.in_flight.saturating_add(1);
@@ -633,6 +636,7 @@ impl CircuitBreakerMiddleware {
         let ((), overflowed) = inner.registry.with(key.as_str(), now, Entry::default, |e| {
             if decided.is_some() {
                 mirror(&mut e.state, admission, transition, now);
+                e.transitions += u64::from(transition.is_some());
             }
             match admission {
                 Admission::Allowed { .. } => e.in_flight = e.in_flight.saturating_add(1),
@@ -894,6 +898,7 @@ impl CircuitBreakerMiddleware {
                         pending.probe,
                         jitter,
                     );
+                    e.transitions += u64::from(transition.is_some());
                     let saved = (file && transition.is_some()).then(|| e.state.clone());
                     (transition, saved)
                 });

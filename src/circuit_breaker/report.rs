@@ -44,9 +44,7 @@ impl CircuitBreakerMiddleware {
     /// The breaker's state as the unified metrics see it, under `name`.
     ///
     /// Key labels drop the scope's prefix (`method:tools/call` is reported
-    /// as `tools/call` under scope `method`). Per-key `transitions` are not
-    /// kept by the breaker and are reported as 0; the breaker-wide count is
-    /// in [`BreakerReport::transitions`].
+    /// as `tools/call` under scope `method`).
     pub fn report_named(&self, name: impl Into<String>) -> BreakerReport {
         let mut report = breaker_report(name.into(), self.snapshot());
         report.store = self.store_report();
@@ -81,7 +79,7 @@ fn key_report(scope: &str, row: KeySnapshot) -> BreakerKeyReport {
         row.failures,
         row.rejections,
         row.successes,
-        0,
+        row.transitions,
     )
 }
 
@@ -111,6 +109,7 @@ mod tests {
                 successes: 4,
                 failures: 3,
                 rejections: 3,
+                transitions: 1,
             }],
             registry: RegistryStats {
                 keys: 1,
@@ -135,7 +134,7 @@ mod tests {
             r.keys,
             vec![
                 BreakerKeyReport::new("tools/call", BreakerStateReport::Open)
-                    .with_counts(3, 3, 4, 0)
+                    .with_counts(3, 3, 4, 1)
             ]
         );
     }

@@ -114,6 +114,7 @@ impl CircuitBreakerStateStore for InMemoryStateStore {
                     successes: 0,
                     failures: 0,
                     rejections: 0,
+                    transitions: 0,
                 };
                 (k.clone(), row)
             })

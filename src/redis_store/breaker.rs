@@ -413,6 +413,7 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
                         successes: 0,
                         failures: 0,
                         rejections: 0,
+                        transitions: 0,
                     },
                 );
             }
