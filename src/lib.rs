@@ -49,3 +49,13 @@ pub use rate_limit::{
 };
 pub use registry::{RegistryLimits, RegistryStats};
 pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+/// The book's middleware chapter (`book/ch11-middleware.md`), compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../book/ch11-middleware.md")]
+pub struct Ch11Middleware;
