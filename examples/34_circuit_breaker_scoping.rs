@@ -145,11 +145,14 @@ async fn call<T: Transport + 'static>(
     let state = cb
         .state_of(key)
         .map_or("-".to_string(), |s| format!("{s:?}"));
-    log.line(format!("{who:<8} {tool:<6} -> {outcome:<60} breaker {state}"));
+    log.line(format!("{who:<8} {tool:<6} -> {outcome:<52} breaker {state}"));
 }
 
 fn short(text: &str) -> String {
-    text.chars().take(50).collect()
+    let text = text
+        .replace("Transport error: Request error: Request failed with status: ", "HTTP ")
+        .replace("Protocol error: ", "JSON-RPC ");
+    text.chars().take(42).collect()
 }
 
 fn print_metrics(title: &str, cb: &CircuitBreakerMiddleware) {
@@ -227,7 +230,7 @@ async fn main() -> Result<(), Error> {
     }
 
     tokio::time::sleep(OPEN_FOR + Duration::from_millis(50)).await;
-    log.line("open time over: the next call is a half-open probe, and the server is still down");
+    log.line("open time over: the next call goes out as the half-open probe; the server is still down");
     call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
     call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
 
