@@ -145,12 +145,17 @@ async fn call<T: Transport + 'static>(
     let state = cb
         .state_of(key)
         .map_or("-".to_string(), |s| format!("{s:?}"));
-    log.line(format!("{who:<8} {tool:<6} -> {outcome:<52} breaker {state}"));
+    log.line(format!(
+        "{who:<8} {tool:<6} -> {outcome:<52} breaker {state}"
+    ));
 }
 
 fn short(text: &str) -> String {
     let text = text
-        .replace("Transport error: Request error: Request failed with status: ", "HTTP ")
+        .replace(
+            "Transport error: Request error: Request failed with status: ",
+            "HTTP ",
+        )
         .replace("Protocol error: ", "JSON-RPC ");
     text.chars().take(42).collect()
 }
@@ -225,21 +230,71 @@ async fn main() -> Result<(), Error> {
     failing.unavailable.store(true, Ordering::SeqCst);
     log.line("the failing server now answers every request with HTTP 503");
     for _ in 0..4 {
-        call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
-        call(&log, "healthy", &to_healthy, "search", &per_server, &healthy_key).await;
+        call(
+            &log,
+            "failing",
+            &to_failing,
+            "search",
+            &per_server,
+            &failing_key,
+        )
+        .await;
+        call(
+            &log,
+            "healthy",
+            &to_healthy,
+            "search",
+            &per_server,
+            &healthy_key,
+        )
+        .await;
     }
 
     tokio::time::sleep(OPEN_FOR + Duration::from_millis(50)).await;
-    log.line("open time over: the next call goes out as the half-open probe; the server is still down");
-    call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
-    call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
+    log.line(
+        "open time over: the next call goes out as the half-open probe; the server is still down",
+    );
+    call(
+        &log,
+        "failing",
+        &to_failing,
+        "search",
+        &per_server,
+        &failing_key,
+    )
+    .await;
+    call(
+        &log,
+        "failing",
+        &to_failing,
+        "search",
+        &per_server,
+        &failing_key,
+    )
+    .await;
 
     failing.unavailable.store(false, Ordering::SeqCst);
     log.line("the failing server is back");
     tokio::time::sleep(OPEN_FOR + Duration::from_millis(50)).await;
     log.line("open time over again: the probe succeeds and the breaker closes");
-    call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
-    call(&log, "failing", &to_failing, "search", &per_server, &failing_key).await;
+    call(
+        &log,
+        "failing",
+        &to_failing,
+        "search",
+        &per_server,
+        &failing_key,
+    )
+    .await;
+    call(
+        &log,
+        "failing",
+        &to_failing,
+        "search",
+        &per_server,
+        &failing_key,
+    )
+    .await;
 
     // ---------------------------------------------------------------- 2
     println!("\n== 2. one breaker per JSON-RPC method: tools/call opens, tools/list still passes");
@@ -257,7 +312,15 @@ async fn main() -> Result<(), Error> {
     failing.db_down.store(true, Ordering::SeqCst);
     log.line("the failing server's database is down: the `db` tool answers -32603");
     for tool in ["db", "db", "search"] {
-        call(&log, "failing", &client, tool, &per_method, "method:tools/call").await;
+        call(
+            &log,
+            "failing",
+            &client,
+            tool,
+            &per_method,
+            "method:tools/call",
+        )
+        .await;
     }
     let listed = client.list_tools(None).await.map(|r| r.tools.len());
     log.line(format!(
@@ -281,7 +344,15 @@ async fn main() -> Result<(), Error> {
         .await?;
     let db_calls_before = failing.db_calls.load(Ordering::SeqCst);
     for tool in ["db", "search", "db", "search", "db", "db", "search"] {
-        call(&log, "failing", &client, tool, &per_tool, &format!("tool:{tool}")).await;
+        call(
+            &log,
+            "failing",
+            &client,
+            tool,
+            &per_tool,
+            &format!("tool:{tool}"),
+        )
+        .await;
     }
     log.line(format!(
         "the `db` tool ran {} times for 4 calls: the open breaker kept the rest off the server",

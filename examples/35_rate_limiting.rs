@@ -104,8 +104,12 @@ fn compare_strategies() {
             leaky_times = admitted_at;
         }
     }
-    println!("\n   fixed window:   5 at t=900 and 5 more at t=1000: 10 within 100 ms (2x, the edge);");
-    println!("   sliding window: still counts the previous window at t=1000, so the edge burst waits;");
+    println!(
+        "\n   fixed window:   5 at t=900 and 5 more at t=1000: 10 within 100 ms (2x, the edge);"
+    );
+    println!(
+        "   sliding window: still counts the previous window at t=1000, so the edge burst waits;"
+    );
     println!("                   at t=1500 it admits 2: 7 in one rolling second, within its bound");
     println!("                   max + previous * elapsed / window = 5 + 5 * 0.5 (see the book);");
     println!("   token bucket:   a full bucket passes at once, then 1 token per 200 ms;");
@@ -201,7 +205,10 @@ async fn main() -> Result<(), Error> {
             endpoint: "/metrics".into(),
         })
         .include_rate_limit_stats(true)
-        .source(Arc::new(NamedSource::new("per-session", per_session.clone())))
+        .source(Arc::new(NamedSource::new(
+            "per-session",
+            per_session.clone(),
+        )))
         .build()?;
     let mut sessions = Vec::new();
     for _ in 0..2 {
@@ -316,6 +323,8 @@ fn shared_limit_through_redis() {
             "   REDIS_URL={url}: the Redis store is not part of this build of \
              pmcp-resilience yet (it lands with the `redis` branch); nothing shared to show"
         ),
-        Ok(_) => println!("   skipped: rebuild with --features redis to share a limit through Redis"),
+        Ok(_) => {
+            println!("   skipped: rebuild with --features redis to share a limit through Redis")
+        }
     }
 }
