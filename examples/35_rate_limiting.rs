@@ -70,9 +70,10 @@ fn compare_strategies() {
     );
     // Fixed windows are aligned to the Unix epoch: start on a whole second.
     let origin_ms: u64 = 1_700_000_000_000;
+    let header = ["t=900", "t=1000", "t=1500", "t=3000"];
     println!(
-        "   {:<15} {:>8} {:>8} {:>8} {:>8}   {}",
-        "strategy", "t=900", "t=1000", "t=1500", "t=3000", "most in any rolling 1 s"
+        "   {:<15} {:>8} {:>8} {:>8} {:>8}   most in any rolling 1 s",
+        "strategy", header[0], header[1], header[2], header[3]
     );
     let mut leaky_times = Vec::new();
     for strategy in strategies() {
