@@ -1,5 +1,18 @@
 //! Errors of this crate.
 //!
+//! ```
+//! use pmcp_resilience::{ConfigError, RateLimitMiddleware, RateLimitStrategy};
+//! use std::time::Duration;
+//!
+//! let zero_window = RateLimitMiddleware::builder()
+//!     .strategy(RateLimitStrategy::FixedWindow { max_requests: 10, window: Duration::ZERO })
+//!     .build();
+//! match zero_window {
+//!     Err(e @ ConfigError::Invalid { .. }) => println!("fix the settings: {e}"),
+//!     other => panic!("expected a configuration error, got {other:?}"),
+//! }
+//! ```
+//!
 //! Configuration mistakes are caught by the builders and returned as
 //! [`ConfigError`]; failures of a state store are [`StoreError`]s. Rejections
 //! of requests are pmcp's own errors (`pmcp::Error::CircuitBreakerOpen`,

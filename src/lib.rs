@@ -8,6 +8,36 @@
 //! keep one breaker or limiter per key ([`scope::Scope`]), can keep their
 //! state in a file or Redis, and report what they do.
 //!
+//! ```
+//! use pmcp_resilience::{
+//!     BackpressureConfig, CircuitBreakerMiddleware, RateLimitMiddleware, RateLimitStrategy, Scope,
+//! };
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // One breaker per tool, one token bucket per MCP session.
+//! let breaker = CircuitBreakerMiddleware::builder()
+//!     .scope(Scope::PerTool)
+//!     .failure_threshold(3)
+//!     .timeout(Duration::from_secs(30))
+//!     .build()?;
+//! let limiter = RateLimitMiddleware::builder()
+//!     .scope(Scope::PerSession)
+//!     .strategy(RateLimitStrategy::TokenBucket { capacity: 20, refill_rate: 5 })
+//!     .backpressure(BackpressureConfig::reject().with_client_signal())
+//!     .build()?;
+//! // Both are pmcp middlewares: `ClientBuilder::new(transport).with_middleware(..)`.
+//! let chain: Vec<Arc<dyn pmcp::shared::AdvancedMiddleware>> =
+//!     vec![Arc::new(breaker), Arc::new(limiter)];
+//! # assert_eq!(chain.len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `cargo run --example quickstart` runs a real pmcp server and client with
+//! both; the book's chapter (`book/ch11-middleware.md`) explains the choices.
+//!
 //! # Layout
 //!
 //! - [`clock`]: injectable time; every decision is a pure function of state and time.
@@ -52,3 +82,13 @@ pub use rate_limit::{
 };
 pub use registry::{RegistryLimits, RegistryStats};
 pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+/// The book's middleware chapter (`book/ch11-middleware.md`), compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../book/ch11-middleware.md")]
+pub struct Ch11Middleware;

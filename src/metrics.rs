@@ -1,4 +1,15 @@
 //! Settings shared by the metrics of breakers and limiters.
+//!
+//! ```
+//! use pmcp_resilience::{CircuitBreakerMiddleware, MetricsConfig};
+//!
+//! // Keep the totals, skip the per-key state map.
+//! let cb = CircuitBreakerMiddleware::builder()
+//!     .metrics_config(MetricsConfig::default().per_key(false))
+//!     .build()
+//!     .expect("valid settings");
+//! # drop(cb);
+//! ```
 
 /// How a middleware aggregates its metrics.
 ///

@@ -1,5 +1,19 @@
 //! The bounded, sharded map of per-key state shared by breakers and limiters.
 //!
+//! ```
+//! use pmcp_resilience::{RateLimitMiddleware, RegistryLimits, Scope};
+//! use std::time::Duration;
+//!
+//! // At most 10 000 sessions held; idle ones dropped after 10 minutes.
+//! let limits = RegistryLimits { max_keys: 10_000, idle_after: Duration::from_secs(600) };
+//! let limiter = RateLimitMiddleware::builder()
+//!     .scope(Scope::PerSession)
+//!     .registry_limits(limits)
+//!     .build()
+//!     .expect("valid settings");
+//! assert_eq!(limiter.snapshot().registry.keys, 0);
+//! ```
+//!
 //! Every key costs memory, and keys come from requests (session ids, tool
 //! names), so an untrusted client that rotates them must not be able to grow
 //! the map without bound. The registry enforces two limits:

@@ -1,6 +1,20 @@
 //! What a breaker reports: request counters, transitions, and the state of
 //! every key.
 //!
+//! ```
+//! use pmcp_resilience::CircuitBreakerMiddleware;
+//! use std::sync::atomic::Ordering;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+//! let metrics = cb.metrics();
+//! assert_eq!(metrics.total_requests.load(Ordering::Relaxed), 0);
+//! assert!(metrics.current_state.read().await.is_empty());
+//! assert!(cb.snapshot().keys.is_empty()); // a plain copy, one row per key
+//! # }
+//! ```
+//!
 //! The counters are bumped on the request path in per-thread stripes (so
 //! threads do not fight over one cache line) and summed into the public
 //! atomics by every call of `CircuitBreakerMiddleware::metrics()` or

@@ -1,5 +1,17 @@
 //! The breaker as a pmcp `AdvancedMiddleware`.
 //!
+//! ```
+//! use pmcp_resilience::{CircuitBreakerMiddleware, CircuitBreakerScope};
+//! use pmcp::shared::AdvancedMiddleware;
+//!
+//! let cb = CircuitBreakerMiddleware::builder()
+//!     .scope(CircuitBreakerScope::PerTool)
+//!     .build()
+//!     .expect("valid settings");
+//! assert_eq!(cb.name(), "circuit_breaker");
+//! assert_eq!(cb.state_of("tool:search"), None); // no call seen yet
+//! ```
+//!
 //! `on_request_with_context` resolves the request's key and asks the key's
 //! state machine for admission; an admitted call is remembered in a bounded
 //! table of pending calls, keyed by the request id pmcp puts in the

@@ -1,5 +1,23 @@
 //! Where breaker state can be kept outside the middleware.
 //!
+//! ```
+//! use pmcp_resilience::circuit_breaker::{CircuitBreakerStateStore, InMemoryStateStore};
+//! use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+//! use std::sync::Arc;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(InMemoryStateStore::new());
+//! assert!(store.get_state("tool:search").await?.is_none());
+//! // Breakers built on one store share their state.
+//! let cb = CircuitBreakerMiddleware::builder()
+//!     .persistence(StatePersistence::Custom(store.clone()))
+//!     .build()?;
+//! # drop(cb);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The middleware's in-memory path works on its own registry, synchronously,
 //! with no trait object per request. A [`CircuitBreakerStateStore`] is the
 //! seam for stores that live elsewhere (a file, Redis, your own): it moves

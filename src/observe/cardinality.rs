@@ -1,5 +1,15 @@
 //! Keeps the number of label values bounded, whatever keys the sources hold.
 //!
+//! ```
+//! use pmcp_resilience::observe::cardinality::{hashed_key, is_unbounded_scope};
+//!
+//! assert!(is_unbounded_scope("session"));
+//! assert!(!is_unbounded_scope("tool"));
+//! // A session id never becomes a label value: it lands in one of 64 buckets.
+//! let label = hashed_key("3f1c9a2e-session-id");
+//! assert!(label.starts_with("h:") && label.len() == 4);
+//! ```
+//!
 //! The rule, applied to each source's keys on every scrape and snapshot:
 //!
 //! 1. A key longer than [`MAX_KEY_LEN`] bytes is cut to that length (at a

@@ -1,5 +1,21 @@
 //! The fixed window: a counter per window, windows aligned to the Unix epoch.
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitStrategy;
+//! use pmcp_resilience::Timestamp;
+//! use std::time::Duration;
+//!
+//! let strategy = RateLimitStrategy::FixedWindow { max_requests: 2, window: Duration::from_secs(1) };
+//! let mut state = strategy.initial_state();
+//! let at = |ms: u64| Timestamp::from_millis(1_700_000_000_000 + ms);
+//! // Two at the end of one window, two more at the start of the next.
+//! let admitted = [900, 950, 1000, 1050]
+//!     .into_iter()
+//!     .filter(|&ms| strategy.check(&mut state, at(ms), 1).allowed)
+//!     .count();
+//! assert_eq!(admitted, 4); // the boundary effect: 2x within 150 ms
+//! ```
+//!
 //! `count` is the number of units taken from the window starting at
 //! `window_start` onward: up to `max` of them belong to that window, the next
 //! `max` to the window after it, and so on. That is how a waiting request

@@ -1,5 +1,19 @@
 //! The leaky bucket, as a queue that lets units out at a steady rate.
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitStrategy;
+//! use pmcp_resilience::Timestamp;
+//! use std::time::Duration;
+//!
+//! let strategy = RateLimitStrategy::LeakyBucket { capacity: 3, leak_rate: 10 };
+//! let mut state = strategy.initial_state();
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//! // The same burst as the token bucket's: admitted, but spaced 100 ms apart.
+//! let waits: Vec<Duration> = (0..3).map(|_| strategy.check(&mut state, now, 1).wait).collect();
+//! assert_eq!(waits, [0, 100, 200].map(Duration::from_millis));
+//! assert!(!strategy.check(&mut state, now, 1).allowed); // the queue is full
+//! ```
+//!
 //! The state is one instant, `next_free`: when the unit last admitted has
 //! left the bucket (`interval = 1 s / leak_rate` per unit). A request of
 //! `cost` units arriving at `now` finds `level = max(next_free - now, 0)`

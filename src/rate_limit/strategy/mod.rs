@@ -1,5 +1,19 @@
 //! The four limiting algorithms, as pure functions of (state, now, cost).
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitStrategy;
+//! use pmcp_resilience::Timestamp;
+//!
+//! let strategy = RateLimitStrategy::TokenBucket { capacity: 2, refill_rate: 1 };
+//! let mut state = strategy.initial_state();
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//! assert!(strategy.check(&mut state, now, 1).allowed);
+//! assert!(strategy.check(&mut state, now, 1).allowed);
+//! let third = strategy.check(&mut state, now, 1);
+//! assert!(!third.allowed);
+//! assert_eq!(third.retry_after, Some(std::time::Duration::from_secs(1)));
+//! ```
+//!
 //! Nothing here touches a lock, a map or a clock: a store (memory, file,
 //! Redis) loads a [`LimiterState`], calls [`RateLimitStrategy::acquire`] with
 //! the current time, and stores the state it gets back. All arithmetic is on

@@ -1,5 +1,21 @@
 //! The sliding window, as a weighted two-window counter.
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitStrategy;
+//! use pmcp_resilience::Timestamp;
+//! use std::time::Duration;
+//!
+//! let strategy = RateLimitStrategy::SlidingWindow { max_requests: 2, window: Duration::from_secs(1) };
+//! let mut state = strategy.initial_state();
+//! let at = |ms: u64| Timestamp::from_millis(1_700_000_000_000 + ms);
+//! // The same traffic as the fixed window's example: the edge burst is refused.
+//! let admitted = [900, 950, 1000, 1050]
+//!     .into_iter()
+//!     .filter(|&ms| strategy.check(&mut state, at(ms), 1).allowed)
+//!     .count();
+//! assert_eq!(admitted, 2);
+//! ```
+//!
 //! Time is cut into aligned windows of length `W`, and the state keeps the
 //! units admitted in the current window (`current`) and in the one before
 //! (`previous`). At `e` nanoseconds into the current window, the rolling

@@ -1,5 +1,20 @@
 //! The token bucket, as GCRA (generic cell rate algorithm).
 //!
+//! ```
+//! use pmcp_resilience::rate_limit::RateLimitStrategy;
+//! use pmcp_resilience::Timestamp;
+//!
+//! let strategy = RateLimitStrategy::TokenBucket { capacity: 3, refill_rate: 10 };
+//! let mut state = strategy.initial_state();
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//! // A full bucket: a burst of 3 passes at once, with no wait.
+//! for _ in 0..3 {
+//!     let d = strategy.check(&mut state, now, 1);
+//!     assert!(d.allowed && d.wait.is_zero());
+//! }
+//! assert!(!strategy.check(&mut state, now, 1).allowed);
+//! ```
+//!
 //! Instead of a token count and a refill time, the state is one instant: the
 //! *theoretical arrival time* `tat`, when the bucket would be full again if
 //! nothing else arrived. With `interval = 1 s / refill_rate` (the time one
