@@ -187,6 +187,13 @@ fn describe(result: &pmcp::Result<pmcp::types::CallToolResult>) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    #[cfg(feature = "redis")]
+    if let Ok(prefix) = std::env::var(redis_part::CHILD_ENV) {
+        // Re-spawned by part 5: use the shared limit, report, and exit.
+        let admitted = redis_part::use_shared_limit(&prefix, "child").await?;
+        println!("{admitted}");
+        return Ok(());
+    }
     compare_strategies();
     let url = start_server().await?;
     println!("pmcp server on {url}");
@@ -307,25 +314,88 @@ async fn main() -> Result<(), Error> {
     }
 
     // ---------------------------------------------------------- part 5
-    shared_limit_through_redis();
+    shared_limit_through_redis().await?;
     Ok(())
 }
 
 /// Part 5: two processes sharing one limit through Redis.
 ///
-/// The Redis store (`StatePersistence::Redis`, feature `redis`) is being
-/// finished on its own branch; this build does not contain it yet, so the
-/// example says so instead of pretending.
-fn shared_limit_through_redis() {
+/// With `REDIS_URL` and `--features redis`, this process and a copy of it
+/// (re-spawned as a child) each try 10 requests against one fixed window of
+/// 10 per minute kept in Redis: together they get 10, not 20.
+async fn shared_limit_through_redis() -> Result<(), Error> {
     println!("\n== 5. two processes sharing one limit through Redis");
     match std::env::var("REDIS_URL") {
         Err(_) => println!("   skipped: set REDIS_URL and build with --features redis to run it"),
-        Ok(url) if cfg!(feature = "redis") => println!(
-            "   REDIS_URL={url}: the Redis store is not part of this build of \
-             pmcp-resilience yet (it lands with the `redis` branch); nothing shared to show"
-        ),
+        #[cfg(feature = "redis")]
+        Ok(_) => redis_part::run().await?,
+        #[cfg(not(feature = "redis"))]
         Ok(_) => {
             println!("   skipped: rebuild with --features redis to share a limit through Redis")
         }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "redis")]
+mod redis_part {
+    use super::Error;
+    use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+    use pmcp::types::{JSONRPCRequest, RequestId};
+    use pmcp_resilience::{RateLimitMiddleware, RateLimitStrategy, StatePersistence};
+    use std::time::Duration;
+
+    /// Set in the child's environment: the key prefix to share.
+    pub const CHILD_ENV: &str = "EXAMPLE35_REDIS_CHILD_PREFIX";
+
+    /// Tries 10 requests through a limiter whose state is in Redis under
+    /// `prefix`; returns how many were admitted.
+    pub async fn use_shared_limit(prefix: &str, who: &str) -> Result<u32, Error> {
+        let url = std::env::var("REDIS_URL")?;
+        let limiter = RateLimitMiddleware::builder()
+            .strategy(RateLimitStrategy::FixedWindow {
+                max_requests: 10,
+                window: Duration::from_secs(60),
+            })
+            .persistence(StatePersistence::Redis {
+                client: redis::Client::open(url.as_str())?,
+                key_prefix: prefix.to_string(),
+            })
+            .build()?;
+        let mut admitted = 0;
+        for i in 0..10 {
+            let mut request = JSONRPCRequest {
+                jsonrpc: "2.0".into(),
+                method: "tools/call".into(),
+                params: None,
+                id: RequestId::from(i as i64),
+            };
+            let context = MiddlewareContext::with_request_id(format!("{who}-{i}"));
+            if limiter
+                .on_request_with_context(&mut request, &context)
+                .await
+                .is_ok()
+            {
+                admitted += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(admitted)
+    }
+
+    pub async fn run() -> Result<(), Error> {
+        let prefix = format!("example35:{}:", std::process::id());
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .env(CHILD_ENV, &prefix)
+            .output();
+        let (mine, theirs) = tokio::join!(use_shared_limit(&prefix, "parent"), child);
+        let mine = mine?;
+        let theirs: u32 = String::from_utf8_lossy(&theirs?.stdout).trim().parse()?;
+        println!("   this process admitted {mine} of 10, the other process {theirs} of 10");
+        println!(
+            "   together {} against one shared limit of 10 per minute",
+            mine + theirs
+        );
+        Ok(())
     }
 }
