@@ -29,11 +29,13 @@
 //! (its `MiddlewareContext` carries only a request id and metadata). They
 //! reach the key, in this order of precedence:
 //!
-//! 1. the context metadata entries [`SERVER_URL_METADATA`] and
-//!    [`SESSION_ID_METADATA`], when a middleware earlier in the chain sets them;
-//! 2. the [`RequestTarget`] bound to the middleware handle (for example
+//! 1. the [`RequestTarget`] bound to the middleware handle (for example
 //!    `CircuitBreakerMiddleware::for_server(url)`), whose session id may be
 //!    read live from the transport after `initialize`;
+//! 2. for a handle with no such binding, the context metadata entries
+//!    [`SERVER_URL_METADATA`] and [`SESSION_ID_METADATA`], when a middleware
+//!    earlier in the chain sets them (a bound handle never pays for this
+//!    lookup on its request path);
 //! 3. otherwise the documented fallback: the key [`UNKNOWN_SERVER`] or
 //!    [`NO_SESSION`], so such requests share one breaker or limiter. The
 //!    middlewares log a warning the first time this happens.
@@ -137,36 +139,60 @@ impl Scope {
         U: FnOnce() -> Option<Cow<'u, str>>,
         S: FnOnce() -> Option<String>,
     {
-        let key = match self {
-            Scope::Global => return ScopeKey(Arc::from("global")),
+        self.visit_key(request, url, session, |key| ScopeKey(Arc::from(key)))
+    }
+
+    /// Builds the key in a reused per-thread buffer and hands it to `f`
+    /// borrowed, so a caller that only looks the key up allocates nothing.
+    pub(crate) fn visit_key<'u, U, S, R>(
+        &self,
+        request: &JSONRPCRequest,
+        url: U,
+        session: S,
+        f: impl FnOnce(&str) -> R,
+    ) -> R
+    where
+        U: FnOnce() -> Option<Cow<'u, str>>,
+        S: FnOnce() -> Option<String>,
+    {
+        match self {
+            Scope::Global => f("global"),
             Scope::PerServer => {
                 let url = url();
-                join(&["server:", &part(url.as_deref().unwrap_or(UNKNOWN_SERVER))])
+                join(
+                    &["server:", &part(url.as_deref().unwrap_or(UNKNOWN_SERVER))],
+                    f,
+                )
             }
-            Scope::PerMethod => join(&["method:", &part(&request.method)]),
+            Scope::PerMethod => join(&["method:", &part(&request.method)], f),
             Scope::PerEndpoint => {
                 let url = url();
-                join(&[
-                    "endpoint:",
-                    &part(&request.method),
-                    "@",
-                    &part(url.as_deref().unwrap_or(UNKNOWN_SERVER)),
-                ])
+                join(
+                    &[
+                        "endpoint:",
+                        &part(&request.method),
+                        "@",
+                        &part(url.as_deref().unwrap_or(UNKNOWN_SERVER)),
+                    ],
+                    f,
+                )
             }
             Scope::PerSession => {
                 let session = session();
-                join(&["session:", &part(session.as_deref().unwrap_or(NO_SESSION))])
+                join(
+                    &["session:", &part(session.as_deref().unwrap_or(NO_SESSION))],
+                    f,
+                )
             }
             Scope::PerTool => match tool_name(request) {
-                Some(tool) => join(&["tool:", &part(tool)]),
-                None => join(&["method:", &part(&request.method)]),
+                Some(tool) => join(&["tool:", &part(tool)], f),
+                None => join(&["method:", &part(&request.method)], f),
             },
-            Scope::Custom(f) => {
-                let custom = f(request);
-                join(&["custom:", &part(&custom)])
+            Scope::Custom(key_fn) => {
+                let custom = key_fn(request);
+                join(&["custom:", &part(&custom)], f)
             }
-        };
-        ScopeKey(key)
+        }
     }
 
     /// Whether resolving this scope needs the server URL.
@@ -188,23 +214,23 @@ pub(crate) fn tool_name(request: &JSONRPCRequest) -> Option<&str> {
     request.params.as_ref()?.get("name")?.as_str()
 }
 
-/// Joins key parts already made safe by [`part`].
-fn join(parts: &[&str]) -> Arc<str> {
-    // Joined in a reused per-thread buffer, so a key costs one allocation
-    // (the `Arc<str>` itself) rather than a `String` and then a copy.
+/// Joins key parts already made safe by [`part`] and hands the result to `f`.
+fn join<R>(parts: &[&str], f: impl FnOnce(&str) -> R) -> R {
+    // Joined in a reused per-thread buffer: looking a key up allocates
+    // nothing, and keeping one costs a single `Arc<str>`.
     thread_local! {
         static BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
-    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+    BUFFER.with(move |buffer| match buffer.try_borrow_mut() {
         Ok(mut out) => {
             out.clear();
             for p in parts {
                 out.push_str(p);
             }
-            Arc::from(out.as_str())
+            f(out.as_str())
         }
-        // Re-entered from a custom key function: build it the plain way.
-        Err(_) => Arc::from(parts.concat()),
+        // Re-entered (from `f` or a custom key function): use a plain String.
+        Err(_) => f(&parts.concat()),
     })
 }
 
@@ -344,42 +370,60 @@ impl RequestTarget {
     }
 }
 
-/// Resolves a request's key inside pmcp's middleware chain: metadata first,
-/// then the bound target (see the module docs).
+/// Resolves a request's key inside pmcp's middleware chain: the bound target
+/// first, then context metadata (see the module docs).
 pub(crate) fn key_in_context(
     scope: &Scope,
     request: &JSONRPCRequest,
     context: &pmcp::shared::MiddlewareContext,
     target: &RequestTarget,
 ) -> ResolvedKey {
+    visit_key_in_context(scope, request, context, target, |key, missing| {
+        ResolvedKey {
+            key: ScopeKey(Arc::from(key)),
+            missing,
+        }
+    })
+}
+
+/// Like [`key_in_context`], with the key lent to `f` instead of allocated.
+pub(crate) fn visit_key_in_context<R>(
+    scope: &Scope,
+    request: &JSONRPCRequest,
+    context: &pmcp::shared::MiddlewareContext,
+    target: &RequestTarget,
+    f: impl FnOnce(&str, Option<MissingPart>) -> R,
+) -> R {
     let missing_url = std::cell::Cell::new(false);
     let missing_session = std::cell::Cell::new(false);
-    let key = scope.key_with(
+    scope.visit_key(
         request,
         || {
-            let url = context
-                .get_metadata(SERVER_URL_METADATA)
-                .map(Cow::Owned)
-                .or_else(|| target.server_url_str().map(Cow::Borrowed));
+            let url = target
+                .server_url_str()
+                .map(Cow::Borrowed)
+                .or_else(|| context.get_metadata(SERVER_URL_METADATA).map(Cow::Owned));
             missing_url.set(url.is_none());
             url
         },
         || {
-            let session = context
-                .get_metadata(SESSION_ID_METADATA)
-                .or_else(|| target.session_id());
+            let session = target
+                .session_id()
+                .or_else(|| context.get_metadata(SESSION_ID_METADATA));
             missing_session.set(session.is_none());
             session
         },
-    );
-    let missing = if missing_url.get() {
-        Some(MissingPart::ServerUrl)
-    } else if missing_session.get() {
-        Some(MissingPart::SessionId)
-    } else {
-        None
-    };
-    ResolvedKey { key, missing }
+        |key| {
+            let missing = if missing_url.get() {
+                Some(MissingPart::ServerUrl)
+            } else if missing_session.get() {
+                Some(MissingPart::SessionId)
+            } else {
+                None
+            };
+            f(key, missing)
+        },
+    )
 }
 
 /// A key and, if the fallback was used, which part was missing.
@@ -486,12 +530,25 @@ mod tests {
     }
 
     #[test]
-    fn context_metadata_wins_over_bound_target() {
+    fn context_metadata_serves_unbound_handles_only() {
         let r = request("ping", None);
         let ctx = pmcp::shared::MiddlewareContext::default();
         ctx.set_metadata(SERVER_URL_METADATA.into(), "http://other/".into());
         ctx.set_metadata(SESSION_ID_METADATA.into(), "s2".into());
-        let t = target();
+        let bound = target();
+        assert_eq!(
+            key_in_context(&Scope::PerServer, &r, &ctx, &bound)
+                .key
+                .as_str(),
+            "server:http://127.0.0.1:1/mcp"
+        );
+        assert_eq!(
+            key_in_context(&Scope::PerSession, &r, &ctx, &bound)
+                .key
+                .as_str(),
+            "session:abc"
+        );
+        let t = RequestTarget::default();
         assert_eq!(
             key_in_context(&Scope::PerServer, &r, &ctx, &t).key.as_str(),
             "server:http://other/"

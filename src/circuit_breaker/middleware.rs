@@ -54,7 +54,9 @@ use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::{ConfigError, StoreError};
 use crate::metrics::MetricsConfig;
 use crate::registry::{KeyState, OVERFLOW_KEY, Registry};
-use crate::scope::{MissingPart, RequestTarget, Scope, ScopeKey, key_in_context};
+use crate::scope::{
+    MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
+};
 
 /// One key's breaker in the registry: the persistent state plus counters
 /// that only matter to this process.
@@ -194,7 +196,9 @@ fn file_snapshot(
 }
 
 /// A state to write through: a transition happened on this key.
-type WriteThrough = Option<(ScopeKey, CircuitBreakerState)>;
+/// Boxed: the state is a few hundred bytes and is written through rarely (a
+/// transition with a file), so the common `None` stays one word to move.
+type WriteThrough = Option<(ScopeKey, Box<CircuitBreakerState>)>;
 
 /// A scoped circuit breaker for pmcp: a cheap handle (clones share all state).
 ///
@@ -561,23 +565,31 @@ impl CircuitBreakerMiddleware {
 
     /// The request's key, warning once when a part of it is missing.
     fn resolve(&self, request: &JSONRPCRequest, context: &MiddlewareContext) -> ScopeKey {
-        let inner = &*self.inner;
-        let resolved = key_in_context(&inner.scope, request, context, &self.target);
-        if let Some(missing) = resolved.missing
-            && !inner.warned_fallback.swap(true, Ordering::Relaxed)
-        {
-            let part = match missing {
-                MissingPart::ServerUrl => "server URL",
-                MissingPart::SessionId => "session id",
-            };
-            tracing::warn!(
-                scope = inner.scope.label(),
-                key = resolved.key.as_str(),
-                "circuit breaker: no {part} known for a request; such requests share the fallback key \
-                 (bind one with `for_server`/`with_target` or context metadata)"
-            );
+        let resolved = key_in_context(&self.inner.scope, request, context, &self.target);
+        if let Some(missing) = resolved.missing {
+            self.warn_missing(resolved.key.as_str(), missing);
         }
         resolved.key
+    }
+
+    /// Warns, once per breaker, that requests fall back to a shared key.
+    fn warn_missing(&self, key: &str, missing: MissingPart) {
+        let inner = &*self.inner;
+        if inner.warned_fallback.load(Ordering::Relaxed)
+            || inner.warned_fallback.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let part = match missing {
+            MissingPart::ServerUrl => "server URL",
+            MissingPart::SessionId => "session id",
+        };
+        tracing::warn!(
+            scope = inner.scope.label(),
+            key,
+            "circuit breaker: no {part} known for a request; such requests share the fallback key \
+             (bind one with `for_server`/`with_target` or context metadata)"
+        );
     }
 
     /// Admission for a request by the in-memory state machine: `Ok` with the
@@ -588,34 +600,49 @@ impl CircuitBreakerMiddleware {
         context: &MiddlewareContext,
     ) -> (pmcp::Result<()>, WriteThrough) {
         let inner = &*self.inner;
-        let key = self.resolve(request, context);
         let now = inner.clock.now();
         self.maybe_sweep(now);
         let policy = **inner.policy.load();
         let jitter = fastrand::f64();
         let file = matches!(inner.backend, Backend::File(_));
-        let ((admission, transition, mode, saved), overflowed) =
-            inner.registry.with(key.as_str(), now, Entry::default, |e| {
-                let (admission, transition) = state::acquire(&mut e.state, &policy, now, jitter);
-                e.transitions += u64::from(transition.is_some());
-                match admission {
-                    Admission::Allowed { .. } if e.state.mode != BreakerMode::Disabled => {
-                        e.in_flight = e.in_flight.saturating_add(1);
-                    }
-                    Admission::Allowed { .. } => {}
-                    Admission::Rejected { .. } => e.rejections += 1,
+        // The key is built in a per-thread buffer and looked up borrowed; the
+        // call keeps the registry's own copy (one reference count, no
+        // allocation; the overflow key at the cap).
+        let (key, admission, transition, mode, saved) = visit_key_in_context(
+            &inner.scope,
+            request,
+            context,
+            &self.target,
+            |key, missing| {
+                if let Some(missing) = missing {
+                    self.warn_missing(key, missing);
                 }
-                let saved = (file && transition.is_some()).then(|| e.state.clone());
-                (admission, transition, e.state.mode, saved)
-            });
+                let (decided, _overflowed) =
+                    inner
+                        .registry
+                        .with_key(key, now, Entry::default, |stored, e| {
+                            let (admission, transition) =
+                                state::acquire(&mut e.state, &policy, now, jitter);
+                            e.transitions += u64::from(transition.is_some());
+                            match admission {
+                                Admission::Allowed { .. }
+                                    if e.state.mode != BreakerMode::Disabled =>
+                                {
+                                    e.in_flight = e.in_flight.saturating_add(1);
+                                }
+                                Admission::Allowed { .. } => {}
+                                Admission::Rejected { .. } => e.rejections += 1,
+                            }
+                            let saved =
+                                (file && transition.is_some()).then(|| Box::new(e.state.clone()));
+                            (stored.clone(), admission, transition, e.state.mode, saved)
+                        });
+                decided
+            },
+        );
         if let Backend::File(file) = &inner.backend {
             file.mark_dirty();
         }
-        let key = if overflowed {
-            ScopeKey::new(OVERFLOW_KEY)
-        } else {
-            key
-        };
         let write = saved.map(|state| (key.clone(), state));
         let result = self.conclude(key, admission, transition, mode, now, context);
         if result.is_err() {
@@ -787,7 +814,7 @@ impl CircuitBreakerMiddleware {
             Backend::Shared(store) => self.finish_shared(&**store, pending, result, now).await,
             Backend::File(file) => {
                 if let Some((key, state)) = self.finish(pending, result, now) {
-                    file.note(file.write_through(key.as_str(), state).await);
+                    file.note(file.write_through(key.as_str(), *state).await);
                 }
             }
             Backend::Memory => {
@@ -813,7 +840,7 @@ impl CircuitBreakerMiddleware {
             },
             Backend::File(file) => {
                 if let Some((key, state)) = self.finish(pending, result, now) {
-                    file.write_detached(key.as_str(), state);
+                    file.write_detached(key.as_str(), *state);
                 }
             }
             Backend::Memory => {
@@ -911,7 +938,7 @@ impl CircuitBreakerMiddleware {
                         jitter,
                     );
                     e.transitions += u64::from(transition.is_some());
-                    let saved = (file && transition.is_some()).then(|| e.state.clone());
+                    let saved = (file && transition.is_some()).then(|| Box::new(e.state.clone()));
                     (transition, saved)
                 });
         if let Backend::File(file) = &inner.backend {
@@ -1053,7 +1080,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
             Backend::File(file) => {
                 let (result, write) = self.admit(request, context);
                 if let Some((key, state)) = write {
-                    file.note(file.write_through(key.as_str(), state).await);
+                    file.note(file.write_through(key.as_str(), *state).await);
                 }
                 result
             }

@@ -180,6 +180,14 @@ impl Default for BreakerPolicy {
 impl BreakerPolicy {
     /// A number identifying the window's shape; counts kept under another
     /// shape are dropped rather than misread.
+    /// Whether any rule reads the outcome window. Without one the window is
+    /// not kept (a rule added later by reconfiguration starts it empty).
+    pub(crate) fn uses_window(&self) -> bool {
+        self.failures_in_window.is_some()
+            || self.failure_rate.is_some()
+            || self.slow_calls.is_some()
+    }
+
     fn window_shape(&self) -> u64 {
         match self.window {
             SlidingWindow::Calls(n) => u64::from(n) << 1,
@@ -250,8 +258,9 @@ pub struct CircuitBreakerState {
     pub probes: Vec<Probe>,
     /// Source of probe ids.
     pub next_probe: u32,
-    /// The outcome window.
-    pub window: [Bucket; WINDOW_BUCKETS],
+    /// The outcome window: empty while no rule reads it (keeping the
+    /// per-key state small), else `WINDOW_BUCKETS` buckets.
+    pub window: Vec<Bucket>,
     /// The current slot of a count window.
     pub window_head: u64,
     /// The shape the window was counted under.
@@ -409,8 +418,8 @@ fn add_to_window(
     slow: bool,
 ) {
     let shape = policy.window_shape();
-    if state.window_shape != shape {
-        state.window = Default::default();
+    if state.window_shape != shape || state.window.len() != WINDOW_BUCKETS {
+        state.window = vec![Bucket::default(); WINDOW_BUCKETS];
         state.window_head = 0;
         state.window_shape = shape;
     }
@@ -419,14 +428,22 @@ fn add_to_window(
         SlidingWindow::Calls(n) => {
             let per_bucket = n.div_ceil(WINDOW_BUCKETS as u32).max(1);
             let head = state.window_head;
-            let bucket = &state.window[(head % WINDOW_BUCKETS as u64) as usize];
-            if bucket.slot == head && bucket.calls >= per_bucket {
+            let full = state
+                .window
+                .get((head % WINDOW_BUCKETS as u64) as usize)
+                .is_some_and(|b| b.slot == head && b.calls >= per_bucket);
+            if full {
                 state.window_head = head + 1;
             }
             state.window_head
         }
     };
-    let bucket = &mut state.window[(slot % WINDOW_BUCKETS as u64) as usize];
+    let Some(bucket) = state
+        .window
+        .get_mut((slot % WINDOW_BUCKETS as u64) as usize)
+    else {
+        return;
+    };
     if bucket.slot != slot {
         *bucket = Bucket {
             slot,
@@ -602,7 +619,9 @@ pub fn record(
     let slow = policy.slow_calls.is_some_and(|s| elapsed >= s.duration);
     let transition = match state.state {
         CircuitState::Closed => {
-            add_to_window(state, policy, now, failed, slow);
+            if policy.uses_window() {
+                add_to_window(state, policy, now, failed, slow);
+            }
             if failed {
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
             } else {
@@ -640,10 +659,7 @@ fn trip_reason(
     {
         return Some(TransitionReason::ConsecutiveFailures);
     }
-    if policy.failures_in_window.is_none()
-        && policy.failure_rate.is_none()
-        && policy.slow_calls.is_none()
-    {
+    if !policy.uses_window() {
         return None;
     }
     let totals = state.window_totals(policy, now);
