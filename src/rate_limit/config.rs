@@ -240,6 +240,8 @@ impl RateLimitBuilder {
     }
 
     /// Checks every setting and builds the middleware.
+    // The label is broken out of only by the `redis` arm.
+    #[cfg_attr(not(feature = "redis"), allow(unused_labels))]
     pub fn build(self) -> Result<RateLimitMiddleware, ConfigError> {
         self.backpressure.validate()?;
         if self.backpressure.wait_for_capacity && self.max_waiters == 0 {
@@ -265,7 +267,7 @@ impl RateLimitBuilder {
         let clock = self.clock.unwrap_or_else(default_clock);
         let engine = match self.limiter {
             Some(limiter) => Engine::Custom(limiter),
-            None => {
+            None => 'engine: {
                 // A shared store is a limiter of its own, behind the trait.
                 let persistence = self.persistence;
                 let file = match &persistence {
@@ -304,16 +306,7 @@ impl RateLimitBuilder {
                         self.strategy,
                         self.redis_options,
                     )?;
-                    return Ok(RateLimitMiddleware::from_parts(
-                        self.scope,
-                        Engine::Custom(limiter),
-                        self.cost,
-                        self.backpressure,
-                        self.max_waiters,
-                        self.metrics_config,
-                        clock,
-                        self.target,
-                    ));
+                    break 'engine Engine::Custom(limiter);
                 }
                 let mut limiter = KeyedRateLimiter::from_policy(
                     policy,
