@@ -337,10 +337,9 @@ async fn waiting_for_capacity_smooths_a_burst() {
     }
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(140), "spread out: {took:?}");
-    assert!(
-        took < Duration::from_millis(900),
-        "within max_wait: {took:?}"
-    );
+    // Every call got 200, so none waited past max_wait; this bound only
+    // guards against a hang (a loaded CI machine may be slow).
+    assert!(took < Duration::from_secs(5), "no hang: {took:?}");
     assert_eq!(server.behaviour.calls("echo"), 4);
 }
 
@@ -370,7 +369,8 @@ async fn a_wait_beyond_max_wait_is_refused_at_once() {
     );
     let started = Instant::now();
     let refused = post(server.addr, &tool_call(2, "echo"), &s).await;
-    assert!(started.elapsed() < Duration::from_millis(100), "no wait");
+    // Refused at once: a wait would have lasted the full 1 s retry time.
+    assert!(started.elapsed() < Duration::from_millis(600), "no wait");
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(refused.json()["error"]["data"]["retryAfterMs"], 1000);
