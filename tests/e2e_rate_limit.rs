@@ -194,7 +194,8 @@ async fn waiting_smooths_a_burst() {
         "{BURST} calls reached the tool within {span:?}; a leak of one per {INTERVAL:?} spreads them over about {:?}",
         INTERVAL * (BURST as u32 - 1)
     );
-    assert!(elapsed < Duration::from_secs(2), "burst took {elapsed:?}");
+    // A hang guard only; the spread above is what shows the smoothing.
+    assert!(elapsed < Duration::from_secs(5), "burst took {elapsed:?}");
     let snapshot = rl.snapshot();
     assert_eq!(snapshot.rejected_requests, 0);
     assert!(
