@@ -150,8 +150,9 @@ impl<S: KeyState> Registry<S> {
     }
 
     fn shard_of(&self, hash: u64) -> &Shard<S> {
-        // The table uses the low bits of the hash; the shard takes the high ones.
-        &self.shards[((hash >> 57) & self.shard_mask) as usize % self.shards.len()]
+        // hashbrown takes its 7-bit tag from the top bits and its bucket from
+        // the low ones; the shard uses the middle, independent of both.
+        &self.shards[((hash >> 32) & self.shard_mask) as usize]
     }
 
     /// Runs `f` on the state of `key` under its shard's lock, creating the
@@ -199,7 +200,7 @@ impl<S: KeyState> Registry<S> {
                 .insert_unique(
                     hash,
                     Slot {
-                        key: ScopeKey::new(key),
+                        key: ScopeKey::verbatim(key),
                         hash,
                         last_seen: now,
                         state: init(),

@@ -264,6 +264,15 @@ fn part(raw: &str) -> Cow<'_, str> {
     Cow::Owned(cleaned)
 }
 
+/// 64-bit FNV-1a of `bytes`: stable across processes, builds and versions
+/// (unlike the maps' seeded hashers), for hashes that leave the process:
+/// Redis key tags and metric label buckets.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The key of one breaker or limiter: cheap to clone, bounded in length.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScopeKey(Arc<str>);
@@ -272,6 +281,12 @@ impl ScopeKey {
     /// A key from text, made safe the same way request-derived keys are.
     pub fn new(raw: &str) -> Self {
         ScopeKey(Arc::from(part(raw).as_ref()))
+    }
+
+    /// A key from text already built by a [`Scope`] (whose parts are bounded
+    /// and clean): stored exactly as looked up, so it is found again.
+    pub(crate) fn verbatim(key: &str) -> Self {
+        ScopeKey(Arc::from(key))
     }
 
     /// The key as text.

@@ -592,3 +592,24 @@ async fn per_session_budgets_are_independent() {
     assert!(rl.retry_after("session:alice").is_some());
     assert_eq!(rl.snapshot().registry.keys, 2);
 }
+
+#[tokio::test]
+async fn keys_longer_than_one_part_are_found_again() {
+    // A tool name near the per-part bound makes a key longer than the bound
+    // as a whole ("tool:" + 199 bytes); it must keep one state.
+    let rl = RateLimitMiddleware::builder()
+        .scope(pmcp_resilience::RateLimitScope::PerTool)
+        .strategy(RateLimitStrategy::FixedWindow {
+            max_requests: 1,
+            window: Duration::from_secs(60),
+        })
+        .build()
+        .expect("valid limiter");
+    let long = "t".repeat(199);
+    assert!(send(&rl, tool_call(&long)).await.is_ok());
+    assert!(
+        send(&rl, tool_call(&long)).await.is_err(),
+        "the second call must find the first call's state"
+    );
+    assert_eq!(rl.snapshot().registry.keys, 1);
+}

@@ -53,7 +53,7 @@ use super::transport::ObservedTransport;
 use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::{ConfigError, StoreError};
 use crate::metrics::MetricsConfig;
-use crate::registry::{KeyState, OVERFLOW_KEY, Registry};
+use crate::registry::{KeyState, Registry};
 use crate::scope::{
     MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
 };
@@ -97,7 +97,6 @@ const PENDING_TTL: Duration = Duration::from_secs(300);
 /// The bounded table of calls in flight.
 struct PendingCalls {
     shards: Box<[Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>>]>,
-    untracked: AtomicU64,
 }
 
 impl PendingCalls {
@@ -110,12 +109,13 @@ impl PendingCalls {
                     )))
                 })
                 .collect(),
-            untracked: AtomicU64::new(0),
         }
     }
 
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>> {
-        &self.shards[(id >> 59) as usize % PENDING_SHARDS]
+        // Ids are request-id hashes or context addresses; mixing the bits
+        // spreads both (an address's top bits are always zero).
+        &self.shards[(id ^ (id >> 32) ^ (id >> 12)) as usize % PENDING_SHARDS]
     }
 
     /// Remembers a call; returns entries that had to give way (abandoned calls).
@@ -130,7 +130,6 @@ impl PendingCalls {
                 .collect();
             gone.extend(stale.iter().filter_map(|k| map.remove(k)));
             if map.len() >= PENDING_CAPACITY / PENDING_SHARDS {
-                self.untracked.fetch_add(1, Ordering::Relaxed);
                 gone.push(pending);
                 return gone;
             }
@@ -672,7 +671,9 @@ impl CircuitBreakerMiddleware {
             }
         };
         let (admission, transition) = decided.unwrap_or((Admission::Allowed { probe: None }, None));
-        let ((), overflowed) = inner.registry.with(key.as_str(), now, Entry::default, |e| {
+        // The call keeps the store's key even when this process counts it
+        // under its local overflow entry: its outcome belongs to that key.
+        inner.registry.with(key.as_str(), now, Entry::default, |e| {
             if decided.is_some() {
                 mirror(&mut e.state, admission, transition, now);
                 e.transitions += u64::from(transition.is_some());
@@ -682,11 +683,6 @@ impl CircuitBreakerMiddleware {
                 Admission::Rejected { .. } => e.rejections += 1,
             }
         });
-        let key = if overflowed {
-            ScopeKey::new(OVERFLOW_KEY)
-        } else {
-            key
-        };
         let result = self.conclude(
             key,
             admission,
@@ -896,6 +892,7 @@ impl CircuitBreakerMiddleware {
                 count_result(e, result);
                 if let Some(t) = transition {
                     e.state.state = t.to;
+                    e.transitions += 1;
                 }
             });
         self.count_metrics(result, transition, &pending.key);

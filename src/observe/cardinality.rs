@@ -98,13 +98,10 @@ pub fn is_unbounded_scope(scope: &str) -> bool {
 
 /// The label value of the hash bucket of `key`.
 pub fn hashed_key(key: &str) -> String {
-    format!("h:{:02}", fnv1a(key.as_bytes()) % HASH_BUCKETS)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    format!(
+        "h:{:02}",
+        crate::scope::fnv1a(key.as_bytes()) % HASH_BUCKETS
+    )
 }
 
 fn shorten(key: &str) -> String {
@@ -234,8 +231,8 @@ mod tests {
 
     #[test]
     fn hashing_is_stable() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(crate::scope::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(crate::scope::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(
             hashed_key("a"),
             format!("h:{:02}", 0xaf63_dc4c_8601_ec8c_u64 % 64)

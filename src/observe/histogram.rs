@@ -77,7 +77,7 @@ impl DurationHistogram {
 
     /// Counts one duration.
     pub fn record(&self, duration: Duration) {
-        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = crate::clock::duration_nanos(duration);
         let index = BOUNDS_NANOS.partition_point(|&bound| bound < nanos);
         self.buckets[index].fetch_add(1, Ordering::Relaxed);
         // Saturate rather than wrap: a wrapped sum would report nonsense.

@@ -48,7 +48,7 @@ pub const INTERNAL_ERROR_CODE: &str = "internal";
 fn now_nanos() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
-    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    crate::clock::duration_nanos(origin.elapsed())
 }
 
 /// How the metrics are exported.

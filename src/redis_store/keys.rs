@@ -24,7 +24,7 @@ pub(crate) fn tag(scope_key: &str) -> String {
         while !out.is_char_boundary(cut) {
             cut -= 1;
         }
-        let digest = fnv1a(scope_key.as_bytes());
+        let digest = crate::scope::fnv1a(scope_key.as_bytes());
         out.truncate(cut);
         let _ = write!(out, "%#{digest:016x}");
     }
@@ -41,16 +41,6 @@ pub(crate) fn untag(tag: &str) -> String {
 /// A full key name.
 pub(crate) fn key(prefix: &str, scope_key: &str, suffix: &str) -> String {
     format!("{prefix}{{{}}}:{suffix}", tag(scope_key))
-}
-
-/// 64-bit FNV-1a: stable across processes and builds, unlike the map hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

@@ -437,6 +437,12 @@ impl RateLimiter for RedisRateLimiter {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let key = key.as_str();
+        // A reservation made by the local fallback while Redis was down is
+        // given back there: it matches only the local state, and trying Redis
+        // first (which may be back) would lose the refund.
+        if self.local.cancel_at(key, reservation, now) {
+            return Ok(true);
+        }
         let (Some(before), Some(after)) = (
             self.script_state(&reservation.before),
             self.script_state(&reservation.after),

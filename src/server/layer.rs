@@ -10,6 +10,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pmcp::ErrorCode;
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
 use pmcp::types::JSONRPCResponse;
 use pmcp::types::jsonrpc::ResponsePayload;
@@ -367,7 +368,7 @@ where
         }
         Err(e) => {
             return Ok(signals::bad_request(
-                -32700,
+                ErrorCode::PARSE_ERROR.as_i32(),
                 &format!("could not read the request body: {e}"),
             ));
         }
@@ -375,9 +376,17 @@ where
     let message = match keys::parse_message(&bytes) {
         Ok(m) => m,
         Err(BodyError::Parse(e)) => {
-            return Ok(signals::bad_request(-32700, &format!("parse error: {e}")));
+            return Ok(signals::bad_request(
+                ErrorCode::PARSE_ERROR.as_i32(),
+                &format!("parse error: {e}"),
+            ));
         }
-        Err(BodyError::Invalid(why)) => return Ok(signals::bad_request(-32600, why)),
+        Err(BodyError::Invalid(why)) => {
+            return Ok(signals::bad_request(
+                ErrorCode::INVALID_REQUEST.as_i32(),
+                why,
+            ));
+        }
     };
     let session = keys::session_id(&parts);
 

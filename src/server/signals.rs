@@ -231,7 +231,7 @@ pub(crate) fn too_large(max: usize) -> Response<Body> {
     error_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         Value::Null,
-        -32600,
+        pmcp::ErrorCode::INVALID_REQUEST.as_i32(),
         &format!("request body larger than {max} bytes"),
         None,
     )
