@@ -95,6 +95,12 @@ pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Whole milliseconds of `d`, rounded up (a client retrying after that long
+/// finds capacity), saturating.
+pub(crate) fn ceil_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
 /// A source of [`Timestamp`]s.
 ///
 /// Implementations must be cheap (it is called on every request) and must not

@@ -125,6 +125,25 @@ fn the_redis_breaker_refuses_rules_it_cannot_share() {
         ),
         Ok(_) => panic!("a failure-rate breaker on Redis must be refused"),
     }
+    // The same rule added at run time is refused too, and the policy stays.
+    let cb = match CircuitBreakerMiddleware::builder()
+        .persistence(redis_persistence(&redis, "e2e:"))
+        .build()
+    {
+        Ok(cb) => cb,
+        Err(e) => panic!("breaker config: {e}"),
+    };
+    let before = cb.policy();
+    let mut with_rate = before;
+    with_rate.failure_rate = Some(pmcp_resilience::circuit_breaker::state::FailureRate {
+        threshold: 0.5,
+        minimum_calls: 10,
+    });
+    assert!(
+        cb.reconfigure(with_rate).is_err(),
+        "reconfigure must refuse it on Redis"
+    );
+    assert_eq!(cb.policy(), before);
 }
 
 fn store_mode_line(text: &str, mode: &str) -> Option<f64> {

@@ -455,6 +455,9 @@ impl CircuitBreakerMiddleware {
     /// (a window of another shape starts empty).
     pub fn reconfigure(&self, policy: BreakerPolicy) -> Result<(), ConfigError> {
         validate_policy(&policy)?;
+        if let Backend::Shared(store) = &self.inner.backend {
+            store.check_policy(&policy)?;
+        }
         self.inner.policy.store(Arc::new(policy));
         Ok(())
     }

@@ -178,8 +178,6 @@ impl Default for BreakerPolicy {
 }
 
 impl BreakerPolicy {
-    /// A number identifying the window's shape; counts kept under another
-    /// shape are dropped rather than misread.
     /// Whether any rule reads the outcome window. Without one the window is
     /// not kept (a rule added later by reconfiguration starts it empty).
     pub(crate) fn uses_window(&self) -> bool {
@@ -188,6 +186,8 @@ impl BreakerPolicy {
             || self.slow_calls.is_some()
     }
 
+    /// A number identifying the window's shape; counts kept under another
+    /// shape are dropped rather than misread.
     fn window_shape(&self) -> u64 {
         match self.window {
             SlidingWindow::Calls(n) => u64::from(n) << 1,

@@ -51,6 +51,13 @@ pub trait CircuitBreakerStateStore: Send + Sync {
     /// A row per stored key (counters are zero for stores that keep only state).
     async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError>;
 
+    /// Refuses a policy the store cannot apply (checked at `build()` and by
+    /// `reconfigure`); the default accepts every policy.
+    fn check_policy(&self, policy: &BreakerPolicy) -> Result<(), crate::error::ConfigError> {
+        let _ = policy;
+        Ok(())
+    }
+
     /// Where the store keeps state and how it is doing, for the unified
     /// metrics (default: kind `custom`, mode `normal`).
     fn store_report(&self) -> crate::observe::StoreReport {

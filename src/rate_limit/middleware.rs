@@ -483,10 +483,7 @@ impl RateLimitMiddleware {
         if !inner.backpressure.signal_client {
             return Error::RateLimited;
         }
-        let retry_ms = decision.retry_after.map(|d| {
-            // Round up so that a client retrying at that time finds capacity.
-            u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
-        });
+        let retry_ms = decision.retry_after.map(crate::clock::ceil_millis);
         let message = match retry_ms {
             Some(ms) => format!("rate limit exceeded for {key}; retry after {ms} ms"),
             None => format!(

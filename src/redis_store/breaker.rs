@@ -318,6 +318,10 @@ impl RedisBreakerStore {
 
 #[async_trait]
 impl CircuitBreakerStateStore for RedisBreakerStore {
+    fn check_policy(&self, policy: &BreakerPolicy) -> Result<(), ConfigError> {
+        Self::supports(policy)
+    }
+
     fn store_report(&self) -> crate::observe::StoreReport {
         self.link.store_report()
     }

@@ -407,13 +407,15 @@ where
             );
         }
         let window = limiter.window();
+        // The limiter's hooks note metrics in a pmcp context that nothing
+        // reads here: one per HTTP request, not one per call of a batch.
+        let context = MiddlewareContext::default();
         for call in &message.calls {
             let key = match &http_key {
                 Some(k) => k.clone(),
                 None => limiter.scope().key_with(call, || None, || session.clone()),
             };
             let cost = limiter.cost_of(call);
-            let context = MiddlewareContext::default();
             let verdict = limiter.admit_key(key.clone(), cost, call, &context).await;
             let now = limiter.now();
             match (verdict.result, verdict.decision) {

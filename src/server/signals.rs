@@ -62,10 +62,7 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
 }
 
-/// Whole milliseconds, rounded up.
-pub(crate) fn ceil_millis(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
-}
+pub(crate) use crate::clock::ceil_millis;
 
 /// How the usage headers are named and labelled.
 #[derive(Debug, Clone)]
