@@ -792,3 +792,43 @@ async fn http_404_from_the_transport_does_not_trip_it() {
     assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 0);
     assert_eq!(cb.metrics().successful_requests.load(Ordering::Relaxed), 5);
 }
+
+/// The middleware admits calls and records successes of a quiet key without
+/// running the state machine; that is only right if the state machine would
+/// have changed nothing.
+#[test]
+fn a_quiet_state_admits_and_succeeds_without_changing() {
+    use pmcp_resilience::circuit_breaker::state::is_quiet;
+    let p = BreakerPolicy {
+        consecutive_failures: 3,
+        ..BreakerPolicy::default()
+    };
+    assert!(p.failure_rate.is_none() && p.failures_in_window.is_none() && p.slow_calls.is_none());
+    let mut s = CircuitBreakerState::default();
+    assert!(is_quiet(&s));
+    let before = s.clone();
+    let (admission, transition) = acquire(&mut s, &p, t(0), 0.5);
+    assert_eq!(admission, Admission::Allowed { probe: None });
+    assert_eq!(transition, None);
+    assert_eq!(
+        record(&mut s, &p, t(1), CallResult::Success, MS, None, 0.5),
+        None
+    );
+    assert_eq!(s, before);
+    // A failure, an open breaker or an operator's mode is not quiet.
+    fail(&mut s, &p, t(2));
+    assert!(!is_quiet(&s));
+    succeed(&mut s, &p, t(3));
+    assert!(is_quiet(&s));
+    for i in 0..3 {
+        fail(&mut s, &p, t(4 + i));
+    }
+    assert_eq!(s.state, CircuitState::Open);
+    assert!(!is_quiet(&s));
+    let mut forced = CircuitBreakerState::default();
+    pmcp_resilience::circuit_breaker::state::set_mode(
+        &mut forced,
+        pmcp_resilience::circuit_breaker::state::BreakerMode::MetricsOnly,
+    );
+    assert!(!is_quiet(&forced));
+}

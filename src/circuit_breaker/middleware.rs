@@ -41,6 +41,7 @@ use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
 use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 
 use super::config::{CircuitBreakerBuilder, CircuitBreakerConfig, validate_policy};
+use super::keys::{BreakerKeys, Entry, Key, KeyBytes, Slow};
 use super::matcher::{ErrorMatcher, Outcome, outcome_of_error, outcome_of_response};
 use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 use super::persist::{self, Backend, Opened};
@@ -53,36 +54,19 @@ use super::transport::ObservedTransport;
 use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::{ConfigError, StoreError};
 use crate::metrics::MetricsConfig;
-use crate::registry::{KeyState, Registry};
 use crate::scope::{
     MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
 };
 
-/// One key's breaker in the registry: the persistent state plus counters
-/// that only matter to this process.
-#[derive(Debug, Default)]
-pub(crate) struct Entry {
-    pub(crate) state: CircuitBreakerState,
-    in_flight: u32,
-    successes: u64,
-    failures: u64,
-    rejections: u64,
-    transitions: u64,
-}
-
-impl KeyState for Entry {
-    fn is_evictable(&self, _now: Timestamp) -> bool {
-        self.state.state == CircuitState::Closed
-            && self.state.mode == BreakerMode::Normal
-            && self.state.probes.is_empty()
-            && self.in_flight == 0
-    }
-}
-
 /// A call admitted and not yet answered.
 struct Pending {
     context: usize,
-    key: ScopeKey,
+    /// The key of the entry that admitted it (the overflow key at the cap),
+    /// which the call keeps in use until it ends.
+    key: Key,
+    /// With a shared store: the store's key, which the outcome must reach
+    /// even when this process counted the call under its overflow entry.
+    store_key: Option<ScopeKey>,
     start: Timestamp,
     probe: Option<ProbeId>,
 }
@@ -94,9 +78,16 @@ const PENDING_CAPACITY: usize = 65_536;
 /// dropped) when room is needed.
 const PENDING_TTL: Duration = Duration::from_secs(300);
 
+type PendingShard = Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>>;
+
+/// One shard on cache lines of its own: threads ending calls in different
+/// shards do not take turns owning a line.
+#[repr(align(64))]
+struct PaddedShard(PendingShard);
+
 /// The bounded table of calls in flight.
 struct PendingCalls {
-    shards: Box<[Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>>]>,
+    shards: Box<[PaddedShard]>,
 }
 
 impl PendingCalls {
@@ -104,18 +95,18 @@ impl PendingCalls {
         PendingCalls {
             shards: (0..PENDING_SHARDS)
                 .map(|_| {
-                    Mutex::new(HashMap::with_hasher(foldhash::fast::FixedState::with_seed(
-                        7,
+                    PaddedShard(Mutex::new(HashMap::with_hasher(
+                        foldhash::fast::FixedState::with_seed(7),
                     )))
                 })
                 .collect(),
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>> {
+    fn shard(&self, id: u64) -> &PendingShard {
         // Ids are request-id hashes or context addresses; mixing the bits
         // spreads both (an address's top bits are always zero).
-        &self.shards[(id ^ (id >> 32) ^ (id >> 12)) as usize % PENDING_SHARDS]
+        &self.shards[(id ^ (id >> 32) ^ (id >> 12)) as usize % PENDING_SHARDS].0
     }
 
     /// Remembers a call; returns entries that had to give way (abandoned calls).
@@ -156,7 +147,7 @@ pub(crate) struct Inner {
     inspect_results: bool,
     /// Read on every request; swapped whole by `reconfigure` (no lock to share).
     policy: ArcSwap<BreakerPolicy>,
-    registry: Registry<Entry>,
+    registry: BreakerKeys,
     pending: PendingCalls,
     metrics: Arc<CircuitBreakerMetrics>,
     metrics_config: MetricsConfig,
@@ -181,14 +172,12 @@ impl Drop for Inner {
 }
 
 /// The states of the keys worth keeping in the file at `now`.
-fn file_snapshot(
-    registry: &Registry<Entry>,
-    now: Timestamp,
-) -> BTreeMap<String, CircuitBreakerState> {
+fn file_snapshot(registry: &BreakerKeys, now: Timestamp) -> BTreeMap<String, CircuitBreakerState> {
     let mut states = BTreeMap::new();
     registry.for_each(|key, e| {
-        if persist::worth_keeping(&e.state, now) {
-            states.insert(key.as_str().to_owned(), e.state.clone());
+        let s = e.lock();
+        if persist::worth_keeping(&s.state, now) {
+            states.insert(key.to_owned(), s.state.clone());
         }
     });
     states
@@ -303,7 +292,7 @@ impl CircuitBreakerMiddleware {
             scope: config.scope,
             matcher: config.trigger_errors,
             policy: ArcSwap::from_pointee(config.policy),
-            registry: Registry::new(config.registry_limits),
+            registry: BreakerKeys::new(config.registry_limits),
             pending: PendingCalls::new(),
             metrics: Arc::new(CircuitBreakerMetrics::default()),
             metrics_config: config.metrics_config,
@@ -319,9 +308,7 @@ impl CircuitBreakerMiddleware {
         let now = inner.clock.now();
         for (key, state) in opened.loaded {
             let effective = state.effective_state();
-            inner
-                .registry
-                .with(&key, now, Entry::default, |e| e.state = state);
+            inner.registry.with(&key, now, |e| e.lock().state = state);
             if inner.metrics_config.per_key {
                 inner.metrics.set_state(&key, Some(effective));
             }
@@ -393,13 +380,14 @@ impl CircuitBreakerMiddleware {
         m.sync();
         let mut keys = Vec::new();
         self.inner.registry.for_each(|key, e| {
+            let s = e.lock();
             keys.push(KeySnapshot {
-                key: key.as_str().to_owned(),
-                state: e.state.effective_state(),
-                successes: e.successes,
-                failures: e.failures,
-                rejections: e.rejections,
-                transitions: e.transitions,
+                key: key.to_owned(),
+                state: s.state.effective_state(),
+                successes: e.successes(),
+                failures: s.failures,
+                rejections: s.rejections,
+                transitions: s.transitions,
             });
         });
         keys.sort_by(|a, b| a.key.cmp(&b.key));
@@ -433,7 +421,9 @@ impl CircuitBreakerMiddleware {
 
     /// The state of `key` as callers see it, or `None` if the key is not held.
     pub fn state_of(&self, key: &str) -> Option<CircuitState> {
-        self.inner.registry.peek(key, |e| e.state.effective_state())
+        self.inner
+            .registry
+            .get(key, |e| e.lock().state.effective_state())
     }
 
     /// How long until `key` may admit a call, if it is rejecting now
@@ -442,7 +432,7 @@ impl CircuitBreakerMiddleware {
         let now = self.inner.clock.now();
         self.inner
             .registry
-            .peek(key, |e| e.state.retry_after(now))
+            .get(key, |e| e.lock().state.retry_after(now))
             .flatten()
     }
 
@@ -488,10 +478,11 @@ impl CircuitBreakerMiddleware {
 
     fn set_mode(&self, key: &str, mode: BreakerMode) {
         let now = self.inner.clock.now();
-        let ((effective, saved), _) = self.inner.registry.with(key, now, Entry::default, |e| {
-            state::set_mode(&mut e.state, mode);
-            let saved = matches!(self.inner.backend, Backend::File(_)).then(|| e.state.clone());
-            (e.state.effective_state(), saved)
+        let (effective, saved) = self.inner.registry.with(key, now, |e| {
+            let mut s = e.lock();
+            state::set_mode(&mut s.state, mode);
+            let saved = matches!(self.inner.backend, Backend::File(_)).then(|| s.state.clone());
+            (s.state.effective_state(), saved)
         });
         match &self.inner.backend {
             Backend::File(file) => {
@@ -543,7 +534,7 @@ impl CircuitBreakerMiddleware {
         let gone: Vec<String> = match metrics.current_state.try_read() {
             Ok(map) => map
                 .keys()
-                .filter(|k| self.inner.registry.peek(k, |_| ()).is_none())
+                .filter(|k| self.inner.registry.get(k, |_| ()).is_none())
                 .cloned()
                 .collect(),
             Err(_) => Vec::new(),
@@ -604,13 +595,10 @@ impl CircuitBreakerMiddleware {
         let inner = &*self.inner;
         let now = inner.clock.now();
         self.maybe_sweep(now);
-        let policy = **inner.policy.load();
-        let jitter = fastrand::f64();
+        let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
-        // The key is built in a per-thread buffer and looked up borrowed; the
-        // call keeps the registry's own copy (one reference count, no
-        // allocation; the overflow key at the cap).
-        let (key, admission, transition, mode, saved) = visit_key_in_context(
+        // The key is built in a per-thread buffer and looked up borrowed.
+        visit_key_in_context(
             &inner.scope,
             request,
             context,
@@ -619,38 +607,34 @@ impl CircuitBreakerMiddleware {
                 if let Some(missing) = missing {
                     self.warn_missing(key, missing);
                 }
-                let (decided, _overflowed) =
-                    inner
-                        .registry
-                        .with_key(key, now, Entry::default, |stored, e| {
-                            let (admission, transition) =
-                                state::acquire(&mut e.state, &policy, now, jitter);
-                            e.transitions += u64::from(transition.is_some());
-                            match admission {
-                                Admission::Allowed { .. }
-                                    if e.state.mode != BreakerMode::Disabled =>
-                                {
-                                    e.in_flight = e.in_flight.saturating_add(1);
-                                }
-                                Admission::Allowed { .. } => {}
-                                Admission::Rejected { .. } => e.rejections += 1,
-                            }
-                            let saved =
-                                (file && transition.is_some()).then(|| Box::new(e.state.clone()));
-                            (stored.clone(), admission, transition, e.state.mode, saved)
-                        });
-                decided
+                let ((result, write), _overflowed) = inner.registry.enter(key, now, |name, e| {
+                    let decided = decide(e, &policy, now, file);
+                    let holds = matches!(decided.admission, Admission::Allowed { .. })
+                        && decided.mode != BreakerMode::Disabled;
+                    if !holds {
+                        e.leave();
+                    }
+                    let write = decided.saved.map(|state| (ScopeKey::verbatim(name), state));
+                    let result = self.conclude(
+                        name,
+                        None,
+                        decided.admission,
+                        decided.transition,
+                        decided.mode,
+                        now,
+                        context,
+                    );
+                    (result, write)
+                });
+                if file && let Backend::File(file) = &inner.backend {
+                    file.mark_dirty();
+                }
+                if result.is_err() {
+                    crate::observe::mark_method(context, &request.method);
+                }
+                (result, write)
             },
-        );
-        if let Backend::File(file) = &inner.backend {
-            file.mark_dirty();
-        }
-        let write = saved.map(|state| (key.clone(), state));
-        let result = self.conclude(key, admission, transition, mode, now, context);
-        if result.is_err() {
-            crate::observe::mark_method(context, &request.method);
-        }
-        (result, write)
+        )
     }
 
     /// Admission for a request by a shared store.
@@ -676,24 +660,27 @@ impl CircuitBreakerMiddleware {
         let (admission, transition) = decided.unwrap_or((Admission::Allowed { probe: None }, None));
         // The call keeps the store's key even when this process counts it
         // under its local overflow entry: its outcome belongs to that key.
-        inner.registry.with(key.as_str(), now, Entry::default, |e| {
+        let (result, _overflowed) = inner.registry.enter(key.as_str(), now, |name, e| {
+            let mut s = e.lock();
             if decided.is_some() {
-                mirror(&mut e.state, admission, transition, now);
-                e.transitions += u64::from(transition.is_some());
+                mirror(&mut s.state, admission, transition, now);
+                s.transitions += u64::from(transition.is_some());
             }
-            match admission {
-                Admission::Allowed { .. } => e.in_flight = e.in_flight.saturating_add(1),
-                Admission::Rejected { .. } => e.rejections += 1,
+            if let Admission::Rejected { .. } = admission {
+                s.rejections += 1;
+                drop(s);
+                e.leave();
             }
+            self.conclude(
+                name,
+                Some(key.clone()),
+                admission,
+                transition,
+                BreakerMode::Normal,
+                now,
+                context,
+            )
         });
-        let result = self.conclude(
-            key,
-            admission,
-            transition,
-            BreakerMode::Normal,
-            now,
-            context,
-        );
         if result.is_err() {
             crate::observe::mark_method(context, &request.method);
         }
@@ -744,10 +731,13 @@ impl CircuitBreakerMiddleware {
         });
     }
 
-    /// Counts an admission decision and remembers an admitted call.
+    /// Counts an admission decision and remembers an admitted call, made on
+    /// the entry of `key` (with a shared store, for `store_key`).
+    #[allow(clippy::too_many_arguments)]
     fn conclude(
         &self,
-        key: ScopeKey,
+        key: &str,
+        store_key: Option<ScopeKey>,
         admission: Admission,
         transition: Option<Transition>,
         mode: BreakerMode,
@@ -756,7 +746,7 @@ impl CircuitBreakerMiddleware {
     ) -> pmcp::Result<()> {
         let inner = &*self.inner;
         if let Some(t) = transition {
-            self.on_transition(&key, t);
+            self.on_transition(store_key.as_ref().map_or(key, ScopeKey::as_str), t);
         }
         if inner.metrics_config.enabled {
             inner.metrics.live.total.add(1);
@@ -766,19 +756,17 @@ impl CircuitBreakerMiddleware {
                 if inner.metrics_config.enabled {
                     inner.metrics.live.rejected.add(1);
                 }
-                tracing::debug!(
-                    key = key.as_str(),
-                    ?retry_after,
-                    "circuit breaker rejected a request"
-                );
-                Err(self.rejection(&key, retry_after))
+                let key = store_key.as_ref().map_or(key, ScopeKey::as_str);
+                tracing::debug!(key, ?retry_after, "circuit breaker rejected a request");
+                Err(self.rejection(key, retry_after))
             }
             Admission::Allowed { .. } if mode == BreakerMode::Disabled => Ok(()),
             Admission::Allowed { probe } => {
                 let id = self.request_id(context);
                 let pending = Pending {
                     context: context_address(context),
-                    key,
+                    key: Key::new(key),
+                    store_key,
                     start: now,
                     probe,
                 };
@@ -790,7 +778,7 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    fn rejection(&self, key: &ScopeKey, retry_after: Duration) -> pmcp::Error {
+    fn rejection(&self, key: &str, retry_after: Duration) -> pmcp::Error {
         if !self.inner.signal_client {
             return pmcp::Error::CircuitBreakerOpen;
         }
@@ -801,7 +789,7 @@ impl CircuitBreakerMiddleware {
             data: Some(serde_json::json!({
                 "retryAfterMs": ms,
                 "scope": self.inner.scope.label(),
-                "key": key.as_str(),
+                "key": key,
             })),
         }
     }
@@ -834,7 +822,7 @@ impl CircuitBreakerMiddleware {
                 }
                 Err(_) => {
                     // No runtime to reach the store: keep the local counts right.
-                    self.count_end(&pending, result, None, now);
+                    self.count_end(&pending, result, None);
                 }
             },
             Backend::File(file) => {
@@ -859,16 +847,12 @@ impl CircuitBreakerMiddleware {
         let policy = **self.inner.policy.load();
         let elapsed = now.saturating_since(pending.start);
         let jitter = fastrand::f64();
+        let key = match &pending.store_key {
+            Some(key) => key.as_str(),
+            None => pending.key.as_str(),
+        };
         let recorded = store
-            .record(
-                pending.key.as_str(),
-                &policy,
-                now,
-                result,
-                elapsed,
-                pending.probe,
-                jitter,
-            )
+            .record(key, &policy, now, result, elapsed, pending.probe, jitter)
             .await;
         let transition = match recorded {
             Ok(transition) => transition,
@@ -877,31 +861,31 @@ impl CircuitBreakerMiddleware {
                 None
             }
         };
-        self.count_end(&pending, result, transition, now);
+        self.count_end(&pending, result, transition);
     }
 
     /// This process's counts for the end of a call decided elsewhere.
-    fn count_end(
-        &self,
-        pending: &Pending,
-        result: CallResult,
-        transition: Option<Transition>,
-        now: Timestamp,
-    ) {
-        let inner = &*self.inner;
-        inner
-            .registry
-            .with(pending.key.as_str(), now, Entry::default, |e| {
-                count_result(e, result);
+    fn count_end(&self, pending: &Pending, result: CallResult, transition: Option<Transition>) {
+        let key = KeyBytes(pending.key.as_bytes());
+        self.inner.registry.get_bytes(key, |e| {
+            {
+                let mut s = e.lock();
+                count_result(e, &mut s, result);
                 if let Some(t) = transition {
-                    e.state.state = t.to;
-                    e.transitions += 1;
+                    s.state.state = t.to;
+                    s.transitions += 1;
                 }
-            });
-        self.count_metrics(result, transition, &pending.key);
+            }
+            e.leave();
+        });
+        let key = match &pending.store_key {
+            Some(key) => key.as_str(),
+            None => pending.key.as_str(),
+        };
+        self.count_metrics(result, transition, key);
     }
 
-    fn count_metrics(&self, result: CallResult, transition: Option<Transition>, key: &ScopeKey) {
+    fn count_metrics(&self, result: CallResult, transition: Option<Transition>, key: &str) {
         let inner = &*self.inner;
         if inner.metrics_config.enabled {
             match result {
@@ -919,33 +903,51 @@ impl CircuitBreakerMiddleware {
     /// returns the state to write through if it made a transition.
     fn finish(&self, pending: Pending, result: CallResult, now: Timestamp) -> WriteThrough {
         let inner = &*self.inner;
-        let policy = **inner.policy.load();
-        let elapsed = now.saturating_since(pending.start);
-        let jitter = fastrand::f64();
+        let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
-        let ((transition, saved), _) =
-            inner
-                .registry
-                .with(pending.key.as_str(), now, Entry::default, |e| {
-                    count_result(e, result);
+        // The call kept its entry in use, so the entry is still there.
+        let ended = inner
+            .registry
+            .get_bytes(KeyBytes(pending.key.as_bytes()), |e| {
+                let ended = if result == CallResult::Success
+                    && pending.probe.is_none()
+                    && !policy.uses_window()
+                    && e.is_quiet()
+                {
+                    // A success leaves a quiet state as it is (`state::is_quiet`).
+                    e.add_success();
+                    (None, None)
+                } else {
+                    let elapsed = now.saturating_since(pending.start);
+                    let mut s = e.lock();
+                    count_result(e, &mut s, result);
                     let transition = state::record(
-                        &mut e.state,
+                        &mut s.state,
                         &policy,
                         now,
                         result,
                         elapsed,
                         pending.probe,
-                        jitter,
+                        fastrand::f64(),
                     );
-                    e.transitions += u64::from(transition.is_some());
-                    let saved = (file && transition.is_some()).then(|| Box::new(e.state.clone()));
+                    s.transitions += u64::from(transition.is_some());
+                    let saved = (file && transition.is_some()).then(|| Box::new(s.state.clone()));
                     (transition, saved)
-                });
-        if let Backend::File(file) = &inner.backend {
+                };
+                e.leave();
+                ended
+            });
+        if file && let Backend::File(file) = &inner.backend {
             file.mark_dirty();
         }
-        self.count_metrics(result, transition, &pending.key);
-        saved.map(|state| (pending.key, state))
+        let (transition, saved) = ended.unwrap_or((None, None));
+        if transition.is_none() {
+            self.count_metrics(result, None, "");
+            return None;
+        }
+        let key = pending.key.as_str();
+        self.count_metrics(result, transition, key);
+        saved.map(|state| (ScopeKey::verbatim(key), state))
     }
 
     fn classify(&self, outcome: &Outcome<'_>) -> CallResult {
@@ -965,40 +967,22 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    fn on_transition(&self, key: &ScopeKey, t: Transition) {
+    fn on_transition(&self, key: &str, t: Transition) {
         let inner = &*self.inner;
         CircuitBreakerMetrics::add(&inner.metrics.state_transitions);
         if inner.metrics_config.per_key {
-            inner.metrics.set_state(key.as_str(), Some(t.to));
+            inner.metrics.set_state(key, Some(t.to));
         }
         let (from, to, reason) = (t.from.label(), t.to.label(), t.reason.label());
         match t.to {
             CircuitState::Open => {
-                tracing::info!(
-                    key = key.as_str(),
-                    from,
-                    to,
-                    reason,
-                    "circuit breaker opened"
-                )
+                tracing::info!(key, from, to, reason, "circuit breaker opened")
             }
             CircuitState::Closed => {
-                tracing::info!(
-                    key = key.as_str(),
-                    from,
-                    to,
-                    reason,
-                    "circuit breaker closed"
-                )
+                tracing::info!(key, from, to, reason, "circuit breaker closed")
             }
             CircuitState::HalfOpen => {
-                tracing::debug!(
-                    key = key.as_str(),
-                    from,
-                    to,
-                    reason,
-                    "circuit breaker half-open"
-                )
+                tracing::debug!(key, from, to, reason, "circuit breaker half-open")
             }
         }
     }
@@ -1023,11 +1007,43 @@ impl CircuitBreakerMiddleware {
     }
 }
 
-fn count_result(e: &mut Entry, result: CallResult) {
-    e.in_flight = e.in_flight.saturating_sub(1);
+/// What admission decided for a call, and the state to write through.
+struct Decided {
+    admission: Admission,
+    transition: Option<Transition>,
+    mode: BreakerMode,
+    saved: Option<Box<CircuitBreakerState>>,
+}
+
+/// Asks the state machine of `e` whether a call may start at `now`.
+fn decide(e: &Entry, policy: &BreakerPolicy, now: Timestamp, file: bool) -> Decided {
+    if !policy.uses_window() && e.is_quiet() {
+        // A quiet state admits the call and stays as it is (`state::is_quiet`).
+        return Decided {
+            admission: Admission::Allowed { probe: None },
+            transition: None,
+            mode: BreakerMode::Normal,
+            saved: None,
+        };
+    }
+    let mut s = e.lock();
+    let (admission, transition) = state::acquire(&mut s.state, policy, now, fastrand::f64());
+    s.transitions += u64::from(transition.is_some());
+    if let Admission::Rejected { .. } = admission {
+        s.rejections += 1;
+    }
+    Decided {
+        admission,
+        transition,
+        mode: s.state.mode,
+        saved: (file && transition.is_some()).then(|| Box::new(s.state.clone())),
+    }
+}
+
+fn count_result(e: &Entry, s: &mut Slow, result: CallResult) {
     match result {
-        CallResult::Success => e.successes += 1,
-        CallResult::Failure => e.failures += 1,
+        CallResult::Success => e.add_success(),
+        CallResult::Failure => s.failures += 1,
         CallResult::Released => {}
     }
 }

@@ -43,6 +43,7 @@
 //! ```
 
 pub mod config;
+mod keys;
 pub mod matcher;
 pub mod metrics;
 pub mod middleware;

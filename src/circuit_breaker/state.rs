@@ -684,6 +684,19 @@ fn trip_reason(
     None
 }
 
+/// Whether `state` is quiet: closed, in normal mode, with no failure counted
+/// and no probe. Under a policy without window rules ([`BreakerPolicy`]'s
+/// `uses_window` false), a quiet state admits every call and a success
+/// leaves it unchanged: [`acquire`] returns `Allowed` with no probe and no
+/// transition, and [`record`] of a success returns `None`, neither writing
+/// anything. The middleware relies on this to skip both on the quiet path.
+pub fn is_quiet(state: &CircuitBreakerState) -> bool {
+    state.state == CircuitState::Closed
+        && state.mode == BreakerMode::Normal
+        && state.consecutive_failures == 0
+        && state.probes.is_empty()
+}
+
 /// Sets the operator's mode of a key. Leaving a forced mode keeps the counts.
 pub fn set_mode(state: &mut CircuitBreakerState, mode: BreakerMode) {
     state.mode = mode;
