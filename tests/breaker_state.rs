@@ -832,3 +832,74 @@ fn a_quiet_state_admits_and_succeeds_without_changing() {
     );
     assert!(!is_quiet(&forced));
 }
+
+#[tokio::test]
+async fn a_key_with_a_call_in_flight_is_kept_and_the_answer_counts_on_it() {
+    let clock = ManualClock::new();
+    let cb = CircuitBreakerMiddleware::builder()
+        .scope(CircuitBreakerScope::PerMethod)
+        .failure_threshold(1)
+        .registry_limits(RegistryLimits {
+            max_keys: 10,
+            idle_after: Duration::from_secs(1),
+        })
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let context = MiddlewareContext::with_request_id("slow-1".into());
+    cb.on_request_with_context(&mut request("tools/call", 1), &context)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(cb.evict_idle(), 0, "the call in flight keeps its key");
+    let mut answer = error_response(1, -32603);
+    cb.on_response_with_context(&mut answer, &context)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cb.state_of("method:tools/call"), Some(CircuitState::Open));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_on_one_key_are_all_counted_and_all_released() {
+    let clock = ManualClock::new();
+    let cb = CircuitBreakerMiddleware::builder()
+        .scope(CircuitBreakerScope::PerMethod)
+        // Failures from different tasks may follow one another: never trip.
+        .failure_threshold(1_000)
+        .registry_limits(RegistryLimits {
+            max_keys: 10,
+            idle_after: Duration::from_secs(1),
+        })
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tasks: Vec<_> = (0..8i64)
+        .map(|t| {
+            let cb = cb.clone();
+            tokio::spawn(async move {
+                for i in 0..500 {
+                    let id = t * 1_000 + i;
+                    let answer = if i % 100 == 99 {
+                        error_response(id, -32603)
+                    } else {
+                        ok_response(id, json!({}))
+                    };
+                    call(&cb, id, Some(answer))
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let snapshot = cb.snapshot();
+    assert_eq!(snapshot.keys.len(), 1);
+    let key = &snapshot.keys[0];
+    assert_eq!((key.successes, key.failures), (3_960, 40));
+    assert_eq!(snapshot.successful_requests, 3_960);
+    assert_eq!(cb.state_of("method:tools/call"), Some(CircuitState::Closed));
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(cb.evict_idle(), 1, "no call was left holding the key");
+}

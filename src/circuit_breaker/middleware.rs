@@ -796,16 +796,18 @@ impl CircuitBreakerMiddleware {
 
     /// Ends a call from a hook, which can wait for the store or the file.
     async fn end_call(&self, pending: Pending, result: CallResult) {
-        let now = self.inner.clock.now();
         match &self.inner.backend {
-            Backend::Shared(store) => self.finish_shared(&**store, pending, result, now).await,
+            Backend::Shared(store) => {
+                let now = self.inner.clock.now();
+                self.finish_shared(&**store, pending, result, now).await
+            }
             Backend::File(file) => {
-                if let Some((key, state)) = self.finish(pending, result, now) {
+                if let Some((key, state)) = self.finish(pending, result) {
                     file.note(file.write_through(key.as_str(), *state).await);
                 }
             }
             Backend::Memory => {
-                self.finish(pending, result, now);
+                self.finish(pending, result);
             }
         }
     }
@@ -813,7 +815,6 @@ impl CircuitBreakerMiddleware {
     /// Ends a call from code that cannot wait: a store call or a write goes
     /// to a background task.
     fn end_call_detached(&self, pending: Pending, result: CallResult) {
-        let now = self.inner.clock.now();
         match &self.inner.backend {
             Backend::Shared(_) => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
@@ -826,12 +827,12 @@ impl CircuitBreakerMiddleware {
                 }
             },
             Backend::File(file) => {
-                if let Some((key, state)) = self.finish(pending, result, now) {
+                if let Some((key, state)) = self.finish(pending, result) {
                     file.write_detached(key.as_str(), *state);
                 }
             }
             Backend::Memory => {
-                self.finish(pending, result, now);
+                self.finish(pending, result);
             }
         }
     }
@@ -900,8 +901,9 @@ impl CircuitBreakerMiddleware {
     }
 
     /// Records the end of a pending call in the in-memory state machine;
-    /// returns the state to write through if it made a transition.
-    fn finish(&self, pending: Pending, result: CallResult, now: Timestamp) -> WriteThrough {
+    /// returns the state to write through if it made a transition. The
+    /// clock is read only if the state machine runs.
+    fn finish(&self, pending: Pending, result: CallResult) -> WriteThrough {
         let inner = &*self.inner;
         let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
@@ -918,6 +920,7 @@ impl CircuitBreakerMiddleware {
                     e.add_success();
                     (None, None)
                 } else {
+                    let now = inner.clock.now();
                     let elapsed = now.saturating_since(pending.start);
                     let mut s = e.lock();
                     count_result(e, &mut s, result);
