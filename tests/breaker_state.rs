@@ -833,19 +833,24 @@ fn a_quiet_state_admits_and_succeeds_without_changing() {
     assert!(!is_quiet(&forced));
 }
 
-#[tokio::test]
-async fn a_key_with_a_call_in_flight_is_kept_and_the_answer_counts_on_it() {
-    let clock = ManualClock::new();
-    let cb = CircuitBreakerMiddleware::builder()
+/// A per-method breaker whose keys are idle after one second.
+fn per_method(clock: &ManualClock, threshold: u32) -> CircuitBreakerMiddleware {
+    CircuitBreakerMiddleware::builder()
         .scope(CircuitBreakerScope::PerMethod)
-        .failure_threshold(1)
+        .failure_threshold(threshold)
         .registry_limits(RegistryLimits {
             max_keys: 10,
             idle_after: Duration::from_secs(1),
         })
         .clock(Arc::new(clock.clone()))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn a_key_with_a_call_in_flight_is_kept_and_the_answer_counts_on_it() {
+    let clock = ManualClock::new();
+    let cb = per_method(&clock, 1);
     let context = MiddlewareContext::with_request_id("slow-1".into());
     cb.on_request_with_context(&mut request("tools/call", 1), &context)
         .await
@@ -862,17 +867,8 @@ async fn a_key_with_a_call_in_flight_is_kept_and_the_answer_counts_on_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_on_one_key_are_all_counted_and_all_released() {
     let clock = ManualClock::new();
-    let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
-        // Failures from different tasks may follow one another: never trip.
-        .failure_threshold(1_000)
-        .registry_limits(RegistryLimits {
-            max_keys: 10,
-            idle_after: Duration::from_secs(1),
-        })
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    // Failures from different tasks may follow one another: never trip.
+    let cb = per_method(&clock, 1_000);
     let tasks: Vec<_> = (0..8i64)
         .map(|t| {
             let cb = cb.clone();
