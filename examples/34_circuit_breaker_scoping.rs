@@ -254,47 +254,33 @@ async fn main() -> Result<(), Error> {
     log.line(
         "open time over: the next call goes out as the half-open probe; the server is still down",
     );
-    call(
-        &log,
-        "failing",
-        &to_failing,
-        "search",
-        &per_server,
-        &failing_key,
-    )
-    .await;
-    call(
-        &log,
-        "failing",
-        &to_failing,
-        "search",
-        &per_server,
-        &failing_key,
-    )
-    .await;
+    for _ in 0..2 {
+        call(
+            &log,
+            "failing",
+            &to_failing,
+            "search",
+            &per_server,
+            &failing_key,
+        )
+        .await;
+    }
 
     failing.unavailable.store(false, Ordering::SeqCst);
     log.line("the failing server is back");
     tokio::time::sleep(OPEN_FOR + Duration::from_millis(50)).await;
     log.line("open time over again: the probe succeeds and the breaker closes");
-    call(
-        &log,
-        "failing",
-        &to_failing,
-        "search",
-        &per_server,
-        &failing_key,
-    )
-    .await;
-    call(
-        &log,
-        "failing",
-        &to_failing,
-        "search",
-        &per_server,
-        &failing_key,
-    )
-    .await;
+    for _ in 0..2 {
+        call(
+            &log,
+            "failing",
+            &to_failing,
+            "search",
+            &per_server,
+            &failing_key,
+        )
+        .await;
+    }
 
     // ---------------------------------------------------------------- 2
     println!("\n== 2. one breaker per JSON-RPC method: tools/call opens, tools/list still passes");

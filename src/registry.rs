@@ -165,25 +165,12 @@ impl<S: KeyState> Registry<S> {
         init: impl FnOnce() -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
-        self.with_key(key, now, init, |_, state| f(state))
-    }
-
-    /// Like [`Registry::with`], also lending `f` the key as stored (the
-    /// overflow key at the cap), which a caller can keep by cloning it
-    /// instead of allocating a copy.
-    pub(crate) fn with_key<R>(
-        &self,
-        key: &str,
-        now: Timestamp,
-        init: impl FnOnce() -> S,
-        f: impl FnOnce(&ScopeKey, &mut S) -> R,
-    ) -> (R, bool) {
         let hash = self.hasher.hash_one(key);
         let shard = self.shard_of(hash);
         let mut table = shard.table.lock();
         if let Some(slot) = table.find_mut(hash, |s| s.key.as_str() == key) {
             slot.last_seen = now;
-            return (f(&slot.key, &mut slot.state), false);
+            return (f(&mut slot.state), false);
         }
         if self.len.load(Ordering::Relaxed) >= self.limits.max_keys
             && now.as_nanos() >= shard.no_sweep_before.load(Ordering::Relaxed)
@@ -208,7 +195,7 @@ impl<S: KeyState> Registry<S> {
                     |s| s.hash,
                 )
                 .into_mut();
-            return (f(&slot.key, &mut slot.state), false);
+            return (f(&mut slot.state), false);
         }
         drop(table);
         self.overflowed.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +206,7 @@ impl<S: KeyState> Registry<S> {
         &self,
         now: Timestamp,
         init: impl FnOnce() -> S,
-        f: impl FnOnce(&ScopeKey, &mut S) -> R,
+        f: impl FnOnce(&mut S) -> R,
     ) -> R {
         let hash = self.hasher.hash_one(OVERFLOW_KEY);
         let mut table = self.shard_of(hash).table.lock();
@@ -243,7 +230,7 @@ impl<S: KeyState> Registry<S> {
             }
         };
         slot.last_seen = now;
-        f(&slot.key, &mut slot.state)
+        f(&mut slot.state)
     }
 
     /// Runs `f` on the state of `key` if it exists.

@@ -71,15 +71,21 @@ fn file_breaker(path: &Path, clock: &ManualClock) -> Result<CircuitBreakerMiddle
         .build()
 }
 
+/// A file breaker opened by two server errors.
+async fn opened_on_file(path: &Path, clock: &ManualClock) -> CircuitBreakerMiddleware {
+    let cb = file_breaker(path, clock).unwrap();
+    call(&cb, 1, server_error(1)).await.unwrap();
+    call(&cb, 2, server_error(2)).await.unwrap();
+    cb
+}
+
 #[tokio::test]
 async fn an_open_breaker_is_still_open_after_a_restart_until_its_time_is_up() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("breakers.json");
     let clock = ManualClock::new();
 
-    let cb = file_breaker(&path, &clock).unwrap();
-    call(&cb, 1, server_error(1)).await.unwrap();
-    call(&cb, 2, server_error(2)).await.unwrap();
+    let cb = opened_on_file(&path, &clock).await;
     assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
     // Written through: on disk before the response hook returned, with no
     // shutdown and no drop yet.
@@ -111,9 +117,7 @@ async fn an_open_breaker_goes_half_open_after_a_restart_once_its_time_passes() {
     let path = dir.path().join("breakers.json");
     let clock = ManualClock::new();
 
-    let cb = file_breaker(&path, &clock).unwrap();
-    call(&cb, 1, server_error(1)).await.unwrap();
-    call(&cb, 2, server_error(2)).await.unwrap();
+    let cb = opened_on_file(&path, &clock).await;
     cb.shutdown().await.unwrap();
     // After shutdown the file is released: a new breaker may open it while
     // the old handle still exists.
@@ -136,9 +140,7 @@ async fn stale_breaker_state_is_not_reloaded() {
     let path = dir.path().join("breakers.json");
     let clock = ManualClock::new();
 
-    let cb = file_breaker(&path, &clock).unwrap();
-    call(&cb, 1, server_error(1)).await.unwrap();
-    call(&cb, 2, server_error(2)).await.unwrap();
+    let cb = opened_on_file(&path, &clock).await;
     cb.shutdown().await.unwrap();
     drop(cb);
 

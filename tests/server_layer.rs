@@ -30,6 +30,26 @@ fn per_tool_window(max: u32) -> (RateLimitMiddleware, ManualClock) {
     (limiter, clock)
 }
 
+/// A server behind a layer with a breaker that opens after two failures.
+async fn breaker_behind(
+    scope: Scope,
+    timeout: Duration,
+    clock: &ManualClock,
+) -> (CircuitBreakerMiddleware, TestServer) {
+    let breaker = CircuitBreakerMiddleware::builder()
+        .scope(scope)
+        .failure_threshold(2)
+        .timeout(timeout)
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .expect("valid breaker");
+    let layer = ResilienceLayer::builder()
+        .circuit_breaker(breaker.clone())
+        .build()
+        .expect("valid layer");
+    (breaker, behind(layer).await)
+}
+
 async fn behind(layer: ResilienceLayer) -> TestServer {
     start_server_wrapped("layered", |b| b, move |router| router.layer(layer)).await
 }
@@ -380,18 +400,7 @@ async fn a_wait_beyond_max_wait_is_refused_at_once() {
 #[tokio::test]
 async fn an_open_breaker_answers_503_without_running_the_tool() {
     let clock = ManualClock::new();
-    let breaker = CircuitBreakerMiddleware::builder()
-        .scope(Scope::PerTool)
-        .failure_threshold(2)
-        .timeout(Duration::from_secs(30))
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .expect("valid breaker");
-    let layer = ResilienceLayer::builder()
-        .circuit_breaker(breaker.clone())
-        .build()
-        .expect("valid layer");
-    let server = behind(layer).await;
+    let (breaker, server) = breaker_behind(Scope::PerTool, Duration::from_secs(30), &clock).await;
     let session = open_session(server.addr).await;
     let s = [("mcp-session-id", session.as_str())];
     server.break_flaky();
@@ -428,18 +437,7 @@ async fn an_open_breaker_answers_503_without_running_the_tool() {
 #[tokio::test]
 async fn server_errors_of_the_wrapped_service_count_as_failures() {
     let clock = ManualClock::new();
-    let breaker = CircuitBreakerMiddleware::builder()
-        .scope(Scope::Global)
-        .failure_threshold(2)
-        .timeout(Duration::from_secs(10))
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .expect("valid breaker");
-    let layer = ResilienceLayer::builder()
-        .circuit_breaker(breaker.clone())
-        .build()
-        .expect("valid layer");
-    let server = behind(layer).await;
+    let (breaker, server) = breaker_behind(Scope::Global, Duration::from_secs(10), &clock).await;
     let session = open_session(server.addr).await;
     let s = [("mcp-session-id", session.as_str())];
     // Client errors (a 4xx) are not the server's failures.

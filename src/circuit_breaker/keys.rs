@@ -118,7 +118,12 @@ impl Entry {
         self.hot.quiet.load(Ordering::Acquire)
     }
 
-    /// Locks the state.
+    /// Locks the state to read it.
+    pub(crate) fn read(&self) -> MutexGuard<'_, Slow> {
+        self.slow.lock()
+    }
+
+    /// Locks the state to change it.
     pub(crate) fn lock(&self) -> Locked<'_> {
         Locked {
             entry: self,
@@ -163,7 +168,7 @@ impl Entry {
         }
         // Under the lock the state cannot change: changing it needs a user,
         // and a user that arrives now finds the count no longer zero.
-        let slow = self.slow.lock();
+        let slow = self.read();
         let s = &slow.state;
         if s.state != CircuitState::Closed || s.mode != BreakerMode::Normal || !s.probes.is_empty()
         {
@@ -259,7 +264,6 @@ pub(crate) struct BreakerKeys {
     /// After a sweep at the cap found nothing to drop, the next one waits
     /// until then (nanoseconds).
     no_sweep_before: AtomicU64,
-    idle_after: u64,
 }
 
 impl BreakerKeys {
@@ -273,8 +277,12 @@ impl BreakerKeys {
             evicted: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
             no_sweep_before: AtomicU64::new(0),
-            idle_after: duration_nanos(limits.idle_after),
         }
+    }
+
+    /// `idle_after`, in nanoseconds.
+    fn idle_after(&self) -> u64 {
+        duration_nanos(self.limits.idle_after)
     }
 
     pub(crate) fn limits(&self) -> RegistryLimits {
@@ -313,7 +321,7 @@ impl BreakerKeys {
                 std::thread::yield_now();
                 continue;
             }
-            entry.touch(now, self.idle_after / 64);
+            entry.touch(now, self.idle_after() / 64);
             return (f(key, entry), false);
         }
     }
@@ -321,7 +329,7 @@ impl BreakerKeys {
     fn enter_overflow<R>(&self, now: Timestamp, f: impl FnOnce(&str, &Entry) -> R) -> R {
         self.overflow_used.store(true, Ordering::Relaxed);
         self.overflow.hot.users.fetch_add(1, Ordering::Acquire);
-        self.overflow.touch(now, self.idle_after / 64);
+        self.overflow.touch(now, self.idle_after() / 64);
         f(OVERFLOW_KEY, &self.overflow)
     }
 
@@ -338,7 +346,7 @@ impl BreakerKeys {
             && self.evict_idle(now) == 0
         {
             self.no_sweep_before.store(
-                now.as_nanos().saturating_add(self.idle_after / 16),
+                now.as_nanos().saturating_add(self.idle_after() / 16),
                 Ordering::Relaxed,
             );
         }
@@ -400,7 +408,7 @@ impl BreakerKeys {
         let mut dropped = 0u64;
         self.map.retain(
             |_, entry| {
-                let drop = entry.try_retire(now, self.idle_after);
+                let drop = entry.try_retire(now, self.idle_after());
                 dropped += u64::from(drop);
                 !drop
             },
@@ -493,7 +501,7 @@ mod tests {
     fn a_retired_entry_is_never_used_again() {
         let k = keys(10);
         k.with("a", at(0), |e| e.add_success());
-        let entry_retired = k.get("a", |e| e.try_retire(at(11), k.idle_after));
+        let entry_retired = k.get("a", |e| e.try_retire(at(11), k.idle_after()));
         assert_eq!(entry_retired, Some(true));
         // The sweep has marked it but not yet removed it: a caller waits for
         // the removal, then gets a fresh entry.

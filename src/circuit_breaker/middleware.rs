@@ -71,6 +71,17 @@ struct Pending {
     probe: Option<ProbeId>,
 }
 
+impl Pending {
+    /// The key the call's outcome belongs to in a shared store (the local
+    /// key when there is no store).
+    fn store_key(&self) -> &str {
+        match &self.store_key {
+            Some(key) => key.as_str(),
+            None => self.key.as_str(),
+        }
+    }
+}
+
 const PENDING_SHARDS: usize = 16;
 /// Most pending calls remembered at once (per breaker).
 const PENDING_CAPACITY: usize = 65_536;
@@ -175,7 +186,7 @@ impl Drop for Inner {
 fn file_snapshot(registry: &BreakerKeys, now: Timestamp) -> BTreeMap<String, CircuitBreakerState> {
     let mut states = BTreeMap::new();
     registry.for_each(|key, e| {
-        let s = e.lock();
+        let s = e.read();
         if persist::worth_keeping(&s.state, now) {
             states.insert(key.to_owned(), s.state.clone());
         }
@@ -380,7 +391,7 @@ impl CircuitBreakerMiddleware {
         m.sync();
         let mut keys = Vec::new();
         self.inner.registry.for_each(|key, e| {
-            let s = e.lock();
+            let s = e.read();
             keys.push(KeySnapshot {
                 key: key.to_owned(),
                 state: s.state.effective_state(),
@@ -423,7 +434,7 @@ impl CircuitBreakerMiddleware {
     pub fn state_of(&self, key: &str) -> Option<CircuitState> {
         self.inner
             .registry
-            .get(key, |e| e.lock().state.effective_state())
+            .get(key, |e| e.read().state.effective_state())
     }
 
     /// How long until `key` may admit a call, if it is rejecting now
@@ -432,7 +443,7 @@ impl CircuitBreakerMiddleware {
         let now = self.inner.clock.now();
         self.inner
             .registry
-            .get(key, |e| e.lock().state.retry_after(now))
+            .get(key, |e| e.read().state.retry_after(now))
             .flatten()
     }
 
@@ -626,7 +637,7 @@ impl CircuitBreakerMiddleware {
                     );
                     (result, write)
                 });
-                if file && let Backend::File(file) = &inner.backend {
+                if let Backend::File(file) = &inner.backend {
                     file.mark_dirty();
                 }
                 if result.is_err() {
@@ -848,12 +859,16 @@ impl CircuitBreakerMiddleware {
         let policy = **self.inner.policy.load();
         let elapsed = now.saturating_since(pending.start);
         let jitter = fastrand::f64();
-        let key = match &pending.store_key {
-            Some(key) => key.as_str(),
-            None => pending.key.as_str(),
-        };
         let recorded = store
-            .record(key, &policy, now, result, elapsed, pending.probe, jitter)
+            .record(
+                pending.store_key(),
+                &policy,
+                now,
+                result,
+                elapsed,
+                pending.probe,
+                jitter,
+            )
             .await;
         let transition = match recorded {
             Ok(transition) => transition,
@@ -879,14 +894,11 @@ impl CircuitBreakerMiddleware {
             }
             e.leave();
         });
-        let key = match &pending.store_key {
-            Some(key) => key.as_str(),
-            None => pending.key.as_str(),
-        };
-        self.count_metrics(result, transition, key);
+        self.count_metrics(result, transition.map(|t| (t, pending.store_key())));
     }
 
-    fn count_metrics(&self, result: CallResult, transition: Option<Transition>, key: &str) {
+    /// Counts an ended call, and the transition it made on the key named.
+    fn count_metrics(&self, result: CallResult, transition: Option<(Transition, &str)>) {
         let inner = &*self.inner;
         if inner.metrics_config.enabled {
             match result {
@@ -895,7 +907,7 @@ impl CircuitBreakerMiddleware {
                 CallResult::Released => {}
             }
         }
-        if let Some(t) = transition {
+        if let Some((t, key)) = transition {
             self.on_transition(key, t);
         }
     }
@@ -940,17 +952,12 @@ impl CircuitBreakerMiddleware {
                 e.leave();
                 ended
             });
-        if file && let Backend::File(file) = &inner.backend {
+        if let Backend::File(file) = &inner.backend {
             file.mark_dirty();
         }
         let (transition, saved) = ended.unwrap_or((None, None));
-        if transition.is_none() {
-            self.count_metrics(result, None, "");
-            return None;
-        }
-        let key = pending.key.as_str();
-        self.count_metrics(result, transition, key);
-        saved.map(|state| (ScopeKey::verbatim(key), state))
+        self.count_metrics(result, transition.map(|t| (t, pending.key.as_str())));
+        saved.map(|state| (ScopeKey::verbatim(pending.key.as_str()), state))
     }
 
     fn classify(&self, outcome: &Outcome<'_>) -> CallResult {
