@@ -26,7 +26,12 @@
 //! calls in flight, so a call that finds it either keeps it (the count is no
 //! longer zero) or sees the mark and makes a fresh entry: no outcome is ever
 //! recorded in a dropped entry.
+//!
+//! Each entry is boxed and holds its own key, so a call in flight keeps an
+//! [`InUse`] (a pointer to its entry) instead of a copy of the key, and its
+//! outcome reaches the entry without a second lookup.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -63,9 +68,10 @@ pub(crate) struct Slow {
 }
 
 /// One key's breaker.
-#[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Entry {
     hot: Hot,
+    key: Key,
     slow: Mutex<Slow>,
 }
 
@@ -99,9 +105,10 @@ impl Drop for Locked<'_> {
 }
 
 impl Entry {
-    fn new(now: Timestamp) -> Self {
+    fn new(key: &str, now: Timestamp) -> Self {
         let entry = Entry {
             hot: Hot::default(),
+            key: Key::new(key),
             slow: Mutex::new(Slow::default()),
         };
         entry.hot.quiet.store(
@@ -110,6 +117,11 @@ impl Entry {
         );
         entry.hot.last_seen.store(now.as_nanos(), Ordering::Relaxed);
         entry
+    }
+
+    /// The key this entry is held under.
+    pub(crate) fn key(&self) -> &str {
+        self.key.as_str()
     }
 
     /// Whether the state is quiet: a call may be admitted, and its success
@@ -141,8 +153,7 @@ impl Entry {
         self.hot.successes.load(Ordering::Relaxed)
     }
 
-    /// Ends a use begun by [`BreakerKeys::enter`].
-    pub(crate) fn leave(&self) {
+    fn leave(&self) {
         self.hot.users.fetch_sub(1, Ordering::Release);
     }
 
@@ -181,12 +192,9 @@ impl Entry {
     }
 }
 
-/// A key's bytes, copied: short keys inline (no allocation, and in the
-/// same allocation as the entry when held by the map), longer ones boxed.
-/// Pending calls keep one too, so threads calling the same key share no
-/// reference count.
-#[derive(Clone)]
-pub(crate) enum Key {
+/// A key's bytes, copied: short keys inline (in the entry's allocation),
+/// longer ones boxed.
+enum Key {
     Short { len: u8, bytes: [u8; SHORT_KEY] },
     Long(Box<[u8]>),
 }
@@ -195,7 +203,7 @@ pub(crate) enum Key {
 const SHORT_KEY: usize = 62;
 
 impl Key {
-    pub(crate) fn new(key: &str) -> Self {
+    fn new(key: &str) -> Self {
         match u8::try_from(key.len()) {
             Ok(len) if key.len() <= SHORT_KEY => {
                 let mut bytes = [0; SHORT_KEY];
@@ -206,7 +214,7 @@ impl Key {
         }
     }
 
-    pub(crate) fn as_bytes(&self) -> &[u8] {
+    fn as_bytes(&self) -> &[u8] {
         match self {
             Key::Short { len, bytes } => &bytes[..usize::from(*len)],
             Key::Long(bytes) => bytes,
@@ -214,28 +222,32 @@ impl Key {
     }
 
     /// The key as text (always UTF-8: it was copied from a `str`).
-    pub(crate) fn as_str(&self) -> &str {
+    fn as_str(&self) -> &str {
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
-impl PartialEq for Key {
-    fn eq(&self, other: &Key) -> bool {
-        self.as_bytes() == other.as_bytes()
+/// An entry as the map holds it: boxed, so that its address stays put
+/// while a call in flight points at it; hashed and compared by its key.
+struct Held(Box<Entry>);
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Held) -> bool {
+        self.0.key.as_bytes() == other.0.key.as_bytes()
     }
 }
 
-impl Eq for Key {}
+impl Eq for Held {}
 
-impl std::hash::Hash for Key {
+impl std::hash::Hash for Held {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        KeyBytes(self.as_bytes()).hash(state);
+        KeyBytes(self.0.key.as_bytes()).hash(state);
     }
 }
 
-/// A borrowed key, for lookups (hashes as [`Key`] does).
+/// A borrowed key, for lookups (hashes as a held entry does).
 #[derive(Clone, Copy)]
-pub(crate) struct KeyBytes<'a>(pub(crate) &'a [u8]);
+struct KeyBytes<'a>(&'a [u8]);
 
 impl std::hash::Hash for KeyBytes<'_> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -243,16 +255,47 @@ impl std::hash::Hash for KeyBytes<'_> {
     }
 }
 
-impl papaya::Equivalent<Key> for KeyBytes<'_> {
-    fn equivalent(&self, key: &Key) -> bool {
-        self.0 == key.as_bytes()
+impl papaya::Equivalent<Held> for KeyBytes<'_> {
+    fn equivalent(&self, held: &Held) -> bool {
+        self.0 == held.0.key.as_bytes()
     }
 }
 
-type Map = papaya::HashMap<Key, Entry, foldhash::quality::RandomState>;
+/// The held entries (a map to nothing: papaya's set would replace an
+/// element inserted twice, and a replaced entry is freed).
+type Map = papaya::HashMap<Held, (), foldhash::quality::RandomState>;
+
+/// A use of an entry, begun by [`BreakerKeys::enter`] and ended by
+/// [`BreakerKeys::leave`]: while it lasts, the entry is neither evicted nor
+/// dropped, so the use can reach it again without a lookup.
+#[must_use = "a use keeps its entry from eviction until it is passed to `leave`"]
+pub(crate) struct InUse {
+    on: Use,
+    /// The [`BreakerKeys::id`] of the map that made it.
+    map: u64,
+}
+
+enum Use {
+    Overflow,
+    Keyed(NonNull<Entry>),
+}
+
+// SAFETY: an `InUse` is a pointer to an `Entry`, which is `Sync`; it is only
+// dereferenced through `BreakerKeys::entry`, which checks that the map asked
+// is the one that made it and ties the reference to that map.
+#[allow(unsafe_code)]
+unsafe impl Send for InUse {}
+// SAFETY: as for `Send`; `&InUse` gives no access to the entry on its own.
+#[allow(unsafe_code)]
+unsafe impl Sync for InUse {}
+
+/// Tells maps apart, for [`InUse`].
+static NEXT_MAP_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The bounded map from key to [`Entry`].
 pub(crate) struct BreakerKeys {
+    /// Unique among all maps of this process.
+    id: u64,
     map: Map,
     overflow: Entry,
     overflow_used: AtomicBool,
@@ -269,8 +312,9 @@ pub(crate) struct BreakerKeys {
 impl BreakerKeys {
     pub(crate) fn new(limits: RegistryLimits) -> Self {
         BreakerKeys {
+            id: NEXT_MAP_ID.fetch_add(1, Ordering::Relaxed),
             map: papaya::HashMap::with_hasher(foldhash::quality::RandomState::default()),
-            overflow: Entry::new(Timestamp::from_nanos(0)),
+            overflow: Entry::new(OVERFLOW_KEY, Timestamp::from_nanos(0)),
             overflow_used: AtomicBool::new(false),
             limits,
             len: AtomicUsize::new(0),
@@ -289,31 +333,26 @@ impl BreakerKeys {
         self.limits
     }
 
-    /// Runs `f` on the entry of `key`, made if new, after counting a use of
-    /// it (end it with [`Entry::leave`]): an entry in use is never dropped.
-    /// `f` gets the key the entry is held under, which is the overflow key
-    /// when the map is full; the flag returned says so.
-    pub(crate) fn enter<R>(
-        &self,
-        key: &str,
-        now: Timestamp,
-        f: impl FnOnce(&str, &Entry) -> R,
-    ) -> (R, bool) {
+    /// Begins a use of the entry of `key`, made if new: an entry in use is
+    /// never dropped. The entry is the overflow entry when the map is full;
+    /// the flag returned says so. End the use with [`BreakerKeys::leave`].
+    pub(crate) fn enter(&self, key: &str, now: Timestamp) -> (InUse, bool) {
         if key == OVERFLOW_KEY {
-            return (self.enter_overflow(now, f), false);
+            return (self.enter_overflow(now), false);
         }
         let guard = self.map.guard();
         loop {
-            let entry = match self.map.get(&KeyBytes(key.as_bytes()), &guard) {
-                Some(entry) => entry,
+            let held = match self.map.get_key_value(&KeyBytes(key.as_bytes()), &guard) {
+                Some((held, ())) => held,
                 None => match self.insert(key, now, &guard) {
-                    Some(entry) => entry,
+                    Some(()) => continue,
                     None => {
                         self.overflowed.fetch_add(1, Ordering::Relaxed);
-                        return (self.enter_overflow(now, f), true);
+                        return (self.enter_overflow(now), true);
                     }
                 },
             };
+            let entry = &*held.0;
             if entry.hot.users.fetch_add(1, Ordering::Acquire) & RETIRED != 0 {
                 // Being dropped by a sweep, which removes it next: wait for
                 // that, then make a fresh entry.
@@ -322,24 +361,49 @@ impl BreakerKeys {
                 continue;
             }
             entry.touch(now, self.idle_after() / 64);
-            return (f(key, entry), false);
+            return (self.in_use(Use::Keyed(NonNull::from(entry))), false);
         }
     }
 
-    fn enter_overflow<R>(&self, now: Timestamp, f: impl FnOnce(&str, &Entry) -> R) -> R {
+    fn enter_overflow(&self, now: Timestamp) -> InUse {
         self.overflow_used.store(true, Ordering::Relaxed);
         self.overflow.hot.users.fetch_add(1, Ordering::Acquire);
         self.overflow.touch(now, self.idle_after() / 64);
-        f(OVERFLOW_KEY, &self.overflow)
+        self.in_use(Use::Overflow)
+    }
+
+    fn in_use(&self, on: Use) -> InUse {
+        InUse { on, map: self.id }
+    }
+
+    /// The entry a use is on.
+    ///
+    /// # Panics
+    /// If `used` was made by another map (a bug in this crate).
+    #[allow(unsafe_code)]
+    pub(crate) fn entry(&self, used: &InUse) -> &Entry {
+        assert_eq!(used.map, self.id, "a use of another map's entry");
+        match used.on {
+            Use::Overflow => &self.overflow,
+            // SAFETY: this map's `enter` counted this use in the entry's
+            // `users` before making `used`, and only `leave` (which consumes
+            // it) takes it back. The map owns the entry's box, and frees it
+            // only once the entry has left the map: elements are added with
+            // `try_insert` (never replaced), and removed only by `evict_idle`,
+            // after `try_retire` swapped `users` from 0 to `RETIRED`. So while
+            // `used` exists the box is alive (and a box does not move), for
+            // at least as long as `self` is borrowed.
+            Use::Keyed(entry) => unsafe { entry.as_ref() },
+        }
+    }
+
+    /// Ends a use begun by [`BreakerKeys::enter`].
+    pub(crate) fn leave(&self, used: InUse) {
+        self.entry(&used).leave();
     }
 
     /// Adds `key` unless the map is full (after sweeping, if one is due).
-    fn insert<'g>(
-        &self,
-        key: &str,
-        now: Timestamp,
-        guard: &'g impl papaya::Guard,
-    ) -> Option<&'g Entry> {
+    fn insert(&self, key: &str, now: Timestamp, guard: &impl papaya::Guard) -> Option<()> {
         let max = self.limits.max_keys;
         if self.len.load(Ordering::Relaxed) >= max
             && now.as_nanos() >= self.no_sweep_before.load(Ordering::Relaxed)
@@ -354,41 +418,37 @@ impl BreakerKeys {
             self.len.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        match self.map.try_insert(Key::new(key), Entry::new(now), guard) {
-            Ok(entry) => Some(entry),
-            Err(occupied) => {
-                // Another thread added it first.
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                Some(occupied.current)
-            }
+        if self
+            .map
+            .try_insert(Held(Box::new(Entry::new(key, now))), (), guard)
+            .is_err()
+        {
+            // Another thread added it first; ours is dropped unused.
+            self.len.fetch_sub(1, Ordering::Relaxed);
         }
+        Some(())
     }
 
     /// Runs `f` on the entry of `key` while it is in use (made if new).
     pub(crate) fn with<R>(&self, key: &str, now: Timestamp, f: impl FnOnce(&Entry) -> R) -> R {
-        self.enter(key, now, |_, entry| {
-            let result = f(entry);
-            entry.leave();
-            result
-        })
-        .0
+        let (used, _) = self.enter(key, now);
+        let result = f(self.entry(&used));
+        self.leave(used);
+        result
     }
 
     /// Runs `f` on the entry of `key` if it is held.
     pub(crate) fn get<R>(&self, key: &str, f: impl FnOnce(&Entry) -> R) -> Option<R> {
-        self.get_bytes(KeyBytes(key.as_bytes()), f)
-    }
-
-    /// [`BreakerKeys::get`] for a key given as bytes.
-    pub(crate) fn get_bytes<R>(&self, key: KeyBytes<'_>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
-        if key.0 == OVERFLOW_KEY.as_bytes() {
+        if key == OVERFLOW_KEY {
             return self
                 .overflow_used
                 .load(Ordering::Relaxed)
                 .then(|| f(&self.overflow));
         }
         let guard = self.map.guard();
-        self.map.get(&key, &guard).map(f)
+        self.map
+            .get_key_value(&KeyBytes(key.as_bytes()), &guard)
+            .map(|(held, ())| f(&held.0))
     }
 
     /// Visits every key and its entry.
@@ -397,8 +457,8 @@ impl BreakerKeys {
             f(OVERFLOW_KEY, &self.overflow);
         }
         let guard = self.map.guard();
-        for (key, entry) in self.map.iter(&guard) {
-            f(key.as_str(), entry);
+        for (held, ()) in self.map.iter(&guard) {
+            f(held.0.key(), &held.0);
         }
     }
 
@@ -407,8 +467,8 @@ impl BreakerKeys {
         let guard = self.map.guard();
         let mut dropped = 0u64;
         self.map.retain(
-            |_, entry| {
-                let drop = entry.try_retire(now, self.idle_after());
+            |held, ()| {
+                let drop = held.0.try_retire(now, self.idle_after());
                 dropped += u64::from(drop);
                 !drop
             },
@@ -472,11 +532,10 @@ mod tests {
 
     impl BreakerKeys {
         fn with_flag(&self, key: &str) -> bool {
-            self.enter(key, at(0), |_, e| {
-                e.add_success();
-                e.leave();
-            })
-            .1
+            let (used, overflowed) = self.enter(key, at(0));
+            self.entry(&used).add_success();
+            self.leave(used);
+            overflowed
         }
     }
 
@@ -485,13 +544,13 @@ mod tests {
         let k = keys(100);
         k.with("idle", at(0), |_| ());
         k.with("open", at(0), |e| e.lock().state.state = CircuitState::Open);
-        k.enter("busy", at(0), |_, _| ());
+        let busy = k.enter("busy", at(0)).0;
         assert_eq!(k.evict_idle(at(9)), 0, "not idle yet");
         assert_eq!(k.evict_idle(at(11)), 1);
         assert_eq!(k.get("idle", |_| ()), None);
         assert!(k.get("open", |_| ()).is_some());
         assert_eq!(k.get("busy", Entry::in_flight), Some(1));
-        k.get("busy", Entry::leave);
+        k.leave(busy);
         assert_eq!(k.evict_idle(at(11)), 1, "free once its call ended");
         assert_eq!(k.stats().keys, 1);
         assert_eq!(k.stats().evicted, 2);
@@ -512,6 +571,73 @@ mod tests {
             k.len.fetch_sub(1, Ordering::Relaxed);
             assert_eq!(caller.join().ok(), Some(0), "a fresh entry");
         });
+    }
+
+    #[test]
+    fn a_use_reaches_its_entry_through_growth_and_sweeps() {
+        let k = keys(100_000);
+        let (used, _) = k.enter("kept", at(0));
+        k.entry(&used).add_success();
+        // Enough keys to make the map grow several times, then a sweep
+        // that drops every idle key but the one in use.
+        for i in 0..20_000 {
+            k.with(&format!("k{i}"), at(0), |_| ());
+        }
+        assert_eq!(k.evict_idle(at(11)), 20_000);
+        assert_eq!(k.entry(&used).key(), "kept");
+        k.entry(&used).add_success();
+        k.leave(used);
+        assert_eq!(k.get("kept", Entry::successes), Some(2));
+        assert_eq!(k.evict_idle(at(11)), 1, "free once its use ended");
+    }
+
+    #[test]
+    fn uses_outlive_sweeps_under_concurrency() {
+        let k = keys(50);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let sweeper = s.spawn(|| {
+                let mut swept = 0;
+                for i in 0..u64::MAX {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    swept += k.evict_idle(at(100 + i));
+                }
+                swept
+            });
+            let workers: Vec<_> = (0..3)
+                .map(|t| {
+                    let k = &k;
+                    s.spawn(move || {
+                        for i in 0..20_000u64 {
+                            let key = format!("k{}", (i + t) % 8);
+                            let (used, _) = k.enter(&key, at(0));
+                            assert_eq!(k.entry(&used).key(), key);
+                            k.entry(&used).add_success();
+                            k.leave(used);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                assert!(w.join().is_ok());
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                sweeper.join().is_ok_and(|swept| swept > 0),
+                "the sweeper ran"
+            );
+        });
+        assert!(k.stats().keys <= 8);
+    }
+
+    #[test]
+    #[should_panic(expected = "another map")]
+    fn a_use_is_only_good_on_its_own_map() {
+        let (a, b) = (keys(10), keys(10));
+        let (used, _) = a.enter("x", at(0));
+        b.entry(&used);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
 use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 
 use super::config::{CircuitBreakerBuilder, CircuitBreakerConfig, validate_policy};
-use super::keys::{BreakerKeys, Entry, Key, KeyBytes, Slow};
+use super::keys::{BreakerKeys, Entry, InUse, Slow};
 use super::matcher::{ErrorMatcher, Outcome, outcome_of_error, outcome_of_response};
 use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 use super::persist::{self, Backend, Opened};
@@ -61,9 +61,9 @@ use crate::scope::{
 /// A call admitted and not yet answered.
 struct Pending {
     context: usize,
-    /// The key of the entry that admitted it (the overflow key at the cap),
-    /// which the call keeps in use until it ends.
-    key: Key,
+    /// The entry that admitted it (the overflow entry at the cap), which
+    /// the call keeps in use until it ends.
+    used: InUse,
     /// With a shared store: the store's key, which the outcome must reach
     /// even when this process counted the call under its overflow entry.
     store_key: Option<ScopeKey>,
@@ -74,10 +74,10 @@ struct Pending {
 impl Pending {
     /// The key the call's outcome belongs to in a shared store (the local
     /// key when there is no store).
-    fn store_key(&self) -> &str {
+    fn store_key<'a>(&'a self, keys: &'a BreakerKeys) -> &'a str {
         match &self.store_key {
             Some(key) => key.as_str(),
-            None => self.key.as_str(),
+            None => keys.entry(&self.used).key(),
         }
     }
 }
@@ -618,25 +618,21 @@ impl CircuitBreakerMiddleware {
                 if let Some(missing) = missing {
                     self.warn_missing(key, missing);
                 }
-                let ((result, write), _overflowed) = inner.registry.enter(key, now, |name, e| {
-                    let decided = decide(e, &policy, now, file);
-                    let holds = matches!(decided.admission, Admission::Allowed { .. })
-                        && decided.mode != BreakerMode::Disabled;
-                    if !holds {
-                        e.leave();
-                    }
-                    let write = decided.saved.map(|state| (ScopeKey::verbatim(name), state));
-                    let result = self.conclude(
-                        name,
-                        None,
-                        decided.admission,
-                        decided.transition,
-                        decided.mode,
-                        now,
-                        context,
-                    );
-                    (result, write)
-                });
+                let (used, _overflowed) = inner.registry.enter(key, now);
+                let e = inner.registry.entry(&used);
+                let decided = decide(e, &policy, now, file);
+                let write = decided
+                    .saved
+                    .map(|state| (ScopeKey::verbatim(e.key()), state));
+                let result = self.conclude(
+                    used,
+                    None,
+                    decided.admission,
+                    decided.transition,
+                    decided.mode,
+                    now,
+                    context,
+                );
                 if let Backend::File(file) = &inner.backend {
                     file.mark_dirty();
                 }
@@ -671,27 +667,26 @@ impl CircuitBreakerMiddleware {
         let (admission, transition) = decided.unwrap_or((Admission::Allowed { probe: None }, None));
         // The call keeps the store's key even when this process counts it
         // under its local overflow entry: its outcome belongs to that key.
-        let (result, _overflowed) = inner.registry.enter(key.as_str(), now, |name, e| {
-            let mut s = e.lock();
+        let (used, _overflowed) = inner.registry.enter(key.as_str(), now);
+        {
+            let mut s = inner.registry.entry(&used).lock();
             if decided.is_some() {
                 mirror(&mut s.state, admission, transition, now);
                 s.transitions += u64::from(transition.is_some());
             }
             if let Admission::Rejected { .. } = admission {
                 s.rejections += 1;
-                drop(s);
-                e.leave();
             }
-            self.conclude(
-                name,
-                Some(key.clone()),
-                admission,
-                transition,
-                BreakerMode::Normal,
-                now,
-                context,
-            )
-        });
+        }
+        let result = self.conclude(
+            used,
+            Some(key.clone()),
+            admission,
+            transition,
+            BreakerMode::Normal,
+            now,
+            context,
+        );
         if result.is_err() {
             crate::observe::mark_method(context, &request.method);
         }
@@ -742,12 +737,13 @@ impl CircuitBreakerMiddleware {
         });
     }
 
-    /// Counts an admission decision and remembers an admitted call, made on
-    /// the entry of `key` (with a shared store, for `store_key`).
+    /// Counts an admission decision made on the entry in `used` (with a
+    /// shared store, for `store_key`), and remembers an admitted call; a
+    /// call that does not go on ends its use of the entry here.
     #[allow(clippy::too_many_arguments)]
     fn conclude(
         &self,
-        key: &str,
+        used: InUse,
         store_key: Option<ScopeKey>,
         admission: Admission,
         transition: Option<Transition>,
@@ -756,8 +752,13 @@ impl CircuitBreakerMiddleware {
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
         let inner = &*self.inner;
+        let key = || {
+            store_key
+                .as_ref()
+                .map_or(inner.registry.entry(&used).key(), ScopeKey::as_str)
+        };
         if let Some(t) = transition {
-            self.on_transition(store_key.as_ref().map_or(key, ScopeKey::as_str), t);
+            self.on_transition(key(), t);
         }
         if inner.metrics_config.enabled {
             inner.metrics.live.total.add(1);
@@ -767,16 +768,21 @@ impl CircuitBreakerMiddleware {
                 if inner.metrics_config.enabled {
                     inner.metrics.live.rejected.add(1);
                 }
-                let key = store_key.as_ref().map_or(key, ScopeKey::as_str);
+                let key = key();
                 tracing::debug!(key, ?retry_after, "circuit breaker rejected a request");
-                Err(self.rejection(key, retry_after))
+                let rejection = self.rejection(key, retry_after);
+                inner.registry.leave(used);
+                Err(rejection)
             }
-            Admission::Allowed { .. } if mode == BreakerMode::Disabled => Ok(()),
+            Admission::Allowed { .. } if mode == BreakerMode::Disabled => {
+                inner.registry.leave(used);
+                Ok(())
+            }
             Admission::Allowed { probe } => {
                 let id = self.request_id(context);
                 let pending = Pending {
                     context: context_address(context),
-                    key: Key::new(key),
+                    used,
                     store_key,
                     start: now,
                     probe,
@@ -834,7 +840,7 @@ impl CircuitBreakerMiddleware {
                 }
                 Err(_) => {
                     // No runtime to reach the store: keep the local counts right.
-                    self.count_end(&pending, result, None);
+                    self.count_end(pending, result, None);
                 }
             },
             Backend::File(file) => {
@@ -861,7 +867,7 @@ impl CircuitBreakerMiddleware {
         let jitter = fastrand::f64();
         let recorded = store
             .record(
-                pending.store_key(),
+                pending.store_key(&self.inner.registry),
                 &policy,
                 now,
                 result,
@@ -877,24 +883,23 @@ impl CircuitBreakerMiddleware {
                 None
             }
         };
-        self.count_end(&pending, result, transition);
+        self.count_end(pending, result, transition);
     }
 
     /// This process's counts for the end of a call decided elsewhere.
-    fn count_end(&self, pending: &Pending, result: CallResult, transition: Option<Transition>) {
-        let key = KeyBytes(pending.key.as_bytes());
-        self.inner.registry.get_bytes(key, |e| {
-            {
-                let mut s = e.lock();
-                count_result(e, &mut s, result);
-                if let Some(t) = transition {
-                    s.state.state = t.to;
-                    s.transitions += 1;
-                }
+    fn count_end(&self, pending: Pending, result: CallResult, transition: Option<Transition>) {
+        let keys = &self.inner.registry;
+        let e = keys.entry(&pending.used);
+        {
+            let mut s = e.lock();
+            count_result(e, &mut s, result);
+            if let Some(t) = transition {
+                s.state.state = t.to;
+                s.transitions += 1;
             }
-            e.leave();
-        });
-        self.count_metrics(result, transition.map(|t| (t, pending.store_key())));
+        }
+        self.count_metrics(result, transition.map(|t| (t, pending.store_key(keys))));
+        keys.leave(pending.used);
     }
 
     /// Counts an ended call, and the transition it made on the key named.
@@ -920,44 +925,40 @@ impl CircuitBreakerMiddleware {
         let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
         // The call kept its entry in use, so the entry is still there.
-        let ended = inner
-            .registry
-            .get_bytes(KeyBytes(pending.key.as_bytes()), |e| {
-                let ended = if result == CallResult::Success
-                    && pending.probe.is_none()
-                    && !policy.uses_window()
-                    && e.is_quiet()
-                {
-                    // A success leaves a quiet state as it is (`state::is_quiet`).
-                    e.add_success();
-                    (None, None)
-                } else {
-                    let now = inner.clock.now();
-                    let elapsed = now.saturating_since(pending.start);
-                    let mut s = e.lock();
-                    count_result(e, &mut s, result);
-                    let transition = state::record(
-                        &mut s.state,
-                        &policy,
-                        now,
-                        result,
-                        elapsed,
-                        pending.probe,
-                        fastrand::f64(),
-                    );
-                    s.transitions += u64::from(transition.is_some());
-                    let saved = (file && transition.is_some()).then(|| Box::new(s.state.clone()));
-                    (transition, saved)
-                };
-                e.leave();
-                ended
-            });
+        let e = inner.registry.entry(&pending.used);
+        let (transition, saved) = if result == CallResult::Success
+            && pending.probe.is_none()
+            && !policy.uses_window()
+            && e.is_quiet()
+        {
+            // A success leaves a quiet state as it is (`state::is_quiet`).
+            e.add_success();
+            (None, None)
+        } else {
+            let now = inner.clock.now();
+            let elapsed = now.saturating_since(pending.start);
+            let mut s = e.lock();
+            count_result(e, &mut s, result);
+            let transition = state::record(
+                &mut s.state,
+                &policy,
+                now,
+                result,
+                elapsed,
+                pending.probe,
+                fastrand::f64(),
+            );
+            s.transitions += u64::from(transition.is_some());
+            let saved = (file && transition.is_some()).then(|| Box::new(s.state.clone()));
+            (transition, saved)
+        };
         if let Backend::File(file) = &inner.backend {
             file.mark_dirty();
         }
-        let (transition, saved) = ended.unwrap_or((None, None));
-        self.count_metrics(result, transition.map(|t| (t, pending.key.as_str())));
-        saved.map(|state| (ScopeKey::verbatim(pending.key.as_str()), state))
+        self.count_metrics(result, transition.map(|t| (t, e.key())));
+        let write = saved.map(|state| (ScopeKey::verbatim(e.key()), state));
+        inner.registry.leave(pending.used);
+        write
     }
 
     fn classify(&self, outcome: &Outcome<'_>) -> CallResult {
