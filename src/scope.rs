@@ -122,13 +122,14 @@ impl Scope {
     pub fn key(&self, request: &JSONRPCRequest, target: &RequestTarget) -> ScopeKey {
         self.key_with(
             request,
-            || target.server_url_str().map(Cow::Borrowed),
+            || target.server_part().map(Cow::Borrowed),
             || target.session_id(),
         )
     }
 
-    /// The key with the server URL and session id supplied lazily (only the
-    /// scopes that need them call the closures).
+    /// The key with the server URL (already made a key part by [`part`])
+    /// and the session id supplied lazily (only the scopes that need them call
+    /// the closures).
     pub(crate) fn key_with<'u, U, S>(
         &self,
         request: &JSONRPCRequest,
@@ -159,10 +160,7 @@ impl Scope {
             Scope::Global => f("global"),
             Scope::PerServer => {
                 let url = url();
-                join(
-                    &["server:", &part(url.as_deref().unwrap_or(UNKNOWN_SERVER))],
-                    f,
-                )
+                join(&["server:", url.as_deref().unwrap_or(UNKNOWN_SERVER)], f)
             }
             Scope::PerMethod => join(&["method:", &part(&request.method)], f),
             Scope::PerEndpoint => {
@@ -172,7 +170,7 @@ impl Scope {
                         "endpoint:",
                         &part(&request.method),
                         "@",
-                        &part(url.as_deref().unwrap_or(UNKNOWN_SERVER)),
+                        url.as_deref().unwrap_or(UNKNOWN_SERVER),
                     ],
                     f,
                 )
@@ -241,11 +239,7 @@ fn join<R>(parts: &[&str], f: impl FnOnce(&str) -> R) -> R {
 /// a character boundary and suffixed with `#` and a hash of the whole value,
 /// so that distinct long values keep distinct keys.
 fn part(raw: &str) -> Cow<'_, str> {
-    // A fold without early exit, so the compiler can check many bytes at once.
-    let has_control = raw
-        .bytes()
-        .fold(false, |seen, b| seen | (b < 0x20) | (b == 0x7f));
-    if raw.len() <= MAX_KEY_PART && !has_control {
+    if raw.len() <= MAX_KEY_PART && !has_control(raw.as_bytes()) {
         return Cow::Borrowed(raw);
     }
     let mut cleaned: String = raw
@@ -262,6 +256,28 @@ fn part(raw: &str) -> Cow<'_, str> {
         cleaned.push_str(&format!("#{hash:016x}"));
     }
     Cow::Owned(cleaned)
+}
+
+/// Whether `bytes` hold an ASCII control character (below 0x20, or 0x7f),
+/// checked eight bytes at a time.
+fn has_control(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `w` has its high bit set in `low` if it is below 0x20 (or
+    // 0x80 and above, ruled out with `!w`), and in `del` if it is 0x7f.
+    let flags = |w: u64| {
+        let low = w.wrapping_sub(ONES * 0x20) & !w;
+        let del = (w ^ (ONES * 0x7f)).wrapping_sub(ONES) & !(w ^ (ONES * 0x7f));
+        (low | del) & HIGHS
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut found = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        found |= flags(u64::from_le_bytes(word));
+    }
+    found != 0 || chunks.remainder().iter().any(|&b| b < 0x20 || b == 0x7f)
 }
 
 /// 64-bit FNV-1a of `bytes`: stable across processes, builds and versions
@@ -333,6 +349,8 @@ impl std::borrow::Borrow<str> for ScopeKey {
 #[derive(Clone, Default)]
 pub struct RequestTarget {
     server_url: Option<Arc<str>>,
+    /// `server_url` made a key part once, not on every request.
+    server_part: Option<Arc<str>>,
     session: Option<SessionSource>,
 }
 
@@ -348,7 +366,9 @@ impl fmt::Debug for RequestTarget {
 impl RequestTarget {
     /// Requests go to the server at `url`.
     pub fn with_server_url(mut self, url: impl AsRef<str>) -> Self {
-        self.server_url = Some(Arc::from(url.as_ref()));
+        let url = url.as_ref();
+        self.server_url = Some(Arc::from(url));
+        self.server_part = Some(Arc::from(part(url).as_ref()));
         self
     }
 
@@ -374,9 +394,9 @@ impl RequestTarget {
         self.server_url.clone()
     }
 
-    /// The server URL, borrowed (no reference count touched on the request path).
-    pub(crate) fn server_url_str(&self) -> Option<&str> {
-        self.server_url.as_deref()
+    /// The server URL as a key part (see [`part`]), borrowed.
+    pub(crate) fn server_part(&self) -> Option<&str> {
+        self.server_part.as_deref()
     }
 
     /// The current session id, if known.
@@ -414,10 +434,11 @@ pub(crate) fn visit_key_in_context<R>(
     scope.visit_key(
         request,
         || {
-            let url = target
-                .server_url_str()
-                .map(Cow::Borrowed)
-                .or_else(|| context.get_metadata(SERVER_URL_METADATA).map(Cow::Owned));
+            let url = target.server_part().map(Cow::Borrowed).or_else(|| {
+                context
+                    .get_metadata(SERVER_URL_METADATA)
+                    .map(|url| Cow::Owned(part(&url).into_owned()))
+            });
             missing_url.set(url.is_none());
             url
         },
@@ -458,6 +479,25 @@ pub(crate) enum MissingPart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_bytes_are_found_wherever_they_are() {
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let expected = b < 0x20 || b == 0x7f;
+                    assert_eq!(
+                        has_control(&bytes),
+                        expected,
+                        "byte {b:#x} at {at} of {len}"
+                    );
+                }
+            }
+            assert!(!has_control(&vec![b'~'; len]));
+        }
+    }
     use pmcp::types::RequestId;
     use serde_json::json;
 

@@ -487,6 +487,38 @@ async fn reconfiguration_keeps_the_counts() {
 }
 
 #[tokio::test]
+async fn a_window_rule_set_at_run_time_counts_the_successes_that_follow() {
+    // Successes on a quiet key skip the state machine while no window rule
+    // is set; once one is, they must count in its window.
+    let clock = ManualClock::new();
+    let cb = breaker(&clock, 100);
+    for i in 0..3 {
+        call(&cb, i, Some(ok_response(i, serde_json::json!({}))))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    cb.reconfigure(BreakerPolicy {
+        window: SlidingWindow::Calls(4),
+        failure_rate: Some(pmcp_resilience::circuit_breaker::state::FailureRate {
+            threshold: 0.5,
+            minimum_calls: 4,
+        }),
+        ..cb.policy()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // S S F F: the window holds 4 calls at 50% failures.
+    for i in 3..5 {
+        call(&cb, i, Some(ok_response(i, serde_json::json!({}))))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let _ = call(&cb, 5, Some(error_response(5, -32603))).await;
+    assert_eq!(cb.state_of("global"), Some(CircuitState::Closed), "3 calls");
+    let _ = call(&cb, 6, Some(error_response(6, -32603))).await;
+    assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+}
+
+#[tokio::test]
 async fn forced_disabled_and_metrics_only_modes() {
     let clock = ManualClock::new();
     let cb = breaker(&clock, 1);

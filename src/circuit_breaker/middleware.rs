@@ -156,8 +156,12 @@ pub(crate) struct Inner {
     scope: Scope,
     matcher: ErrorMatcher,
     inspect_results: bool,
-    /// Read on every request; swapped whole by `reconfigure` (no lock to share).
+    /// Read when the state machine runs; swapped whole by `reconfigure` (no
+    /// lock to share).
     policy: ArcSwap<BreakerPolicy>,
+    /// Whether `policy` has no window rule, so a quiet key needs no state
+    /// machine (`state::is_quiet`): read on every request instead of `policy`.
+    windowless: AtomicBool,
     registry: BreakerKeys,
     pending: PendingCalls,
     metrics: Arc<CircuitBreakerMetrics>,
@@ -302,6 +306,7 @@ impl CircuitBreakerMiddleware {
             inspect_results: config.trigger_errors.looks_at_tool_errors(),
             scope: config.scope,
             matcher: config.trigger_errors,
+            windowless: AtomicBool::new(!config.policy.uses_window()),
             policy: ArcSwap::from_pointee(config.policy),
             registry: BreakerKeys::new(config.registry_limits),
             pending: PendingCalls::new(),
@@ -460,6 +465,9 @@ impl CircuitBreakerMiddleware {
             store.check_policy(&policy)?;
         }
         self.inner.policy.store(Arc::new(policy));
+        self.inner
+            .windowless
+            .store(!policy.uses_window(), Ordering::Release);
         Ok(())
     }
 
@@ -606,7 +614,6 @@ impl CircuitBreakerMiddleware {
         let inner = &*self.inner;
         let now = inner.clock.now();
         self.maybe_sweep(now);
-        let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
         // The key is built in a per-thread buffer and looked up borrowed.
         visit_key_in_context(
@@ -620,7 +627,7 @@ impl CircuitBreakerMiddleware {
                 }
                 let (used, _overflowed) = inner.registry.enter(key, now);
                 let e = inner.registry.entry(&used);
-                let decided = decide(e, &policy, now, file);
+                let decided = decide(e, inner, now, file);
                 let write = decided
                     .saved
                     .map(|state| (ScopeKey::verbatim(e.key()), state));
@@ -922,19 +929,19 @@ impl CircuitBreakerMiddleware {
     /// clock is read only if the state machine runs.
     fn finish(&self, pending: Pending, result: CallResult) -> WriteThrough {
         let inner = &*self.inner;
-        let policy = inner.policy.load();
         let file = matches!(inner.backend, Backend::File(_));
         // The call kept its entry in use, so the entry is still there.
         let e = inner.registry.entry(&pending.used);
         let (transition, saved) = if result == CallResult::Success
             && pending.probe.is_none()
-            && !policy.uses_window()
+            && inner.windowless.load(Ordering::Acquire)
             && e.is_quiet()
         {
             // A success leaves a quiet state as it is (`state::is_quiet`).
             e.add_success();
             (None, None)
         } else {
+            let policy = inner.policy.load();
             let now = inner.clock.now();
             let elapsed = now.saturating_since(pending.start);
             let mut s = e.lock();
@@ -1027,8 +1034,8 @@ struct Decided {
 }
 
 /// Asks the state machine of `e` whether a call may start at `now`.
-fn decide(e: &Entry, policy: &BreakerPolicy, now: Timestamp, file: bool) -> Decided {
-    if !policy.uses_window() && e.is_quiet() {
+fn decide(e: &Entry, inner: &Inner, now: Timestamp, file: bool) -> Decided {
+    if inner.windowless.load(Ordering::Acquire) && e.is_quiet() {
         // A quiet state admits the call and stays as it is (`state::is_quiet`).
         return Decided {
             admission: Admission::Allowed { probe: None },
@@ -1037,8 +1044,9 @@ fn decide(e: &Entry, policy: &BreakerPolicy, now: Timestamp, file: bool) -> Deci
             saved: None,
         };
     }
+    let policy = inner.policy.load();
     let mut s = e.lock();
-    let (admission, transition) = state::acquire(&mut s.state, policy, now, fastrand::f64());
+    let (admission, transition) = state::acquire(&mut s.state, &policy, now, fastrand::f64());
     s.transitions += u64::from(transition.is_some());
     if let Admission::Rejected { .. } = admission {
         s.rejections += 1;
