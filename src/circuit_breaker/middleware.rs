@@ -144,9 +144,13 @@ impl PendingCalls {
 
     fn take(&self, id: u64, context: Option<usize>) -> Option<Pending> {
         let mut map = self.shard(id).lock();
-        match context {
-            Some(c) if map.get(&id).is_some_and(|p| p.context != c) => None,
-            _ => map.remove(&id),
+        match map.entry(id) {
+            hashbrown::hash_map::Entry::Occupied(call)
+                if context.is_none_or(|c| call.get().context == c) =>
+            {
+                Some(call.remove())
+            }
+            _ => None,
         }
     }
 }
