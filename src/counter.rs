@@ -7,9 +7,12 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-const STRIPES: usize = 16;
+/// How many slots per-thread structures spread over.
+pub(crate) const STRIPES: usize = 16;
 
-#[repr(align(64))]
+/// A slot on cache lines of its own: 128 bytes, as x86 CPUs fetch lines in
+/// adjacent pairs.
+#[repr(align(128))]
 #[derive(Debug, Default)]
 struct Stripe(AtomicU64);
 
@@ -19,7 +22,9 @@ pub(crate) struct StripedCounter {
     stripes: [Stripe; STRIPES],
 }
 
-fn stripe_index() -> usize {
+/// This thread's slot among [`STRIPES`]: threads take slots in turn, so a
+/// few busy threads each get their own.
+pub(crate) fn stripe_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;

@@ -82,7 +82,7 @@ impl Pending {
     }
 }
 
-const PENDING_SHARDS: usize = 16;
+const PENDING_SHARDS: usize = crate::counter::STRIPES;
 /// Most pending calls remembered at once (per breaker).
 const PENDING_CAPACITY: usize = 65_536;
 /// A pending call older than this is presumed abandoned (its future was
@@ -91,12 +91,23 @@ const PENDING_TTL: Duration = Duration::from_secs(300);
 
 type PendingShard = Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>>;
 
-/// One shard on cache lines of its own: threads ending calls in different
-/// shards do not take turns owning a line.
-#[repr(align(64))]
+/// One shard on cache lines of its own (128 bytes: x86 CPUs fetch lines in
+/// adjacent pairs).
+#[repr(align(128))]
 struct PaddedShard(PendingShard);
 
+/// Most calls one shard holds.
+const PENDING_PER_SHARD: usize = PENDING_CAPACITY / PENDING_SHARDS;
+
 /// The bounded table of calls in flight.
+///
+/// A thread files its calls in a shard of its own ([`stripe_index`]), so
+/// threads do not take turns owning the shards' cache lines; an answer is
+/// looked for in its thread's shard first, then in the others (a call
+/// answered on another thread, or filed elsewhere because its thread's
+/// shard was full).
+///
+/// [`stripe_index`]: crate::counter::stripe_index
 struct PendingCalls {
     shards: Box<[PaddedShard]>,
 }
@@ -114,44 +125,61 @@ impl PendingCalls {
         }
     }
 
-    fn shard(&self, id: u64) -> &PendingShard {
-        // Ids are request-id hashes or context addresses; mixing the bits
-        // spreads both (an address's top bits are always zero).
-        &self.shards[(id ^ (id >> 32) ^ (id >> 12)) as usize % PENDING_SHARDS].0
+    /// The shards in the order this thread looks at them: its own first.
+    fn home_first(&self) -> impl Iterator<Item = &PendingShard> {
+        let home = crate::counter::stripe_index();
+        (0..PENDING_SHARDS).map(move |k| &self.shards[(home + k) % PENDING_SHARDS].0)
     }
 
     /// Remembers a call; returns entries that had to give way (abandoned calls).
     fn insert(&self, id: u64, pending: Pending, now: Timestamp) -> Vec<Pending> {
         let mut gone = Vec::new();
-        let mut map = self.shard(id).lock();
-        if map.len() >= PENDING_CAPACITY / PENDING_SHARDS {
-            let stale: Vec<u64> = map
-                .iter()
-                .filter(|(_, p)| now.saturating_since(p.start) >= PENDING_TTL)
-                .map(|(k, _)| *k)
-                .collect();
-            gone.extend(stale.iter().filter_map(|k| map.remove(k)));
-            if map.len() >= PENDING_CAPACITY / PENDING_SHARDS {
-                gone.push(pending);
+        let mut shards = self.home_first();
+        let home = shards.next();
+        for shard in home.into_iter().chain(shards) {
+            let mut map = shard.lock();
+            if map.len() < PENDING_PER_SHARD {
+                if let Some(old) = map.insert(id, pending) {
+                    gone.push(old);
+                }
                 return gone;
             }
         }
-        if let Some(old) = map.insert(id, pending) {
-            gone.push(old);
+        // Every shard is full: calls in this thread's shard older than the
+        // time to live are presumed abandoned and make room.
+        let Some(home) = home else {
+            gone.push(pending);
+            return gone;
+        };
+        let mut map = home.lock();
+        let stale: Vec<u64> = map
+            .iter()
+            .filter(|(_, p)| now.saturating_since(p.start) >= PENDING_TTL)
+            .map(|(k, _)| *k)
+            .collect();
+        gone.extend(stale.iter().filter_map(|k| map.remove(k)));
+        if map.len() < PENDING_PER_SHARD {
+            if let Some(old) = map.insert(id, pending) {
+                gone.push(old);
+            }
+        } else {
+            gone.push(pending);
         }
         gone
     }
 
     fn take(&self, id: u64, context: Option<usize>) -> Option<Pending> {
-        let mut map = self.shard(id).lock();
-        match map.entry(id) {
-            hashbrown::hash_map::Entry::Occupied(call)
-                if context.is_none_or(|c| call.get().context == c) =>
-            {
-                Some(call.remove())
+        self.home_first().find_map(|shard| {
+            let mut map = shard.lock();
+            match map.entry(id) {
+                hashbrown::hash_map::Entry::Occupied(call)
+                    if context.is_none_or(|c| call.get().context == c) =>
+                {
+                    Some(call.remove())
+                }
+                _ => None,
             }
-            _ => None,
-        }
+        })
     }
 }
 
@@ -936,20 +964,24 @@ impl CircuitBreakerMiddleware {
         let file = matches!(inner.backend, Backend::File(_));
         // The call kept its entry in use, so the entry is still there.
         let e = inner.registry.entry(&pending.used);
+        if result == CallResult::Success {
+            // Counted before the quiet flag is read: the flag shares the
+            // count's cache line, which is then fetched once, for writing.
+            e.add_success();
+        }
         let (transition, saved) = if result == CallResult::Success
             && pending.probe.is_none()
             && inner.windowless.load(Ordering::Acquire)
             && e.is_quiet()
         {
             // A success leaves a quiet state as it is (`state::is_quiet`).
-            e.add_success();
             (None, None)
         } else {
             let policy = inner.policy.load();
             let now = inner.clock.now();
             let elapsed = now.saturating_since(pending.start);
             let mut s = e.lock();
-            count_result(e, &mut s, result);
+            s.failures += u64::from(result == CallResult::Failure);
             let transition = state::record(
                 &mut s.state,
                 &policy,
@@ -1153,5 +1185,94 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
             self.end_call(pending, CallResult::Released).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RegistryLimits;
+
+    fn keys() -> BreakerKeys {
+        BreakerKeys::new(RegistryLimits {
+            max_keys: 10,
+            idle_after: Duration::from_secs(10),
+        })
+    }
+
+    fn call(keys: &BreakerKeys, context: usize, start: Timestamp) -> Pending {
+        Pending {
+            context,
+            used: keys.enter("k", start).0,
+            store_key: None,
+            start,
+            probe: None,
+        }
+    }
+
+    /// Ends the uses of calls handed back, as the breaker does.
+    fn end(keys: &BreakerKeys, calls: Vec<Pending>) -> usize {
+        let n = calls.len();
+        for p in calls {
+            keys.leave(p.used);
+        }
+        n
+    }
+
+    #[test]
+    fn a_call_filed_on_one_thread_is_found_on_another() {
+        let (keys, pending) = (keys(), PendingCalls::new());
+        let now = Timestamp::from_millis(1);
+        std::thread::scope(|s| {
+            let filer = s.spawn(|| end(&keys, pending.insert(7, call(&keys, 70, now), now)));
+            assert_eq!(filer.join().ok(), Some(0));
+        });
+        assert!(
+            pending.take(7, Some(71)).is_none(),
+            "another context's call"
+        );
+        let found = pending.take(7, Some(70));
+        assert!(found.as_ref().is_some_and(|p| p.context == 70));
+        end(&keys, found.into_iter().collect());
+        assert!(pending.take(7, None).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_full_shard_spills_and_a_full_table_hands_the_call_back() {
+        let (keys, pending) = (keys(), PendingCalls::new());
+        let now = Timestamp::from_millis(1);
+        for id in 0..PENDING_CAPACITY as u64 {
+            assert_eq!(end(&keys, pending.insert(id, call(&keys, 1, now), now)), 0);
+        }
+        // Every shard is full and nothing is stale: the new call comes back.
+        let back = pending.insert(u64::MAX, call(&keys, 2, now), now);
+        assert!(back.len() == 1 && back[0].context == 2);
+        end(&keys, back);
+        // Calls filed in other shards than this thread's are all found.
+        for id in 0..PENDING_CAPACITY as u64 {
+            let found = pending.take(id, Some(1));
+            assert!(found.is_some(), "call {id}");
+            end(&keys, found.into_iter().collect());
+        }
+    }
+
+    #[test]
+    fn stale_calls_make_room_in_a_full_shard() {
+        let (keys, pending) = (keys(), PendingCalls::new());
+        let then = Timestamp::from_millis(1);
+        for id in 0..PENDING_CAPACITY as u64 {
+            end(&keys, pending.insert(id, call(&keys, 1, then), then));
+        }
+        let later = then.saturating_add(PENDING_TTL);
+        let gone = pending.insert(u64::MAX, call(&keys, 2, later), later);
+        assert_eq!(
+            end(&keys, gone),
+            PENDING_PER_SHARD,
+            "this thread's shard swept"
+        );
+        assert!(pending.take(u64::MAX, Some(2)).is_some_and(|p| {
+            keys.leave(p.used);
+            true
+        }));
     }
 }
