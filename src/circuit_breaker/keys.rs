@@ -170,6 +170,11 @@ impl Entry {
         }
     }
 
+    /// Whether a sweep has marked the entry retired.
+    fn is_retired(&self) -> bool {
+        self.hot.users.load(Ordering::Acquire) & RETIRED != 0
+    }
+
     /// Marks the entry retired if it has been idle for `idle_after`, its
     /// breaker is closed in normal mode and nobody uses it.
     fn try_retire(&self, now: Timestamp, idle_after: u64) -> bool {
@@ -468,9 +473,15 @@ impl BreakerKeys {
         let mut dropped = 0u64;
         self.map.retain(
             |held, ()| {
-                let drop = held.0.try_retire(now, self.idle_after());
-                dropped += u64::from(drop);
-                !drop
+                // papaya may ask again about an entry it failed to remove (a
+                // resize moved it): one already retired must go, and was
+                // counted when it was marked.
+                if held.0.is_retired() {
+                    return false;
+                }
+                let retired = held.0.try_retire(now, self.idle_after());
+                dropped += u64::from(retired);
+                !retired
             },
             &guard,
         );
@@ -638,6 +649,24 @@ mod tests {
         let (a, b) = (keys(10), keys(10));
         let (used, _) = a.enter("x", at(0));
         b.entry(&used);
+    }
+
+    #[test]
+    fn an_entry_left_retired_goes_at_the_next_sweep_and_counts_once() {
+        // As when papaya loses the removal to a resize and keeps the entry.
+        let k = keys(10);
+        k.with("a", at(0), |_| ());
+        assert_eq!(
+            k.get("a", |e| e.try_retire(at(11), k.idle_after())),
+            Some(true)
+        );
+        k.len.fetch_sub(1, Ordering::Relaxed);
+        k.evicted.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(k.evict_idle(at(11)), 0, "nothing newly retired");
+        assert_eq!(k.get("a", |_| ()), None, "but the retired entry is gone");
+        assert_eq!((k.stats().keys, k.stats().evicted), (0, 1));
+        // A caller after that gets a fresh entry instead of waiting forever.
+        assert_eq!(k.with("a", at(12), |e| e.successes()), 0);
     }
 
     #[test]
