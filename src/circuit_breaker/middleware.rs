@@ -125,45 +125,45 @@ impl PendingCalls {
         }
     }
 
+    /// This thread's shard.
+    fn home(&self) -> usize {
+        crate::counter::stripe_index() % PENDING_SHARDS
+    }
+
     /// The shards in the order this thread looks at them: its own first.
     fn home_first(&self) -> impl Iterator<Item = &PendingShard> {
-        let home = crate::counter::stripe_index();
+        let home = self.home();
         (0..PENDING_SHARDS).map(move |k| &self.shards[(home + k) % PENDING_SHARDS].0)
     }
 
     /// Remembers a call; returns entries that had to give way (abandoned calls).
     fn insert(&self, id: u64, pending: Pending, now: Timestamp) -> Vec<Pending> {
         let mut gone = Vec::new();
-        let mut shards = self.home_first();
-        let home = shards.next();
-        for shard in home.into_iter().chain(shards) {
-            let mut map = shard.lock();
-            if map.len() < PENDING_PER_SHARD {
-                if let Some(old) = map.insert(id, pending) {
-                    gone.push(old);
+        let room = self.home_first().find_map(|shard| {
+            let map = shard.lock();
+            (map.len() < PENDING_PER_SHARD).then_some(map)
+        });
+        let mut map = match room {
+            Some(map) => map,
+            None => {
+                // Every shard is full: calls in this thread's shard older
+                // than the time to live are presumed abandoned and make room.
+                let mut map = self.shards[self.home()].0.lock();
+                let stale: Vec<u64> = map
+                    .iter()
+                    .filter(|(_, p)| now.saturating_since(p.start) >= PENDING_TTL)
+                    .map(|(k, _)| *k)
+                    .collect();
+                gone.extend(stale.iter().filter_map(|k| map.remove(k)));
+                if map.len() >= PENDING_PER_SHARD {
+                    gone.push(pending);
+                    return gone;
                 }
-                return gone;
+                map
             }
-        }
-        // Every shard is full: calls in this thread's shard older than the
-        // time to live are presumed abandoned and make room.
-        let Some(home) = home else {
-            gone.push(pending);
-            return gone;
         };
-        let mut map = home.lock();
-        let stale: Vec<u64> = map
-            .iter()
-            .filter(|(_, p)| now.saturating_since(p.start) >= PENDING_TTL)
-            .map(|(k, _)| *k)
-            .collect();
-        gone.extend(stale.iter().filter_map(|k| map.remove(k)));
-        if map.len() < PENDING_PER_SHARD {
-            if let Some(old) = map.insert(id, pending) {
-                gone.push(old);
-            }
-        } else {
-            gone.push(pending);
+        if let Some(old) = map.insert(id, pending) {
+            gone.push(old);
         }
         gone
     }
