@@ -1,18 +1,16 @@
 //! The breaker's keys: a bounded map whose lookups take no lock, and whose
-//! closed path writes one cache line per key and thread.
+//! closed path touches one cache line per key.
 //!
 //! A breaker sees every call twice (admission and outcome), and nearly all
 //! calls meet a closed breaker with nothing to count: the state does not
-//! change. So an [`Entry`] keeps, beside its full state behind a mutex,
-//! lanes of atomics read and written without it: a *quiet* flag (closed,
+//! change. So an [`Entry`] keeps, beside its full state behind a mutex, a
+//! line of atomics read and written without it: a *quiet* flag (closed,
 //! normal mode, no failure counted, no probe; see [`state::is_quiet`]), the
 //! number of calls in flight and the successes. While the flag is up and no
 //! window rule is set, admitting a call and recording its success are a few
-//! atomic operations on the calling thread's lane, a cache line of its own;
-//! anything else takes the mutex and runs the state machine. The map is a
-//! lock-free hash table (papaya), so threads calling the same key never wait
-//! for each other on the quiet path, and threads on different lanes do not
-//! take turns owning a line.
+//! atomic operations; anything else takes the mutex and runs the state
+//! machine. The map is a lock-free hash table (papaya), so threads calling
+//! the same key never wait for each other on the quiet path.
 //!
 //! Limits are the rate limiter's [`RegistryLimits`], with the same meaning:
 //!
@@ -24,11 +22,10 @@
 //!   served by the shared [`OVERFLOW_KEY`] entry and counted in
 //!   [`RegistryStats::overflowed`].
 //!
-//! A key being evicted is marked retired, in every lane, in the same atomic
-//! that counts the lane's calls in flight, so a call that finds it either
-//! keeps it (a count is no longer zero, and the marks are undone) or sees
-//! the mark and makes a fresh entry: no outcome is ever recorded in a
-//! dropped entry.
+//! A key being evicted is marked retired in the same atomic that counts its
+//! calls in flight, so a call that finds it either keeps it (the count is no
+//! longer zero) or sees the mark and makes a fresh entry: no outcome is ever
+//! recorded in a dropped entry.
 //!
 //! Each entry is boxed and holds its own key, so a call in flight keeps an
 //! [`InUse`] (a pointer to its entry) instead of a copy of the key, and its
@@ -43,29 +40,21 @@ use super::state::{self, BreakerMode, CircuitBreakerState, CircuitState};
 use crate::clock::{Timestamp, duration_nanos};
 use crate::registry::{OVERFLOW_KEY, RegistryLimits, RegistryStats};
 
-/// Set in [`Lane::users`] once an entry is being dropped.
+/// Set in [`Hot::users`] once an entry is being dropped.
 const RETIRED: u64 = 1 << 63;
 
-/// How many lanes an entry's quiet-path counters are split over.
-const LANES: usize = 2;
-
-/// What the quiet path reads and writes, on a cache line of its own. An
-/// entry has [`LANES`] of them and a thread uses one ([`Entry::lane`]), so
-/// threads on different lanes calling the same key do not take turns owning
-/// a line.
+/// What the quiet path reads and writes, on a cache line of its own.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
-struct Lane {
-    /// Calls in flight (and operations at work) counted on this lane, plus
-    /// [`RETIRED`] once the entry is being dropped.
+struct Hot {
+    /// Calls in flight (and operations at work) on this key, plus
+    /// [`RETIRED`] once it is being dropped.
     users: AtomicU64,
-    /// Calls that succeeded, counted on this lane.
+    /// Calls that succeeded.
     successes: AtomicU64,
-    /// When a call on this lane last used the key (nanoseconds, updated
-    /// coarsely).
+    /// When a call last used the key (nanoseconds, updated coarsely).
     last_seen: AtomicU64,
-    /// Whether [`state::is_quiet`] holds for the state behind the mutex
-    /// (the same in every lane).
+    /// Whether [`state::is_quiet`] holds for the state behind the mutex.
     quiet: AtomicBool,
 }
 
@@ -81,7 +70,7 @@ pub(crate) struct Slow {
 /// One key's breaker.
 #[repr(C)]
 pub(crate) struct Entry {
-    lanes: [Lane; LANES],
+    hot: Hot,
     key: Key,
     slow: Mutex<Slow>,
 }
@@ -108,31 +97,26 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        let quiet = state::is_quiet(&self.slow.state);
-        for lane in &self.entry.lanes {
-            lane.quiet.store(quiet, Ordering::Release);
-        }
+        self.entry
+            .hot
+            .quiet
+            .store(state::is_quiet(&self.slow.state), Ordering::Release);
     }
 }
 
 impl Entry {
     fn new(key: &str, now: Timestamp) -> Self {
         let entry = Entry {
-            lanes: Default::default(),
+            hot: Hot::default(),
             key: Key::new(key),
             slow: Mutex::new(Slow::default()),
         };
-        let quiet = state::is_quiet(&CircuitBreakerState::default());
-        for lane in &entry.lanes {
-            lane.quiet.store(quiet, Ordering::Relaxed);
-            lane.last_seen.store(now.as_nanos(), Ordering::Relaxed);
-        }
+        entry.hot.quiet.store(
+            state::is_quiet(&CircuitBreakerState::default()),
+            Ordering::Relaxed,
+        );
+        entry.hot.last_seen.store(now.as_nanos(), Ordering::Relaxed);
         entry
-    }
-
-    /// The lane of the calling thread.
-    fn lane(&self) -> &Lane {
-        &self.lanes[crate::counter::stripe_index() % LANES]
     }
 
     /// The key this entry is held under.
@@ -143,7 +127,7 @@ impl Entry {
     /// Whether the state is quiet: a call may be admitted, and its success
     /// recorded, without the lock (when no window rule is set).
     pub(crate) fn is_quiet(&self) -> bool {
-        self.lane().quiet.load(Ordering::Acquire)
+        self.hot.quiet.load(Ordering::Acquire)
     }
 
     /// Locks the state to read it.
@@ -161,64 +145,40 @@ impl Entry {
 
     /// Counts a success recorded on the quiet path.
     pub(crate) fn add_success(&self) {
-        self.lane().successes.fetch_add(1, Ordering::Relaxed);
+        self.hot.successes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Successes recorded so far.
     pub(crate) fn successes(&self) -> u64 {
-        self.lanes
-            .iter()
-            .map(|lane| lane.successes.load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
+        self.hot.successes.load(Ordering::Relaxed)
     }
 
-    /// Counts a use on the calling thread's lane; returns the lane, or
-    /// `None` if the entry is being dropped.
-    fn begin_use(&self, now: Timestamp, touch_every: u64) -> Option<u8> {
-        let index = crate::counter::stripe_index() % LANES;
-        let lane = &self.lanes[index];
-        if lane.users.fetch_add(1, Ordering::Acquire) & RETIRED != 0 {
-            lane.users.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        let seen = lane.last_seen.load(Ordering::Relaxed);
-        if now.as_nanos() > seen.saturating_add(touch_every) {
-            lane.last_seen.store(now.as_nanos(), Ordering::Relaxed);
-        }
-        Some(index as u8)
-    }
-
-    fn end_use(&self, lane: u8) {
-        self.lanes[usize::from(lane)]
-            .users
-            .fetch_sub(1, Ordering::Release);
+    fn leave(&self) {
+        self.hot.users.fetch_sub(1, Ordering::Release);
     }
 
     /// Calls in flight on this key.
     #[cfg(test)]
     fn in_flight(&self) -> u64 {
-        self.lanes
-            .iter()
-            .map(|lane| lane.users.load(Ordering::Relaxed) & !RETIRED)
-            .sum()
+        self.hot.users.load(Ordering::Relaxed) & !RETIRED
+    }
+
+    fn touch(&self, now: Timestamp, every: u64) {
+        let seen = self.hot.last_seen.load(Ordering::Relaxed);
+        if now.as_nanos() > seen.saturating_add(every) {
+            self.hot.last_seen.store(now.as_nanos(), Ordering::Relaxed);
+        }
     }
 
     /// Whether a sweep has marked the entry retired.
     fn is_retired(&self) -> bool {
-        self.lanes
-            .iter()
-            .all(|lane| lane.users.load(Ordering::Acquire) & RETIRED != 0)
+        self.hot.users.load(Ordering::Acquire) & RETIRED != 0
     }
 
     /// Marks the entry retired if it has been idle for `idle_after`, its
     /// breaker is closed in normal mode and nobody uses it.
     fn try_retire(&self, now: Timestamp, idle_after: u64) -> bool {
-        let seen = self
-            .lanes
-            .iter()
-            .map(|lane| lane.last_seen.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
+        let seen = self.hot.last_seen.load(Ordering::Relaxed);
         if now.as_nanos().saturating_sub(seen) < idle_after {
             return false;
         }
@@ -230,21 +190,10 @@ impl Entry {
         {
             return false;
         }
-        // Every lane, or none: a lane in use undoes the marks already made
-        // (a caller that saw one waits and finds the entry again).
-        for (i, lane) in self.lanes.iter().enumerate() {
-            let marked = lane
-                .users
-                .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok();
-            if !marked {
-                for done in &self.lanes[..i] {
-                    done.users.fetch_sub(RETIRED, Ordering::Release);
-                }
-                return false;
-            }
-        }
-        true
+        self.hot
+            .users
+            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
@@ -327,8 +276,6 @@ type Map = papaya::HashMap<Held, (), foldhash::quality::RandomState>;
 #[must_use = "a use keeps its entry from eviction until it is passed to `leave`"]
 pub(crate) struct InUse {
     on: Use,
-    /// The lane the use is counted on.
-    lane: u8,
     /// The [`BreakerKeys::id`] of the map that made it.
     map: u64,
 }
@@ -411,32 +358,27 @@ impl BreakerKeys {
                 },
             };
             let entry = &*held.0;
-            let Some(lane) = entry.begin_use(now, self.idle_after() / 64) else {
+            if entry.hot.users.fetch_add(1, Ordering::Acquire) & RETIRED != 0 {
                 // Being dropped by a sweep, which removes it next: wait for
                 // that, then make a fresh entry.
+                entry.hot.users.fetch_sub(1, Ordering::Relaxed);
                 std::thread::yield_now();
                 continue;
-            };
-            return (self.in_use(Use::Keyed(NonNull::from(entry)), lane), false);
+            }
+            entry.touch(now, self.idle_after() / 64);
+            return (self.in_use(Use::Keyed(NonNull::from(entry))), false);
         }
     }
 
     fn enter_overflow(&self, now: Timestamp) -> InUse {
         self.overflow_used.store(true, Ordering::Relaxed);
-        // The overflow entry is never retired.
-        let lane = self
-            .overflow
-            .begin_use(now, self.idle_after() / 64)
-            .unwrap_or_default();
-        self.in_use(Use::Overflow, lane)
+        self.overflow.hot.users.fetch_add(1, Ordering::Acquire);
+        self.overflow.touch(now, self.idle_after() / 64);
+        self.in_use(Use::Overflow)
     }
 
-    fn in_use(&self, on: Use, lane: u8) -> InUse {
-        InUse {
-            on,
-            lane,
-            map: self.id,
-        }
+    fn in_use(&self, on: Use) -> InUse {
+        InUse { on, map: self.id }
     }
 
     /// The entry a use is on.
@@ -448,22 +390,21 @@ impl BreakerKeys {
         assert_eq!(used.map, self.id, "a use of another map's entry");
         match used.on {
             Use::Overflow => &self.overflow,
-            // SAFETY: this map's `enter` counted this use in the `users` of
-            // one of the entry's lanes before making `used`, and only `leave`
-            // (which consumes it) takes it back. The map owns the entry's box,
-            // and frees it only once the entry has left the map: elements are
-            // added with `try_insert` (never replaced), and removed only by
-            // `evict_idle`, after `try_retire` swapped `users` from 0 to
-            // `RETIRED` in every lane. So while `used` exists the box is alive
-            // (and a box does not move), for at least as long as `self` is
-            // borrowed.
+            // SAFETY: this map's `enter` counted this use in the entry's
+            // `users` before making `used`, and only `leave` (which consumes
+            // it) takes it back. The map owns the entry's box, and frees it
+            // only once the entry has left the map: elements are added with
+            // `try_insert` (never replaced), and removed only by `evict_idle`,
+            // after `try_retire` swapped `users` from 0 to `RETIRED`. So while
+            // `used` exists the box is alive (and a box does not move), for
+            // at least as long as `self` is borrowed.
             Use::Keyed(entry) => unsafe { entry.as_ref() },
         }
     }
 
     /// Ends a use begun by [`BreakerKeys::enter`].
     pub(crate) fn leave(&self, used: InUse) {
-        self.entry(&used).end_use(used.lane);
+        self.entry(&used).leave();
     }
 
     /// Adds `key` unless the map is full (after sweeping, if one is due).
@@ -726,43 +667,6 @@ mod tests {
         assert_eq!((k.stats().keys, k.stats().evicted), (0, 1));
         // A caller after that gets a fresh entry instead of waiting forever.
         assert_eq!(k.with("a", at(12), |e| e.successes()), 0);
-    }
-
-    #[test]
-    fn a_use_on_any_lane_keeps_the_entry_and_leaves_no_mark() {
-        let k = keys(10);
-        k.with("a", at(0), |_| ());
-        for busy in 0..LANES {
-            k.get("a", |e| e.lanes[busy].users.fetch_add(1, Ordering::Relaxed));
-            assert_eq!(k.evict_idle(at(11)), 0, "lane {busy} in use");
-            let marks = k.get("a", |e| {
-                e.lanes
-                    .iter()
-                    .filter(|l| l.users.load(Ordering::Relaxed) & RETIRED != 0)
-                    .count()
-            });
-            assert_eq!(marks, Some(0), "marks undone (lane {busy} busy)");
-            k.get("a", |e| e.lanes[busy].users.fetch_sub(1, Ordering::Relaxed));
-        }
-        assert_eq!(k.evict_idle(at(11)), 1);
-    }
-
-    #[test]
-    fn calls_on_two_threads_count_on_their_own_lanes() {
-        let k = keys(10);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    for _ in 0..1000 {
-                        let (used, _) = k.enter("a", at(0));
-                        k.entry(&used).add_success();
-                        k.leave(used);
-                    }
-                });
-            }
-        });
-        assert_eq!(k.get("a", Entry::successes), Some(2000));
-        assert_eq!(k.get("a", Entry::in_flight), Some(0));
     }
 
     #[test]
