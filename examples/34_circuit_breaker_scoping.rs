@@ -226,10 +226,7 @@ async fn main() -> Result<(), Error> {
         .await?;
     let healthy_key = format!("server:{healthy_url}");
     let failing_key = format!("server:{failing_url}");
-
-    failing.unavailable.store(true, Ordering::SeqCst);
-    log.line("the failing server now answers every request with HTTP 503");
-    for _ in 0..4 {
+    let call_failing = async || {
         call(
             &log,
             "failing",
@@ -238,7 +235,13 @@ async fn main() -> Result<(), Error> {
             &per_server,
             &failing_key,
         )
-        .await;
+        .await
+    };
+
+    failing.unavailable.store(true, Ordering::SeqCst);
+    log.line("the failing server now answers every request with HTTP 503");
+    for _ in 0..4 {
+        call_failing().await;
         call(
             &log,
             "healthy",
@@ -255,15 +258,7 @@ async fn main() -> Result<(), Error> {
         "open time over: the next call goes out as the half-open probe; the server is still down",
     );
     for _ in 0..2 {
-        call(
-            &log,
-            "failing",
-            &to_failing,
-            "search",
-            &per_server,
-            &failing_key,
-        )
-        .await;
+        call_failing().await;
     }
 
     failing.unavailable.store(false, Ordering::SeqCst);
@@ -271,15 +266,7 @@ async fn main() -> Result<(), Error> {
     tokio::time::sleep(OPEN_FOR + Duration::from_millis(50)).await;
     log.line("open time over again: the probe succeeds and the breaker closes");
     for _ in 0..2 {
-        call(
-            &log,
-            "failing",
-            &to_failing,
-            "search",
-            &per_server,
-            &failing_key,
-        )
-        .await;
+        call_failing().await;
     }
 
     // ---------------------------------------------------------------- 2
