@@ -27,9 +27,9 @@
 //! longer zero) or sees the mark and makes a fresh entry: no outcome is ever
 //! recorded in a dropped entry.
 //!
-//! Each entry is boxed and holds its own key, so a call in flight keeps an
-//! [`InUse`] (a pointer to its entry) instead of a copy of the key, and its
-//! outcome reaches the entry without a second lookup.
+//! Each entry lives in papaya's element and holds its own key, so a call in
+//! flight keeps an [`InUse`] (a pointer to its entry) instead of a copy of
+//! the key, and its outcome reaches the entry without a second lookup.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -232,9 +232,14 @@ impl Key {
     }
 }
 
-/// An entry as the map holds it: boxed, so that its address stays put
-/// while a call in flight points at it; hashed and compared by its key.
-struct Held(Box<Entry>);
+/// An entry as the map holds it, hashed and compared by its key.
+///
+/// papaya allocates each element on its own and, when the table grows,
+/// copies only the pointer to it, so the entry stays put while a call in
+/// flight points at it (checked by the test
+/// `a_use_reaches_its_entry_through_growth_and_sweeps`). Held in papaya's
+/// element itself, the entry is one pointer away from the table.
+struct Held(Entry);
 
 impl PartialEq for Held {
     fn eq(&self, other: &Held) -> bool {
@@ -357,7 +362,7 @@ impl BreakerKeys {
                     }
                 },
             };
-            let entry = &*held.0;
+            let entry = &held.0;
             if entry.hot.users.fetch_add(1, Ordering::Acquire) & RETIRED != 0 {
                 // Being dropped by a sweep, which removes it next: wait for
                 // that, then make a fresh entry.
@@ -392,12 +397,14 @@ impl BreakerKeys {
             Use::Overflow => &self.overflow,
             // SAFETY: this map's `enter` counted this use in the entry's
             // `users` before making `used`, and only `leave` (which consumes
-            // it) takes it back. The map owns the entry's box, and frees it
-            // only once the entry has left the map: elements are added with
-            // `try_insert` (never replaced), and removed only by `evict_idle`,
-            // after `try_retire` swapped `users` from 0 to `RETIRED`. So while
-            // `used` exists the box is alive (and a box does not move), for
-            // at least as long as `self` is borrowed.
+            // it) takes it back. The entry lives in the map's element, which
+            // papaya allocates on its own and never moves (growth copies the
+            // pointer to it; see `Held`), and frees only once the element has
+            // left the map: elements are added with `try_insert` (never
+            // replaced), and removed only by `evict_idle`, after `try_retire`
+            // swapped `users` from 0 to `RETIRED`. So while `used` exists the
+            // entry is alive and in place, for at least as long as `self` is
+            // borrowed.
             Use::Keyed(entry) => unsafe { entry.as_ref() },
         }
     }
@@ -425,7 +432,7 @@ impl BreakerKeys {
         }
         if self
             .map
-            .try_insert(Held(Box::new(Entry::new(key, now))), (), guard)
+            .try_insert(Held(Entry::new(key, now)), (), guard)
             .is_err()
         {
             // Another thread added it first; ours is dropped unused.
@@ -594,6 +601,10 @@ mod tests {
         for i in 0..20_000 {
             k.with(&format!("k{i}"), at(0), |_| ());
         }
+        // The element the map holds now is the one the use points at: the
+        // map did not move it as it grew.
+        let held = k.get("kept", |e| std::ptr::from_ref(e) as usize);
+        assert_eq!(held, Some(std::ptr::from_ref(k.entry(&used)) as usize));
         assert_eq!(k.evict_idle(at(11)), 20_000);
         assert_eq!(k.entry(&used).key(), "kept");
         k.entry(&used).add_success();
