@@ -6,7 +6,10 @@
 //! change. So an [`Entry`] keeps, beside its full state behind a mutex, a
 //! line of atomics read and written without it: a *quiet* flag (closed,
 //! normal mode, no failure counted, no probe; see [`state::is_quiet`]), the
-//! number of calls in flight and the successes. While the flag is up and no
+//! number of calls in flight, the successes, when the key was last used and
+//! the key itself (up to [`KEY_HEAD`] bytes; a longer key is compared there
+//! first, then whole), so that a lookup and a quiet call fetch one line of
+//! the entry. While the flag is up and no
 //! window rule is set, admitting a call and recording its success are a few
 //! atomic operations; anything else takes the mutex and runs the state
 //! machine. The map is a lock-free hash table (papaya), so threads calling
@@ -32,7 +35,7 @@
 //! the key, and its outcome reaches the entry without a second lookup.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -41,21 +44,60 @@ use crate::clock::{Timestamp, duration_nanos};
 use crate::registry::{OVERFLOW_KEY, RegistryLimits, RegistryStats};
 
 /// Set in [`Hot::users`] once an entry is being dropped.
-const RETIRED: u64 = 1 << 63;
+const RETIRED: u32 = 1 << 31;
 
-/// What the quiet path reads and writes, on a cache line of its own.
+/// What a lookup and the quiet path read and write, on one cache line: with
+/// many keys, the key a call wants has usually left the cache since its last
+/// call, and each line fetched costs a trip to memory.
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Hot {
     /// Calls in flight (and operations at work) on this key, plus
     /// [`RETIRED`] once it is being dropped.
-    users: AtomicU64,
+    users: AtomicU32,
+    /// When a call last used the key, in [`Ticks`] (wrapping).
+    last_seen: AtomicU32,
     /// Calls that succeeded.
     successes: AtomicU64,
-    /// When a call last used the key (nanoseconds, updated coarsely).
-    last_seen: AtomicU64,
     /// Whether [`state::is_quiet`] holds for the state behind the mutex.
     quiet: AtomicBool,
+    /// The key's length, or [`LONG_KEY`].
+    key_len: u8,
+    /// The key, or its first [`KEY_HEAD`] bytes when longer.
+    key_head: [u8; KEY_HEAD],
+}
+
+/// Key bytes kept on the entry's first line (what the other fields leave).
+const KEY_HEAD: usize = 46;
+
+/// [`Hot::key_len`] of a key longer than [`KEY_HEAD`], kept whole in
+/// [`Entry::long_key`].
+const LONG_KEY: u8 = u8::MAX;
+
+/// Coarse time for [`Hot::last_seen`]: nanoseconds shifted right so that
+/// one tick is at most 1/64 of `idle_after`, and `idle_after` is between 64
+/// and 128 ticks. Ticks wrap after 2^32 of them (at least 2^25 times
+/// `idle_after`); an entry idle across a whole number of wraps looks busy
+/// for at most `idle_after` more.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    shift: u32,
+    idle: u32,
+}
+
+impl Ticks {
+    fn new(idle_after: u64) -> Self {
+        let shift = (idle_after / 64).max(1).ilog2();
+        Ticks {
+            shift,
+            idle: u32::try_from(idle_after >> shift).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn at(self, now: Timestamp) -> u32 {
+        // Wrapping by design (see above).
+        (now.as_nanos() >> self.shift) as u32
+    }
 }
 
 /// The counts and state that change under the mutex.
@@ -71,7 +113,8 @@ pub(crate) struct Slow {
 #[repr(C)]
 pub(crate) struct Entry {
     hot: Hot,
-    key: Key,
+    /// The whole key, when longer than [`KEY_HEAD`].
+    long_key: Option<Box<str>>,
     slow: Mutex<Slow>,
 }
 
@@ -105,23 +148,58 @@ impl Drop for Locked<'_> {
 }
 
 impl Entry {
-    fn new(key: &str, now: Timestamp) -> Self {
-        let entry = Entry {
-            hot: Hot::default(),
-            key: Key::new(key),
-            slow: Mutex::new(Slow::default()),
+    fn new(key: &str, now: u32) -> Self {
+        let mut key_head = [0; KEY_HEAD];
+        let head = key.len().min(KEY_HEAD);
+        key_head[..head].copy_from_slice(&key.as_bytes()[..head]);
+        let (key_len, long_key) = match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= KEY_HEAD => (len, None),
+            _ => (LONG_KEY, Some(key.into())),
         };
-        entry.hot.quiet.store(
-            state::is_quiet(&CircuitBreakerState::default()),
-            Ordering::Relaxed,
-        );
-        entry.hot.last_seen.store(now.as_nanos(), Ordering::Relaxed);
-        entry
+        Entry {
+            hot: Hot {
+                users: AtomicU32::new(0),
+                last_seen: AtomicU32::new(now),
+                successes: AtomicU64::new(0),
+                quiet: AtomicBool::new(state::is_quiet(&CircuitBreakerState::default())),
+                key_len,
+                key_head,
+            },
+            long_key,
+            slow: Mutex::new(Slow::default()),
+        }
     }
 
     /// The key this entry is held under.
     pub(crate) fn key(&self) -> &str {
-        self.key.as_str()
+        match &self.long_key {
+            Some(key) => key,
+            // Copied whole from a `str`, so always UTF-8.
+            None => std::str::from_utf8(self.key_bytes()).unwrap_or_default(),
+        }
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        match &self.long_key {
+            Some(key) => key.as_bytes(),
+            None => &self.hot.key_head[..usize::from(self.hot.key_len)],
+        }
+    }
+
+    /// Whether this entry is held under `key`: a key of up to
+    /// [`KEY_HEAD`] bytes is compared on the first line alone.
+    fn is_keyed(&self, key: &[u8]) -> bool {
+        let hot = &self.hot;
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= KEY_HEAD => {
+                hot.key_len == len && hot.key_head[..key.len()] == *key
+            }
+            _ => {
+                hot.key_len == LONG_KEY
+                    && hot.key_head[..] == key[..KEY_HEAD]
+                    && self.long_key.as_deref().map(str::as_bytes) == Some(key)
+            }
+        }
     }
 
     /// Whether the state is quiet: a call may be admitted, and its success
@@ -159,14 +237,14 @@ impl Entry {
 
     /// Calls in flight on this key.
     #[cfg(test)]
-    fn in_flight(&self) -> u64 {
+    fn in_flight(&self) -> u32 {
         self.hot.users.load(Ordering::Relaxed) & !RETIRED
     }
 
-    fn touch(&self, now: Timestamp, every: u64) {
-        let seen = self.hot.last_seen.load(Ordering::Relaxed);
-        if now.as_nanos() > seen.saturating_add(every) {
-            self.hot.last_seen.store(now.as_nanos(), Ordering::Relaxed);
+    /// Notes a use at `now` (in ticks): written once per tick at most.
+    fn touch(&self, now: u32) {
+        if self.hot.last_seen.load(Ordering::Relaxed) != now {
+            self.hot.last_seen.store(now, Ordering::Relaxed);
         }
     }
 
@@ -177,9 +255,9 @@ impl Entry {
 
     /// Marks the entry retired if it has been idle for `idle_after`, its
     /// breaker is closed in normal mode and nobody uses it.
-    fn try_retire(&self, now: Timestamp, idle_after: u64) -> bool {
+    fn try_retire(&self, now: Timestamp, ticks: Ticks) -> bool {
         let seen = self.hot.last_seen.load(Ordering::Relaxed);
-        if now.as_nanos().saturating_sub(seen) < idle_after {
+        if ticks.at(now).wrapping_sub(seen) < ticks.idle {
             return false;
         }
         // Under the lock the state cannot change: changing it needs a user,
@@ -197,41 +275,6 @@ impl Entry {
     }
 }
 
-/// A key's bytes, copied: short keys inline (in the entry's allocation),
-/// longer ones boxed.
-enum Key {
-    Short { len: u8, bytes: [u8; SHORT_KEY] },
-    Long(Box<[u8]>),
-}
-
-/// Keys up to this many bytes are kept inline.
-const SHORT_KEY: usize = 62;
-
-impl Key {
-    fn new(key: &str) -> Self {
-        match u8::try_from(key.len()) {
-            Ok(len) if key.len() <= SHORT_KEY => {
-                let mut bytes = [0; SHORT_KEY];
-                bytes[..key.len()].copy_from_slice(key.as_bytes());
-                Key::Short { len, bytes }
-            }
-            _ => Key::Long(key.as_bytes().into()),
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Key::Short { len, bytes } => &bytes[..usize::from(*len)],
-            Key::Long(bytes) => bytes,
-        }
-    }
-
-    /// The key as text (always UTF-8: it was copied from a `str`).
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
-    }
-}
-
 /// An entry as the map holds it, hashed and compared by its key.
 ///
 /// papaya allocates each element on its own and, when the table grows,
@@ -243,7 +286,7 @@ struct Held(Entry);
 
 impl PartialEq for Held {
     fn eq(&self, other: &Held) -> bool {
-        self.0.key.as_bytes() == other.0.key.as_bytes()
+        self.0.key_bytes() == other.0.key_bytes()
     }
 }
 
@@ -251,7 +294,7 @@ impl Eq for Held {}
 
 impl std::hash::Hash for Held {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        KeyBytes(self.0.key.as_bytes()).hash(state);
+        KeyBytes(self.0.key_bytes()).hash(state);
     }
 }
 
@@ -267,7 +310,7 @@ impl std::hash::Hash for KeyBytes<'_> {
 
 impl papaya::Equivalent<Held> for KeyBytes<'_> {
     fn equivalent(&self, held: &Held) -> bool {
-        self.0 == held.0.key.as_bytes()
+        held.0.is_keyed(self.0)
     }
 }
 
@@ -310,6 +353,8 @@ pub(crate) struct BreakerKeys {
     overflow: Entry,
     overflow_used: AtomicBool,
     limits: RegistryLimits,
+    /// `idle_after` in the coarse time entries keep.
+    ticks: Ticks,
     /// Keys in `map`.
     len: AtomicUsize,
     evicted: AtomicU64,
@@ -324,9 +369,10 @@ impl BreakerKeys {
         BreakerKeys {
             id: NEXT_MAP_ID.fetch_add(1, Ordering::Relaxed),
             map: papaya::HashMap::with_hasher(foldhash::quality::RandomState::default()),
-            overflow: Entry::new(OVERFLOW_KEY, Timestamp::from_nanos(0)),
+            overflow: Entry::new(OVERFLOW_KEY, 0),
             overflow_used: AtomicBool::new(false),
             limits,
+            ticks: Ticks::new(duration_nanos(limits.idle_after)),
             len: AtomicUsize::new(0),
             evicted: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
@@ -370,7 +416,7 @@ impl BreakerKeys {
                 std::thread::yield_now();
                 continue;
             }
-            entry.touch(now, self.idle_after() / 64);
+            entry.touch(self.ticks.at(now));
             return (self.in_use(Use::Keyed(NonNull::from(entry))), false);
         }
     }
@@ -378,7 +424,7 @@ impl BreakerKeys {
     fn enter_overflow(&self, now: Timestamp) -> InUse {
         self.overflow_used.store(true, Ordering::Relaxed);
         self.overflow.hot.users.fetch_add(1, Ordering::Acquire);
-        self.overflow.touch(now, self.idle_after() / 64);
+        self.overflow.touch(self.ticks.at(now));
         self.in_use(Use::Overflow)
     }
 
@@ -432,7 +478,7 @@ impl BreakerKeys {
         }
         if self
             .map
-            .try_insert(Held(Entry::new(key, now)), (), guard)
+            .try_insert(Held(Entry::new(key, self.ticks.at(now))), (), guard)
             .is_err()
         {
             // Another thread added it first; ours is dropped unused.
@@ -486,7 +532,7 @@ impl BreakerKeys {
                 if held.0.is_retired() {
                     return false;
                 }
-                let retired = held.0.try_retire(now, self.idle_after());
+                let retired = held.0.try_retire(now, self.ticks);
                 dropped += u64::from(retired);
                 !retired
             },
@@ -578,7 +624,7 @@ mod tests {
     fn a_retired_entry_is_never_used_again() {
         let k = keys(10);
         k.with("a", at(0), |e| e.add_success());
-        let entry_retired = k.get("a", |e| e.try_retire(at(11), k.idle_after()));
+        let entry_retired = k.get("a", |e| e.try_retire(at(11), k.ticks));
         assert_eq!(entry_retired, Some(true));
         // The sweep has marked it but not yet removed it: a caller waits for
         // the removal, then gets a fresh entry.
@@ -667,10 +713,7 @@ mod tests {
         // As when papaya loses the removal to a resize and keeps the entry.
         let k = keys(10);
         k.with("a", at(0), |_| ());
-        assert_eq!(
-            k.get("a", |e| e.try_retire(at(11), k.idle_after())),
-            Some(true)
-        );
+        assert_eq!(k.get("a", |e| e.try_retire(at(11), k.ticks)), Some(true));
         k.len.fetch_sub(1, Ordering::Relaxed);
         k.evicted.fetch_add(1, Ordering::Relaxed);
         assert_eq!(k.evict_idle(at(11)), 0, "nothing newly retired");
@@ -678,6 +721,85 @@ mod tests {
         assert_eq!((k.stats().keys, k.stats().evicted), (0, 1));
         // A caller after that gets a fresh entry instead of waiting forever.
         assert_eq!(k.with("a", at(12), |e| e.successes()), 0);
+    }
+
+    #[test]
+    fn a_lookup_and_the_quiet_path_share_one_line() {
+        assert_eq!(std::mem::size_of::<Hot>(), 64);
+        assert_eq!(std::mem::align_of::<Entry>(), 64);
+    }
+
+    #[test]
+    fn keys_past_the_first_line_are_kept_whole() {
+        let k = keys(100);
+        let head = "h".repeat(KEY_HEAD);
+        let names = [
+            "h".repeat(KEY_HEAD - 1),
+            head.clone(),
+            format!("{head}x"),
+            format!("{head}y"),
+            format!("{head}{}", "z".repeat(300)),
+            "é".repeat(40),
+        ];
+        for (i, name) in names.iter().enumerate() {
+            for _ in 0..=i {
+                k.with(name, at(0), Entry::add_success);
+            }
+        }
+        assert_eq!(
+            k.stats().keys,
+            names.len(),
+            "keys sharing a head stay apart"
+        );
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(k.get(name, Entry::successes), Some(i as u64 + 1), "{name}");
+            assert_eq!(
+                k.get(name, |e| e.key().to_string()).as_deref(),
+                Some(name.as_str())
+            );
+        }
+        assert_eq!(k.get(&format!("{head}w"), |_| ()), None);
+        let mut seen = Vec::new();
+        k.for_each(|key, _| seen.push(key.to_string()));
+        seen.sort();
+        let mut want = names.to_vec();
+        want.sort();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn idle_time_is_told_in_ticks_of_at_most_a_64th() {
+        for idle_after in [1, 63, 64, 1_000, 1_000_000, 10_000_000_000, u64::MAX / 2] {
+            let t = Ticks::new(idle_after);
+            let tick = 1u64 << t.shift;
+            assert!(
+                tick == 1 || tick <= idle_after / 64,
+                "{idle_after}: tick {tick}"
+            );
+            assert_eq!(u64::from(t.idle), idle_after >> t.shift, "{idle_after}");
+            assert!(
+                idle_after < 64 || (64..128).contains(&t.idle),
+                "{idle_after}"
+            );
+        }
+    }
+
+    #[test]
+    fn idleness_is_told_across_a_wrap_of_the_ticks() {
+        let ticks = Ticks::new(duration_nanos(Duration::from_secs(10)));
+        let tick = 1u64 << ticks.shift;
+        // Last seen just before the ticks wrap around.
+        let entry = Entry::new("a", u32::MAX - 5);
+        let after_wrap = |t: u64| Timestamp::from_nanos(((1u64 << 32) + t) * tick);
+        assert!(
+            !entry.try_retire(after_wrap(10), ticks),
+            "16 ticks is not idle"
+        );
+        let idle = u64::from(ticks.idle);
+        assert!(
+            entry.try_retire(after_wrap(idle), ticks),
+            "idle_after later"
+        );
     }
 
     #[test]
