@@ -75,10 +75,10 @@ const KEY_HEAD: usize = 46;
 const LONG_KEY: u8 = u8::MAX;
 
 /// Coarse time for [`Hot::last_seen`]: nanoseconds shifted right so that
-/// one tick is at most 1/64 of `idle_after`, and `idle_after` is between 64
-/// and 128 ticks. Ticks wrap after 2^32 of them (at least 2^25 times
-/// `idle_after`); an entry idle across a whole number of wraps looks busy
-/// for at most `idle_after` more.
+/// one tick is at most 1/64 of `idle_after` (one nanosecond below 64 ns),
+/// making `idle_after` 64 to 127 ticks. Ticks wrap after 2^32 of them (at
+/// least 2^25 times `idle_after`); an entry idle across a whole number of
+/// wraps looks busy for at most `idle_after` more.
 #[derive(Debug, Clone, Copy)]
 struct Ticks {
     shift: u32,
