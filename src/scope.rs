@@ -480,6 +480,9 @@ pub(crate) enum MissingPart {
 mod tests {
     use super::*;
 
+    use pmcp::types::RequestId;
+    use serde_json::json;
+
     #[test]
     fn control_bytes_are_found_wherever_they_are() {
         for len in 0..20 {
@@ -498,8 +501,6 @@ mod tests {
             assert!(!has_control(&vec![b'~'; len]));
         }
     }
-    use pmcp::types::RequestId;
-    use serde_json::json;
 
     fn request(method: &str, params: Option<serde_json::Value>) -> JSONRPCRequest {
         JSONRPCRequest {
