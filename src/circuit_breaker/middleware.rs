@@ -58,6 +58,9 @@ use crate::scope::{
     MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
 };
 
+/// A boxed future, for the hooks' slower paths.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// A call admitted and not yet answered.
 struct Pending {
     context: usize,
@@ -850,8 +853,59 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    /// Ends a call from a hook, which can wait for the store or the file.
-    async fn end_call(&self, pending: Pending, result: CallResult) {
+    /// Admission with a file or a shared store, which the hook may wait
+    /// for. Boxed on its own, so that the in-memory hooks' futures (which
+    /// pmcp allocates for every call) stay a few words long.
+    fn on_request_stored<'a>(
+        &'a self,
+        request: &'a JSONRPCRequest,
+        context: &'a MiddlewareContext,
+    ) -> BoxFuture<'a, pmcp::Result<()>> {
+        Box::pin(async move {
+            match &self.inner.backend {
+                Backend::Shared(store) => self.admit_shared(&**store, request, context).await,
+                Backend::File(file) => {
+                    let (result, write) = self.admit(request, context);
+                    if let Some((key, state)) = write {
+                        file.note(file.write_through(key.as_str(), *state).await);
+                    }
+                    result
+                }
+                Backend::Memory => self.admit(request, context).0,
+            }
+        })
+    }
+
+    /// Records the answer to a pending call: done here in memory, or handed
+    /// back as a future that waits for the file or the store.
+    fn on_answer(
+        &self,
+        response: &JSONRPCResponse,
+        context: &MiddlewareContext,
+    ) -> Option<BoxFuture<'_, ()>> {
+        let id = self.request_id(context);
+        let pending = self
+            .inner
+            .pending
+            .take(id, Some(context_address(context)))?;
+        let outcome = outcome_of_response(response, self.inner.inspect_results);
+        let result = self.classify(&outcome);
+        match &self.inner.backend {
+            Backend::Memory => {
+                self.finish(pending, result);
+                None
+            }
+            Backend::File(_) | Backend::Shared(_) => Some(self.end_call(pending, result)),
+        }
+    }
+
+    /// Ends a call from a hook, which can wait for the store or the file
+    /// (boxed, as [`Self::on_request_stored`] is).
+    fn end_call(&self, pending: Pending, result: CallResult) -> BoxFuture<'_, ()> {
+        Box::pin(self.end_call_inner(pending, result))
+    }
+
+    async fn end_call_inner(&self, pending: Pending, result: CallResult) {
         match &self.inner.backend {
             Backend::Shared(store) => {
                 let now = self.inner.clock.now();
@@ -1147,15 +1201,8 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
         match &self.inner.backend {
-            Backend::Shared(store) => self.admit_shared(&**store, request, context).await,
-            Backend::File(file) => {
-                let (result, write) = self.admit(request, context);
-                if let Some((key, state)) = write {
-                    file.note(file.write_through(key.as_str(), *state).await);
-                }
-                result
-            }
             Backend::Memory => self.admit(request, context).0,
+            Backend::File(_) | Backend::Shared(_) => self.on_request_stored(request, context).await,
         }
     }
 
@@ -1164,11 +1211,10 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         response: &mut JSONRPCResponse,
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
-        let id = self.request_id(context);
-        if let Some(pending) = self.inner.pending.take(id, Some(context_address(context))) {
-            let outcome = outcome_of_response(response, self.inner.inspect_results);
-            let result = self.classify(&outcome);
-            self.end_call(pending, result).await;
+        // Only a file or a store is waited for, so that the future pmcp
+        // allocates for this hook stays small on the in-memory path.
+        if let Some(waiting) = self.on_answer(response, context) {
+            waiting.await;
         }
         Ok(())
     }
