@@ -1180,6 +1180,30 @@ fn mirror(
     }
 }
 
+/// A hook's result, known when the hook was called, as the boxed future
+/// pmcp expects: `Ok(())` is a zero-sized future, which boxing does not
+/// allocate.
+fn finished(result: pmcp::Result<()>) -> BoxFuture<'static, pmcp::Result<()>> {
+    match result {
+        Ok(()) => Box::pin(GoOn),
+        Err(error) => Box::pin(std::future::ready(Err(error))),
+    }
+}
+
+/// A future that is ready at once with `Ok(())`.
+struct GoOn;
+
+impl std::future::Future for GoOn {
+    type Output = pmcp::Result<()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<pmcp::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// The identity of a context while its request is in flight.
 fn context_address(context: &MiddlewareContext) -> usize {
     Arc::as_ptr(&context.metadata) as *const u8 as usize
@@ -1195,28 +1219,45 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         MiddlewarePriority::High
     }
 
-    async fn on_request_with_context(
-        &self,
-        request: &mut JSONRPCRequest,
-        context: &MiddlewareContext,
-    ) -> pmcp::Result<()> {
+    // The two hooks every call goes through are written out rather than
+    // `async`: in memory they do their work when called and hand pmcp a
+    // finished future, zero-sized when the call goes on (so boxing it
+    // allocates nothing). Only a file or a store is waited for.
+    fn on_request_with_context<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        request: &'life1 mut JSONRPCRequest,
+        context: &'life2 MiddlewareContext,
+    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
         match &self.inner.backend {
-            Backend::Memory => self.admit(request, context).0,
-            Backend::File(_) | Backend::Shared(_) => self.on_request_stored(request, context).await,
+            Backend::Memory => finished(self.admit(request, context).0),
+            Backend::File(_) | Backend::Shared(_) => self.on_request_stored(request, context),
         }
     }
 
-    async fn on_response_with_context(
-        &self,
-        response: &mut JSONRPCResponse,
-        context: &MiddlewareContext,
-    ) -> pmcp::Result<()> {
-        // Only a file or a store is waited for, so that the future pmcp
-        // allocates for this hook stays small on the in-memory path.
-        if let Some(waiting) = self.on_answer(response, context) {
-            waiting.await;
+    fn on_response_with_context<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        response: &'life1 mut JSONRPCResponse,
+        context: &'life2 MiddlewareContext,
+    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.on_answer(response, context) {
+            None => finished(Ok(())),
+            Some(waiting) => Box::pin(async move {
+                waiting.await;
+                Ok(())
+            }),
         }
-        Ok(())
     }
 
     async fn on_error(
@@ -1263,6 +1304,31 @@ mod tests {
             keys.leave(p.used);
         }
         n
+    }
+
+    #[tokio::test]
+    async fn in_memory_hooks_hand_pmcp_a_future_that_allocates_nothing() {
+        use pmcp::types::RequestId;
+        let cb = match CircuitBreakerMiddleware::builder().build() {
+            Ok(cb) => cb,
+            Err(e) => panic!("valid settings: {e}"),
+        };
+        let mut request = JSONRPCRequest {
+            jsonrpc: "2.0".into(),
+            method: "tools/list".into(),
+            params: None,
+            id: RequestId::from(1i64),
+        };
+        let mut response = JSONRPCResponse::success(RequestId::from(1i64), serde_json::Value::Null);
+        let context = MiddlewareContext::with_request_id("1".into());
+        let admitted = cb.on_request_with_context(&mut request, &context);
+        assert_eq!(std::mem::size_of_val(&*admitted), 0);
+        assert!(admitted.await.is_ok());
+        let answered = cb.on_response_with_context(&mut response, &context);
+        assert_eq!(std::mem::size_of_val(&*answered), 0);
+        assert!(answered.await.is_ok());
+        let m = cb.snapshot();
+        assert_eq!((m.total_requests, m.successful_requests), (1, 1));
     }
 
     #[test]
