@@ -358,6 +358,8 @@ pub(crate) struct BreakerKeys {
     /// Keys in `map`.
     len: AtomicUsize,
     evicted: AtomicU64,
+    /// Successes of the entries evicted so far.
+    evicted_successes: AtomicU64,
     overflowed: AtomicU64,
     /// After a sweep at the cap found nothing to drop, the next one waits
     /// until then (nanoseconds).
@@ -375,6 +377,7 @@ impl BreakerKeys {
             ticks: Ticks::new(duration_nanos(limits.idle_after)),
             len: AtomicUsize::new(0),
             evicted: AtomicU64::new(0),
+            evicted_successes: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
             no_sweep_before: AtomicU64::new(0),
         }
@@ -533,7 +536,12 @@ impl BreakerKeys {
                     return false;
                 }
                 let retired = held.0.try_retire(now, self.ticks);
-                dropped += u64::from(retired);
+                if retired {
+                    // Retired, so no success can land on it any more.
+                    self.evicted_successes
+                        .fetch_add(held.0.successes(), Ordering::Release);
+                    dropped += 1;
+                }
                 !retired
             },
             &guard,
@@ -543,6 +551,22 @@ impl BreakerKeys {
             self.evicted.fetch_add(dropped, Ordering::Relaxed);
         }
         dropped
+    }
+
+    /// Successes counted by all entries, evicted ones included. Read while
+    /// calls go on, it may miss the last few (never counts one twice): the
+    /// evicted total is read before the entries, and an entry retired since
+    /// is skipped.
+    pub(crate) fn successes(&self) -> u64 {
+        let evicted = self.evicted_successes.load(Ordering::Acquire);
+        let mut sum = evicted.wrapping_add(self.overflow.successes());
+        let guard = self.map.guard();
+        for (held, ()) in self.map.iter(&guard) {
+            if !held.0.is_retired() {
+                sum = sum.wrapping_add(held.0.successes());
+            }
+        }
+        sum
     }
 
     pub(crate) fn stats(&self) -> RegistryStats {
@@ -580,6 +604,21 @@ mod tests {
         assert_eq!(k.get("a", Entry::successes), Some(3));
         assert_eq!(k.get("b", Entry::successes), None);
         assert_eq!(k.stats().keys, 1);
+    }
+
+    #[test]
+    fn the_success_total_keeps_evicted_and_overflowed_keys() {
+        let k = keys(2);
+        k.with_flag("a");
+        k.with_flag("a");
+        k.with_flag("b");
+        k.with_flag("c"); // at the cap: the overflow entry
+        assert_eq!(k.successes(), 4);
+        assert_eq!(k.evict_idle(at(11)), 2);
+        assert_eq!(k.stats().keys, 1, "only the overflow entry is left");
+        assert_eq!(k.successes(), 4, "evicted keys' successes are kept");
+        k.with_flag("a");
+        assert_eq!(k.successes(), 5);
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! The counters are bumped on the request path in per-thread stripes (so
 //! threads do not fight over one cache line) and summed into the public
 //! atomics by every call of `CircuitBreakerMiddleware::metrics()` or
-//! `snapshot()`: read them from a fresh `metrics()`. The per-key
+//! `snapshot()`: read them from a fresh `metrics()`. Successes are counted
+//! once, in each key's entry (which the call touches anyway), and summed over
+//! the keys, evicted ones included, by the same calls. The per-key
 //! view, [`CircuitBreakerMetrics::current_state`], is a `tokio` lock so that
 //! `metrics.current_state.read().await` works as in the feature request; it
 //! is written only when a key changes state (never per request). A change
@@ -60,7 +62,6 @@ pub struct CircuitBreakerMetrics {
 #[derive(Debug, Default)]
 pub(crate) struct LiveCounters {
     pub(crate) total: StripedCounter,
-    pub(crate) successful: StripedCounter,
     pub(crate) failed: StripedCounter,
     pub(crate) rejected: StripedCounter,
 }
@@ -94,13 +95,17 @@ impl CircuitBreakerMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Brings the public counters up to date with the request-path stripes.
-    pub(crate) fn sync(&self) {
+    /// Brings the public counters up to date with the request-path stripes
+    /// and `successes`, the sum of the keys' own success counts (a success
+    /// is counted once, in its key's entry, which a call touches anyway).
+    pub(crate) fn sync(&self, successes: u64) {
         let live = &self.live;
         self.total_requests
             .store(live.total.sum(), Ordering::Relaxed);
+        // The sum is read key by key while calls go on: never let the
+        // counter go back.
         self.successful_requests
-            .store(live.successful.sum(), Ordering::Relaxed);
+            .fetch_max(successes, Ordering::Relaxed);
         self.failed_requests
             .store(live.failed.sum(), Ordering::Relaxed);
         self.rejected_requests

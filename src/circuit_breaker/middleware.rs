@@ -420,15 +420,26 @@ impl CircuitBreakerMiddleware {
 
     /// The metrics, shared by every handle (per-key changes flushed first).
     pub fn metrics(&self) -> Arc<CircuitBreakerMetrics> {
-        self.inner.metrics.sync();
+        self.sync_metrics();
         self.prune_current_state();
         Arc::clone(&self.inner.metrics)
+    }
+
+    /// Brings the shared counters up to date.
+    fn sync_metrics(&self) {
+        let inner = &*self.inner;
+        let successes = if inner.metrics_config.enabled {
+            inner.registry.successes()
+        } else {
+            0
+        };
+        inner.metrics.sync(successes);
     }
 
     /// A plain copy of the metrics with a row per key.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let m = &self.inner.metrics;
-        m.sync();
+        self.sync_metrics();
         let mut keys = Vec::new();
         self.inner.registry.for_each(|key, e| {
             let s = e.read();
@@ -999,10 +1010,9 @@ impl CircuitBreakerMiddleware {
     fn count_metrics(&self, result: CallResult, transition: Option<(Transition, &str)>) {
         let inner = &*self.inner;
         if inner.metrics_config.enabled {
-            match result {
-                CallResult::Success => inner.metrics.live.successful.add(1),
-                CallResult::Failure => inner.metrics.live.failed.add(1),
-                CallResult::Released => {}
+            // Successes are summed from the keys' entries (`sync_metrics`).
+            if result == CallResult::Failure {
+                inner.metrics.live.failed.add(1);
             }
         }
         if let Some((t, key)) = transition {
