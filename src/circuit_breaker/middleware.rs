@@ -36,7 +36,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use hashbrown::HashMap;
-use parking_lot::Mutex;
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
 use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 
@@ -45,6 +44,7 @@ use super::keys::{BreakerKeys, Entry, InUse, Slow};
 use super::matcher::{ErrorMatcher, Outcome, outcome_of_error, outcome_of_response};
 use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 use super::persist::{self, Backend, Opened};
+use super::shard_lock::ShardLock;
 use super::state::{
     self, Admission, BreakerMode, BreakerPolicy, CallResult, CircuitBreakerState, CircuitState,
     ProbeId, Transition,
@@ -92,7 +92,7 @@ const PENDING_CAPACITY: usize = 65_536;
 /// dropped) when room is needed.
 const PENDING_TTL: Duration = Duration::from_secs(300);
 
-type PendingShard = Mutex<HashMap<u64, Pending, foldhash::fast::FixedState>>;
+type PendingShard = ShardLock<HashMap<u64, Pending, foldhash::fast::FixedState>>;
 
 /// One shard on cache lines of its own (128 bytes: x86 CPUs fetch lines in
 /// adjacent pairs).
@@ -108,7 +108,8 @@ const PENDING_PER_SHARD: usize = PENDING_CAPACITY / PENDING_SHARDS;
 /// threads do not take turns owning the shards' cache lines; an answer is
 /// looked for in its thread's shard first, then in the others (a call
 /// answered on another thread, or filed elsewhere because its thread's
-/// shard was full).
+/// shard was full). Each shard is behind a [`ShardLock`], which a call
+/// takes twice and which is nearly always free.
 ///
 /// [`stripe_index`]: crate::counter::stripe_index
 struct PendingCalls {
@@ -120,7 +121,7 @@ impl PendingCalls {
         PendingCalls {
             shards: (0..PENDING_SHARDS)
                 .map(|_| {
-                    PaddedShard(Mutex::new(HashMap::with_hasher(
+                    PaddedShard(ShardLock::new(HashMap::with_hasher(
                         foldhash::fast::FixedState::with_seed(7),
                     )))
                 })

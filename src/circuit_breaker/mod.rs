@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod middleware;
 mod persist;
 pub mod report;
+mod shard_lock;
 pub mod state;
 pub mod store;
 pub mod transport;
