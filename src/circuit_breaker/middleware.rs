@@ -1215,6 +1215,20 @@ impl std::future::Future for GoOn {
     }
 }
 
+/// A future that is ready at once with `ANSWER`.
+struct Ready<const ANSWER: bool>;
+
+impl<const ANSWER: bool> std::future::Future for Ready<ANSWER> {
+    type Output = bool;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<bool> {
+        std::task::Poll::Ready(ANSWER)
+    }
+}
+
 /// The identity of a context while its request is in flight.
 fn context_address(context: &MiddlewareContext) -> usize {
     Arc::as_ptr(&context.metadata) as *const u8 as usize
@@ -1228,6 +1242,45 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
 
     fn priority(&self) -> MiddlewarePriority {
         MiddlewarePriority::High
+    }
+
+    // pmcp asks every middleware these three for every request; its default
+    // answers are `async` and so allocate a future each time. The same
+    // answers, as zero-sized futures, allocate nothing.
+    fn should_execute<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        _context: &'life1 MiddlewareContext,
+    ) -> BoxFuture<'async_trait, bool>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(Ready::<true>)
+    }
+
+    fn on_chain_start<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        _context: &'life1 MiddlewareContext,
+    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        finished(Ok(()))
+    }
+
+    fn on_chain_complete<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        _context: &'life1 MiddlewareContext,
+    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        finished(Ok(()))
     }
 
     // The two hooks every call goes through are written out rather than
@@ -1332,6 +1385,13 @@ mod tests {
         };
         let mut response = JSONRPCResponse::success(RequestId::from(1i64), serde_json::Value::Null);
         let context = MiddlewareContext::with_request_id("1".into());
+        let asked = cb.should_execute(&context);
+        assert_eq!(std::mem::size_of_val(&*asked), 0);
+        assert!(asked.await);
+        for hook in [cb.on_chain_start(&context), cb.on_chain_complete(&context)] {
+            assert_eq!(std::mem::size_of_val(&*hook), 0);
+            assert!(hook.await.is_ok());
+        }
         let admitted = cb.on_request_with_context(&mut request, &context);
         assert_eq!(std::mem::size_of_val(&*admitted), 0);
         assert!(admitted.await.is_ok());
