@@ -61,6 +61,7 @@ pub mod circuit_breaker;
 pub mod clock;
 mod counter;
 pub mod error;
+mod hooks;
 pub mod metrics;
 pub mod observe;
 pub mod persistence;

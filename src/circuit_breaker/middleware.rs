@@ -53,13 +53,11 @@ use super::store::CircuitBreakerStateStore;
 use super::transport::ObservedTransport;
 use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::{ConfigError, StoreError};
+use crate::hooks::{BoxFuture, finished};
 use crate::metrics::MetricsConfig;
 use crate::scope::{
     MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
 };
-
-/// A boxed future, for the hooks' slower paths.
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// A call admitted and not yet answered.
 struct Pending {
@@ -1191,44 +1189,6 @@ fn mirror(
     }
 }
 
-/// A hook's result, known when the hook was called, as the boxed future
-/// pmcp expects: `Ok(())` is a zero-sized future, which boxing does not
-/// allocate.
-fn finished(result: pmcp::Result<()>) -> BoxFuture<'static, pmcp::Result<()>> {
-    match result {
-        Ok(()) => Box::pin(GoOn),
-        Err(error) => Box::pin(std::future::ready(Err(error))),
-    }
-}
-
-/// A future that is ready at once with `Ok(())`.
-struct GoOn;
-
-impl std::future::Future for GoOn {
-    type Output = pmcp::Result<()>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<pmcp::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-/// A future that is ready at once with `ANSWER`.
-struct Ready<const ANSWER: bool>;
-
-impl<const ANSWER: bool> std::future::Future for Ready<ANSWER> {
-    type Output = bool;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<bool> {
-        std::task::Poll::Ready(ANSWER)
-    }
-}
-
 /// The identity of a context while its request is in flight.
 fn context_address(context: &MiddlewareContext) -> usize {
     Arc::as_ptr(&context.metadata) as *const u8 as usize
@@ -1244,44 +1204,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         MiddlewarePriority::High
     }
 
-    // pmcp asks every middleware these three for every request; its default
-    // answers are `async` and so allocate a future each time. The same
-    // answers, as zero-sized futures, allocate nothing.
-    fn should_execute<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        _context: &'life1 MiddlewareContext,
-    ) -> BoxFuture<'async_trait, bool>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(Ready::<true>)
-    }
-
-    fn on_chain_start<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        _context: &'life1 MiddlewareContext,
-    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        finished(Ok(()))
-    }
-
-    fn on_chain_complete<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        _context: &'life1 MiddlewareContext,
-    ) -> BoxFuture<'async_trait, pmcp::Result<()>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        finished(Ok(()))
-    }
+    crate::hooks::chain_hooks!();
 
     // The two hooks every call goes through are written out rather than
     // `async`: in memory they do their work when called and hand pmcp a

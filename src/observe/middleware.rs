@@ -401,6 +401,8 @@ impl AdvancedMiddleware for MetricsMiddleware {
         MiddlewarePriority::Low
     }
 
+    crate::hooks::chain_hooks!();
+
     async fn on_request_with_context(
         &self,
         request: &mut JSONRPCRequest,

@@ -517,12 +517,30 @@ impl AdvancedMiddleware for RateLimitMiddleware {
         MiddlewarePriority::High
     }
 
+    crate::hooks::chain_hooks!();
+
     async fn on_request_with_context(
         &self,
         request: &mut JSONRPCRequest,
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
         self.admit(request, context).await
+    }
+
+    // The limiter does not look at answers: say so without pmcp's default,
+    // which allocates two futures per response.
+    fn on_response_with_context<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        _response: &'life1 mut pmcp::types::JSONRPCResponse,
+        _context: &'life2 MiddlewareContext,
+    ) -> crate::hooks::BoxFuture<'async_trait, pmcp::Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        crate::hooks::finished(Ok(()))
     }
 }
 
