@@ -63,19 +63,11 @@ macro_rules! chain_hooks {
             ::std::boxed::Box::pin($crate::hooks::Yes)
         }
 
-        fn on_chain_start<'life0, 'life1, 'async_trait>(
-            &'life0 self,
-            _context: &'life1 ::pmcp::shared::MiddlewareContext,
-        ) -> $crate::hooks::BoxFuture<'async_trait, ::pmcp::Result<()>>
-        where
-            'life0: 'async_trait,
-            'life1: 'async_trait,
-            Self: 'async_trait,
-        {
-            ::std::boxed::Box::pin($crate::hooks::GoOn)
-        }
-
-        fn on_chain_complete<'life0, 'life1, 'async_trait>(
+        $crate::hooks::chain_hooks!(@go_on on_chain_start);
+        $crate::hooks::chain_hooks!(@go_on on_chain_complete);
+    };
+    (@go_on $hook:ident) => {
+        fn $hook<'life0, 'life1, 'async_trait>(
             &'life0 self,
             _context: &'life1 ::pmcp::shared::MiddlewareContext,
         ) -> $crate::hooks::BoxFuture<'async_trait, ::pmcp::Result<()>>
