@@ -558,14 +558,12 @@ impl BreakerKeys {
     /// evicted total is read before the entries, and an entry retired since
     /// is skipped.
     pub(crate) fn successes(&self) -> u64 {
-        let evicted = self.evicted_successes.load(Ordering::Acquire);
-        let mut sum = evicted.wrapping_add(self.overflow.successes());
-        let guard = self.map.guard();
-        for (held, ()) in self.map.iter(&guard) {
-            if !held.0.is_retired() {
-                sum = sum.wrapping_add(held.0.successes());
+        let mut sum = self.evicted_successes.load(Ordering::Acquire);
+        self.for_each(|_, e| {
+            if !e.is_retired() {
+                sum = sum.wrapping_add(e.successes());
             }
-        }
+        });
         sum
     }
 

@@ -55,6 +55,7 @@ use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::{ConfigError, StoreError};
 use crate::hooks::{BoxFuture, finished};
 use crate::metrics::MetricsConfig;
+use crate::persistence::FileBacking;
 use crate::scope::{
     MissingPart, RequestTarget, Scope, ScopeKey, key_in_context, visit_key_in_context,
 };
@@ -863,27 +864,19 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    /// Admission with a file or a shared store, which the hook may wait
-    /// for. Boxed on its own, so that the in-memory hooks' futures (which
-    /// pmcp allocates for every call) stay a few words long.
-    fn on_request_stored<'a>(
-        &'a self,
-        request: &'a JSONRPCRequest,
-        context: &'a MiddlewareContext,
-    ) -> BoxFuture<'a, pmcp::Result<()>> {
-        Box::pin(async move {
-            match &self.inner.backend {
-                Backend::Shared(store) => self.admit_shared(&**store, request, context).await,
-                Backend::File(file) => {
-                    let (result, write) = self.admit(request, context);
-                    if let Some((key, state)) = write {
-                        file.note(file.write_through(key.as_str(), *state).await);
-                    }
-                    result
-                }
-                Backend::Memory => self.admit(request, context).0,
-            }
-        })
+    /// Admission in memory with a file to write a transition through,
+    /// which the hook waits for.
+    async fn admit_filed(
+        &self,
+        file: &FileBacking<CircuitBreakerState>,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> pmcp::Result<()> {
+        let (result, write) = self.admit(request, context);
+        if let Some((key, state)) = write {
+            file.note(file.write_through(key.as_str(), *state).await);
+        }
+        result
     }
 
     /// Records the answer to a pending call: done here in memory, or handed
@@ -910,7 +903,7 @@ impl CircuitBreakerMiddleware {
     }
 
     /// Ends a call from a hook, which can wait for the store or the file
-    /// (boxed, as [`Self::on_request_stored`] is).
+    /// (boxed on its own, as the admissions that wait are).
     fn end_call(&self, pending: Pending, result: CallResult) -> BoxFuture<'_, ()> {
         Box::pin(self.end_call_inner(pending, result))
     }
@@ -1221,9 +1214,12 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
+        // The waits are boxed on their own, so that this path's future
+        // stays zero-sized.
         match &self.inner.backend {
             Backend::Memory => finished(self.admit(request, context).0),
-            Backend::File(_) | Backend::Shared(_) => self.on_request_stored(request, context),
+            Backend::File(file) => Box::pin(self.admit_filed(file, request, context)),
+            Backend::Shared(store) => Box::pin(self.admit_shared(&**store, request, context)),
         }
     }
 
