@@ -165,12 +165,40 @@ impl<S: KeyState> Registry<S> {
         init: impl FnOnce() -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
+        match self.with_own(key, now, init, f) {
+            Ok(r) => (r, false),
+            Err((init, f)) => (self.with_overflow(now, init, f), true),
+        }
+    }
+
+    /// Like [`with`](Self::with), but at the cap (after a sweep) runs
+    /// nothing and returns `None` instead of sharing the overflow entry:
+    /// for state that other keys must not be able to change (a breaker that
+    /// their failures could open). The refusal is counted in
+    /// [`RegistryStats::overflowed`].
+    pub(crate) fn try_with<R>(
+        &self,
+        key: &str,
+        now: Timestamp,
+        init: impl FnOnce() -> S,
+        f: impl FnOnce(&mut S) -> R,
+    ) -> Option<R> {
+        self.with_own(key, now, init, f).ok()
+    }
+
+    /// Runs `f` on the key's own state, or hands `init` and `f` back at the
+    /// cap (counted as an overflow).
+    fn with_own<R, I, F>(&self, key: &str, now: Timestamp, init: I, f: F) -> Result<R, (I, F)>
+    where
+        I: FnOnce() -> S,
+        F: FnOnce(&mut S) -> R,
+    {
         let hash = self.hasher.hash_one(key);
         let shard = self.shard_of(hash);
         let mut table = shard.table.lock();
         if let Some(slot) = table.find_mut(hash, |s| s.key.as_str() == key) {
             slot.last_seen = now;
-            return (f(&mut slot.state), false);
+            return Ok(f(&mut slot.state));
         }
         if self.len.load(Ordering::Relaxed) >= self.limits.max_keys
             && now.as_nanos() >= shard.no_sweep_before.load(Ordering::Relaxed)
@@ -195,11 +223,11 @@ impl<S: KeyState> Registry<S> {
                     |s| s.hash,
                 )
                 .into_mut();
-            return (f(&mut slot.state), false);
+            return Ok(f(&mut slot.state));
         }
         drop(table);
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        (self.with_overflow(now, init, f), true)
+        Err((init, f))
     }
 
     fn with_overflow<R>(

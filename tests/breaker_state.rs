@@ -15,8 +15,8 @@ use pmcp::shared::{
 use pmcp::types::jsonrpc::ResponsePayload;
 use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
 use pmcp_resilience::circuit_breaker::state::{
-    Admission, BreakerPolicy, CallResult, CircuitBreakerState, CircuitState, SlidingWindow,
-    TransitionReason, acquire, record,
+    Admission, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, TransitionReason,
+    Verdict, acquire, record,
 };
 use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, ErrorMatcher};
 use pmcp_resilience::{CircuitBreakerScope, ConfigError, ManualClock, RegistryLimits, Timestamp};
@@ -33,11 +33,11 @@ fn fail(
     p: &BreakerPolicy,
     now: Timestamp,
 ) -> Option<TransitionReason> {
-    record(s, p, now, CallResult::Failure, MS, None, 0.5).map(|t| t.reason)
+    record(s, p, now, Verdict::Failure, MS, None, 0.5).map(|t| t.reason)
 }
 
 fn succeed(s: &mut CircuitBreakerState, p: &BreakerPolicy, now: Timestamp) {
-    record(s, p, now, CallResult::Success, MS, None, 0.5);
+    record(s, p, now, Verdict::Success, MS, None, 0.5);
 }
 
 fn probe_of(a: Admission) -> Option<pmcp_resilience::circuit_breaker::state::ProbeId> {
@@ -137,10 +137,10 @@ fn slow_calls_trip() {
     };
     let mut s = CircuitBreakerState::default();
     let slow = Duration::from_secs(3);
-    assert!(record(&mut s, &p, t(0), CallResult::Success, slow, None, 0.5).is_none());
-    assert!(record(&mut s, &p, t(1), CallResult::Success, MS, None, 0.5).is_none());
-    assert!(record(&mut s, &p, t(2), CallResult::Success, MS, None, 0.5).is_none());
-    let tr = record(&mut s, &p, t(3), CallResult::Success, slow, None, 0.5);
+    assert!(record(&mut s, &p, t(0), Verdict::Success, slow, None, 0.5).is_none());
+    assert!(record(&mut s, &p, t(1), Verdict::Success, MS, None, 0.5).is_none());
+    assert!(record(&mut s, &p, t(2), Verdict::Success, MS, None, 0.5).is_none());
+    let tr = record(&mut s, &p, t(3), Verdict::Success, slow, None, 0.5);
     assert_eq!(tr.map(|t| t.reason), Some(TransitionReason::SlowCallRate));
 }
 
@@ -167,10 +167,10 @@ fn open_half_open_closed_and_probe_failure_reopens() {
         acquire(&mut s, &p, t(10_001), 0.5).0,
         Admission::Rejected { .. }
     ));
-    assert!(record(&mut s, &p, t(10_002), CallResult::Success, MS, probe, 0.5).is_none());
+    assert!(record(&mut s, &p, t(10_002), Verdict::Success, MS, probe, 0.5).is_none());
     assert_eq!(s.state, CircuitState::HalfOpen);
     let probe = probe_of(acquire(&mut s, &p, t(10_003), 0.5).0);
-    let tr = record(&mut s, &p, t(10_004), CallResult::Success, MS, probe, 0.5);
+    let tr = record(&mut s, &p, t(10_004), Verdict::Success, MS, probe, 0.5);
     assert_eq!(
         tr.map(|t| (t.to, t.reason)),
         Some((CircuitState::Closed, TransitionReason::ProbesSucceeded))
@@ -179,7 +179,7 @@ fn open_half_open_closed_and_probe_failure_reopens() {
     // Trip again, then fail the probe: straight back to open.
     fail(&mut s, &p, t(20_000));
     let probe = probe_of(acquire(&mut s, &p, t(30_000), 0.5).0);
-    let tr = record(&mut s, &p, t(30_001), CallResult::Failure, MS, probe, 0.5);
+    let tr = record(&mut s, &p, t(30_001), Verdict::Failure, MS, probe, 0.5);
     assert_eq!(
         tr.map(|t| (t.from, t.to, t.reason)),
         Some((
@@ -214,7 +214,7 @@ fn backoff_grows_per_trip_and_is_capped() {
     fail(&mut s, &p, t(0));
     assert_eq!(s.open_until, t(10_000));
     let probe = probe_of(acquire(&mut s, &p, t(10_000), 0.5).0);
-    record(&mut s, &p, t(10_000), CallResult::Failure, MS, probe, 0.5);
+    record(&mut s, &p, t(10_000), Verdict::Failure, MS, probe, 0.5);
     assert_eq!(s.open_until, t(30_000));
     assert_eq!(s.trips, 2);
 }
@@ -265,7 +265,7 @@ fn a_probe_that_never_answers_is_released_after_its_deadline_as_a_failure() {
     assert!(matches!(a, Admission::Rejected { .. }));
     assert!(s.probes.is_empty());
     // Its late answer changes nothing.
-    assert!(record(&mut s, &p, t(15_001), CallResult::Success, MS, lost, 0.5).is_none());
+    assert!(record(&mut s, &p, t(15_001), Verdict::Success, MS, lost, 0.5).is_none());
     assert_eq!(s.state, CircuitState::Open);
 }
 
@@ -821,8 +821,10 @@ async fn http_404_from_the_transport_does_not_trip_it() {
         cb.state_of("server:http://127.0.0.1:1/mcp"),
         Some(CircuitState::Closed)
     );
+    // A 404 is the caller's mistake: neutral, neither a failure nor a success.
     assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 0);
-    assert_eq!(cb.metrics().successful_requests.load(Ordering::Relaxed), 5);
+    assert_eq!(cb.metrics().successful_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(cb.metrics().neutral_requests.load(Ordering::Relaxed), 5);
 }
 
 /// The middleware admits calls and records successes of a quiet key without
@@ -843,7 +845,7 @@ fn a_quiet_state_admits_and_succeeds_without_changing() {
     assert_eq!(admission, Admission::Allowed { probe: None });
     assert_eq!(transition, None);
     assert_eq!(
-        record(&mut s, &p, t(1), CallResult::Success, MS, None, 0.5),
+        record(&mut s, &p, t(1), Verdict::Success, MS, None, 0.5),
         None
     );
     assert_eq!(s, before);
@@ -887,7 +889,8 @@ async fn a_key_with_a_call_in_flight_is_kept_and_the_answer_counts_on_it() {
     cb.on_request_with_context(&mut request("tools/call", 1), &context)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    clock.advance(Duration::from_secs(60));
+    // Idle for longer than `idle_after`, still within the call deadline.
+    clock.advance(Duration::from_secs(20));
     assert_eq!(cb.evict_idle(), 0, "the call in flight keeps its key");
     let mut answer = error_response(1, -32603);
     cb.on_response_with_context(&mut answer, &context)

@@ -13,7 +13,7 @@ use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
 use pmcp::types::jsonrpc::ResponsePayload;
 use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
 use pmcp_resilience::circuit_breaker::state::{
-    Admission, BreakerPolicy, CallResult, ProbeId, Transition,
+    Admission, BreakerPolicy, ProbeId, Transition, Verdict,
 };
 use pmcp_resilience::circuit_breaker::{
     CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore, CircuitState,
@@ -428,7 +428,7 @@ impl CircuitBreakerStateStore for CountingStore {
         key: &str,
         policy: &BreakerPolicy,
         now: Timestamp,
-        result: CallResult,
+        result: Verdict,
         elapsed: Duration,
         probe: Option<ProbeId>,
         jitter: f64,
@@ -509,13 +509,20 @@ impl CircuitBreakerStateStore for DownStore {
 }
 
 #[tokio::test]
-async fn a_failing_custom_store_fails_open_and_is_counted() {
+async fn a_failing_custom_store_hands_decisions_to_this_process_and_is_counted() {
     let clock = ManualClock::new();
     let cb = custom_breaker(Arc::new(DownStore), &clock);
-    for i in 0..3 {
+    for i in 0..2 {
         call(&cb, i, server_error(i)).await.unwrap();
     }
-    // Admitted every time; one failed acquire and one failed record per call.
-    assert_eq!(cb.store_errors(), 6);
-    assert_eq!(cb.snapshot().keys[0].failures, 3);
+    // The store failed each admission; this process's state machine decided
+    // and counted, so the failures still open the breaker (not fail-open).
+    assert_eq!(cb.store_errors(), 2);
+    assert_eq!(cb.snapshot().keys[0].failures, 2);
+    assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+    assert!(matches!(
+        call(&cb, 3, ok(3)).await,
+        Err(pmcp::Error::CircuitBreakerOpen)
+    ));
+    assert_eq!(cb.store_errors(), 3);
 }

@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, CallResult};
+use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, Verdict};
 use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{
     FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
@@ -124,7 +124,7 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
                 key,
                 &policy,
                 now(),
-                CallResult::Failure,
+                Verdict::Failure,
                 Duration::ZERO,
                 None,
                 0.5,

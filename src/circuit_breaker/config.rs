@@ -29,6 +29,10 @@ use crate::persistence::{FileStoreOptions, StatePersistence};
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope};
 
+/// The call deadline unless set: pmcp has no request timeout of its own, so
+/// without one a hanging server would never be counted.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything a circuit breaker is built from (the feature request's
 /// `CircuitBreakerConfig`, plus the optional rules).
 #[derive(Clone, Debug)]
@@ -38,6 +42,11 @@ pub struct CircuitBreakerConfig {
     pub scope: Scope,
     /// Which outcomes count as failures.
     pub trigger_errors: ErrorMatcher,
+    /// Which outcomes are neutral: neither a failure nor a success (default
+    /// [`ErrorMatcher::CallerMistakes`]). A neutral match wins over a failure match.
+    pub neutral_errors: ErrorMatcher,
+    /// A call with no answer within this long ends as timed out (a failure).
+    pub call_timeout: Duration,
     /// Where state lives (default [`StatePersistence::Memory`]).
     pub persistence: StatePersistence,
     /// What metrics are kept.
@@ -56,6 +65,8 @@ impl Default for CircuitBreakerConfig {
         CircuitBreakerConfig {
             scope: Scope::Global,
             trigger_errors: ErrorMatcher::default(),
+            neutral_errors: ErrorMatcher::CallerMistakes,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             persistence: StatePersistence::Memory,
             metrics_config: MetricsConfig::default(),
             policy: BreakerPolicy::default(),
@@ -239,6 +250,39 @@ impl CircuitBreakerBuilder {
         self
     }
 
+    /// Which outcomes are neutral, counted neither as failures nor as
+    /// successes (default [`ErrorMatcher::CallerMistakes`]: invalid params,
+    /// unknown methods, HTTP 4xx other than 408 and 429). A neutral half-open
+    /// probe frees its place and the breaker stays half-open. A neutral match
+    /// wins over a failure match, as resilience4j's ignored exceptions do;
+    /// `ErrorMatcher::Nothing` makes nothing neutral.
+    ///
+    /// ```
+    /// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, ErrorMatcher};
+    ///
+    /// // Also leave tool results with `isError: true` out of the count.
+    /// let cb = CircuitBreakerMiddleware::builder()
+    ///     .neutral_errors(ErrorMatcher::Any(vec![
+    ///         ErrorMatcher::CallerMistakes,
+    ///         ErrorMatcher::ToolErrors,
+    ///     ]))
+    ///     .build()
+    ///     .expect("valid settings");
+    /// # let _ = cb;
+    /// ```
+    pub fn neutral_errors(mut self, matcher: ErrorMatcher) -> Self {
+        self.config.neutral_errors = matcher;
+        self
+    }
+
+    /// The call deadline (default [`DEFAULT_CALL_TIMEOUT`], 30 s): a call
+    /// with no answer within it ends as timed out, a failure, whatever
+    /// became of its caller, so a server that hangs trips the breaker.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
     /// Where state lives (default [`StatePersistence::Memory`]).
     ///
     /// - [`StatePersistence::File`]: `build()` must run inside a Tokio
@@ -385,6 +429,12 @@ impl CircuitBreakerBuilder {
     /// Validates the settings and builds the breaker.
     pub fn build(self) -> Result<CircuitBreakerMiddleware, ConfigError> {
         validate_policy(&self.config.policy)?;
+        if self.config.call_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "call_timeout",
+                "must be greater than zero (a call needs time to be answered)",
+            ));
+        }
         self.config.registry_limits.validate()?;
         let scope = &self.config.scope;
         if (scope.needs_server_url() && self.target.server_url().is_none())

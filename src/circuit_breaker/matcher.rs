@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
+use super::state::Verdict;
+
 /// What happened to one call, as the breaker classifies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -92,6 +94,15 @@ pub enum ErrorMatcher {
     Any(Vec<ErrorMatcher>),
     /// Outcomes matched by all of these.
     All(Vec<ErrorMatcher>),
+    /// The caller's own mistakes, which say nothing about the server (the
+    /// default of what is *neutral*): JSON-RPC `-32700` parse error,
+    /// `-32600` invalid request, `-32601` method not found, `-32602` invalid
+    /// params, and HTTP 4xx statuses other than 408 (timeout) and 429 (rate
+    /// limited).
+    CallerMistakes,
+    /// No outcome (for example `neutral_errors(ErrorMatcher::Nothing)` to
+    /// judge every outcome as a success or a failure).
+    Nothing,
 }
 
 impl fmt::Debug for ErrorMatcher {
@@ -106,7 +117,41 @@ impl fmt::Debug for ErrorMatcher {
             ErrorMatcher::Predicate(_) => f.write_str("Predicate(..)"),
             ErrorMatcher::Any(m) => f.debug_tuple("Any").field(m).finish(),
             ErrorMatcher::All(m) => f.debug_tuple("All").field(m).finish(),
+            ErrorMatcher::CallerMistakes => f.write_str("CallerMistakes"),
+            ErrorMatcher::Nothing => f.write_str("Nothing"),
         }
+    }
+}
+
+/// JSON-RPC codes of requests the caller got wrong.
+const CALLER_MISTAKES: [i32; 4] = [-32700, -32600, -32601, -32602];
+
+/// The breaker's verdict on `outcome`: neutral when `neutral` matches it (a
+/// neutral match wins, as resilience4j's ignored exceptions do), a failure
+/// when `failures` matches it (a timeout as [`Verdict::TimedOut`]), and a
+/// success otherwise.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{ErrorMatcher, Outcome, Verdict, matcher::verdict};
+///
+/// let (failures, neutral) = (ErrorMatcher::ServerErrors, ErrorMatcher::CallerMistakes);
+/// let judge = |o: Outcome<'_>| verdict(&failures, &neutral, &o);
+/// assert_eq!(judge(Outcome::JsonRpcError { code: -32603, message: "boom" }), Verdict::Failure);
+/// assert_eq!(judge(Outcome::JsonRpcError { code: -32602, message: "bad" }), Verdict::Neutral);
+/// assert_eq!(judge(Outcome::Timeout), Verdict::TimedOut);
+/// assert_eq!(judge(Outcome::Result { tool_error: false }), Verdict::Success);
+/// ```
+pub fn verdict(failures: &ErrorMatcher, neutral: &ErrorMatcher, outcome: &Outcome<'_>) -> Verdict {
+    if neutral.matches(outcome) {
+        Verdict::Neutral
+    } else if failures.matches(outcome) {
+        if *outcome == Outcome::Timeout {
+            Verdict::TimedOut
+        } else {
+            Verdict::Failure
+        }
+    } else {
+        Verdict::Success
     }
 }
 
@@ -142,6 +187,16 @@ impl ErrorMatcher {
             ErrorMatcher::Predicate(f) => f(outcome),
             ErrorMatcher::Any(all) => all.iter().any(|m| m.matches(outcome)),
             ErrorMatcher::All(all) => !all.is_empty() && all.iter().all(|m| m.matches(outcome)),
+            ErrorMatcher::CallerMistakes => match *outcome {
+                Outcome::JsonRpcError { code, .. } => CALLER_MISTAKES.contains(&code),
+                Outcome::HttpStatus(status) => {
+                    status.is_client_error()
+                        && status != StatusCode::REQUEST_TIMEOUT
+                        && status != StatusCode::TOO_MANY_REQUESTS
+                }
+                _ => false,
+            },
+            ErrorMatcher::Nothing => false,
         }
     }
 

@@ -15,27 +15,25 @@
 //! # }
 //! ```
 //!
-//! The counters are bumped on the request path in per-thread stripes (so
-//! threads do not fight over one cache line) and summed into the public
-//! atomics by every call of `CircuitBreakerMiddleware::metrics()` or
-//! `snapshot()`: read them from a fresh `metrics()`. Successes are counted
-//! once, in each key's entry (which the call touches anyway), and summed over
-//! the keys, evicted ones included, by the same calls. The per-key
-//! view, [`CircuitBreakerMetrics::current_state`], is a `tokio` lock so that
-//! `metrics.current_state.read().await` works as in the feature request; it
-//! is written only when a key changes state (never per request). A change
-//! that finds the map being read is queued and applied at the next change or
-//! the next call of `CircuitBreakerMiddleware::metrics()`, which also drops
-//! keys the registry has evicted.
+//! Every call that reaches the breaker is counted once in `total_requests`
+//! and then once more by how it went: refused (`rejected_requests`), ended
+//! as a success, a failure (timeouts included, also counted in
+//! `timed_out_requests`) or neutral, still in flight, or admitted without
+//! being followed (`untracked_requests`: the breaker is disabled for the
+//! key, or the key registry or the table of calls in flight is full). So
+//! `total = rejected + successful + failed + neutral + in flight + untracked`.
+//!
+//! The per-key view, [`CircuitBreakerMetrics::current_state`], is a `tokio`
+//! lock so that `metrics.current_state.read().await` works as in the feature
+//! request. It is rebuilt from the key registry by each call of
+//! `CircuitBreakerMiddleware::metrics()` (never on the request path), so it
+//! holds at most the registry's keys.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use super::state::CircuitState;
-use crate::counter::StripedCounter;
 use crate::registry::RegistryStats;
 
 /// The counters and per-key states of one breaker (shared by all its handles).
@@ -43,74 +41,25 @@ use crate::registry::RegistryStats;
 pub struct CircuitBreakerMetrics {
     /// Requests that reached the breaker.
     pub total_requests: AtomicU64,
-    /// Calls that ended without a failure the matcher counts.
+    /// Calls that ended as successes.
     pub successful_requests: AtomicU64,
-    /// Calls that ended with a failure the matcher counts.
+    /// Calls that ended as failures of the server (timeouts included).
     pub failed_requests: AtomicU64,
     /// Requests rejected because the breaker was open (or half-open and full).
     pub rejected_requests: AtomicU64,
+    /// Calls that ended neutral: the caller's own mistakes, refusals by other
+    /// middlewares, callers that went away. Not counted for or against the server.
+    pub neutral_requests: AtomicU64,
+    /// Calls that got no answer within the call deadline (also in `failed_requests`).
+    pub timed_out_requests: AtomicU64,
+    /// Calls admitted without being followed (breaker disabled for the key,
+    /// key registry or call table full).
+    pub untracked_requests: AtomicU64,
     /// State changes of all keys.
     pub state_transitions: AtomicU64,
-    /// The state of every key that has changed state or been forced, until it
-    /// is evicted. Keys that never left `Closed` are not listed.
+    /// The state of every key that is not plainly closed (open, half-open,
+    /// forced, or closed with failures counted) as of the last `metrics()` call.
     pub current_state: Arc<tokio::sync::RwLock<HashMap<String, CircuitState>>>,
-    queued: Mutex<Vec<(String, Option<CircuitState>)>>,
-    pub(crate) live: LiveCounters,
-}
-
-/// The request-path side of the counters (see the module docs).
-#[derive(Debug, Default)]
-pub(crate) struct LiveCounters {
-    pub(crate) total: StripedCounter,
-    pub(crate) failed: StripedCounter,
-    pub(crate) rejected: StripedCounter,
-}
-
-impl CircuitBreakerMetrics {
-    /// Records that `key` is now in `state` (`None`: the key is gone).
-    pub(crate) fn set_state(&self, key: &str, state: Option<CircuitState>) {
-        self.queued.lock().push((key.to_owned(), state));
-        self.flush();
-    }
-
-    /// Applies queued per-key changes if the map is not being read.
-    pub(crate) fn flush(&self) {
-        let Ok(mut map) = self.current_state.try_write() else {
-            return;
-        };
-        let changes = std::mem::take(&mut *self.queued.lock());
-        for (key, state) in changes {
-            match state {
-                Some(s) => {
-                    map.insert(key, s);
-                }
-                None => {
-                    map.remove(&key);
-                }
-            }
-        }
-    }
-
-    pub(crate) fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Brings the public counters up to date with the request-path stripes
-    /// and `successes`, the sum of the keys' own success counts (a success
-    /// is counted once, in its key's entry, which a call touches anyway).
-    pub(crate) fn sync(&self, successes: u64) {
-        let live = &self.live;
-        self.total_requests
-            .store(live.total.sum(), Ordering::Relaxed);
-        // The sum is read key by key while calls go on: never let the
-        // counter go back.
-        self.successful_requests
-            .fetch_max(successes, Ordering::Relaxed);
-        self.failed_requests
-            .store(live.failed.sum(), Ordering::Relaxed);
-        self.rejected_requests
-            .store(live.rejected.sum(), Ordering::Relaxed);
-    }
 }
 
 /// One key's row in a [`MetricsSnapshot`].
@@ -122,7 +71,7 @@ pub struct KeySnapshot {
     pub state: CircuitState,
     /// Calls that succeeded.
     pub successes: u64,
-    /// Calls that failed.
+    /// Calls that failed (timeouts included).
     pub failures: u64,
     /// Requests rejected.
     pub rejections: u64,
@@ -143,6 +92,14 @@ pub struct MetricsSnapshot {
     pub failed_requests: u64,
     /// See [`CircuitBreakerMetrics::rejected_requests`].
     pub rejected_requests: u64,
+    /// See [`CircuitBreakerMetrics::neutral_requests`].
+    pub neutral_requests: u64,
+    /// See [`CircuitBreakerMetrics::timed_out_requests`].
+    pub timed_out_requests: u64,
+    /// See [`CircuitBreakerMetrics::untracked_requests`].
+    pub untracked_requests: u64,
+    /// Calls admitted and not yet ended.
+    pub in_flight: u64,
     /// See [`CircuitBreakerMetrics::state_transitions`].
     pub state_transitions: u64,
     /// Every key held by the registry.

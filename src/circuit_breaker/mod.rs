@@ -42,22 +42,25 @@
 //! # }
 //! ```
 
+mod calls;
 pub mod config;
-mod keys;
+mod core;
 pub mod matcher;
 pub mod metrics;
 pub mod middleware;
 mod persist;
 pub mod report;
-mod shard_lock;
 pub mod state;
 pub mod store;
 pub mod transport;
 
 pub use config::{CircuitBreakerBuilder, CircuitBreakerConfig};
+pub use core::{Permit, Rejected};
 pub use matcher::{ErrorMatcher, Outcome};
 pub use metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 pub use middleware::CircuitBreakerMiddleware;
-pub use state::{BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow};
+pub use state::{
+    BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, Verdict,
+};
 pub use store::{CircuitBreakerStateStore, InMemoryStateStore};
 pub use transport::ObservedTransport;

@@ -62,8 +62,6 @@ pub(crate) fn open(
     options: Options,
     clock: &SharedClock,
 ) -> Result<Opened, ConfigError> {
-    #[cfg(not(feature = "redis"))]
-    let _ = policy;
     let backend = match persistence {
         StatePersistence::Memory => Backend::Memory,
         StatePersistence::Custom(store) => Backend::Shared(Arc::clone(store)),
@@ -83,9 +81,10 @@ pub(crate) fn open(
                 .expire_on_load(worth_keeping);
             let (backing, loaded, report) = FileBacking::open(path, KIND_CIRCUIT_BREAKER, options)?;
             log_load(&report);
+            let now = clock.now();
             let loaded = loaded
                 .into_iter()
-                .map(|(key, state)| (key, restored(state)))
+                .map(|(key, state)| (key, restored(state, policy, now)))
                 .collect();
             return Ok(Opened {
                 backend: Backend::File(backing),
@@ -135,8 +134,20 @@ pub(crate) fn worth_keeping(state: &CircuitBreakerState, now: Timestamp) -> bool
 /// A loaded state made fit for this process: probes in flight belonged to
 /// the process that wrote the file and will never be answered, so their
 /// places are freed rather than blocking new probes until their deadline.
-fn restored(mut state: CircuitBreakerState) -> CircuitBreakerState {
+/// Times are clamped to this process's clock: a file written by a clock
+/// that was ahead must not keep a key open for the whole skew, so an open
+/// time ends no later than the longest open time the policy allows from now.
+fn restored(
+    mut state: CircuitBreakerState,
+    policy: &crate::circuit_breaker::BreakerPolicy,
+    now: Timestamp,
+) -> CircuitBreakerState {
     state.probes.clear();
+    let longest = policy
+        .open_backoff
+        .map_or(policy.timeout, |b| b.max.max(policy.timeout));
+    state.open_until = state.open_until.min(now.saturating_add(longest));
+    state.opened_at = state.opened_at.min(now);
     state
 }
 

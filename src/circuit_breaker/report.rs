@@ -59,6 +59,10 @@ fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
         successful_requests,
         failed_requests,
         rejected_requests,
+        neutral_requests,
+        timed_out_requests,
+        untracked_requests,
+        in_flight,
         state_transitions,
         keys,
         registry,
@@ -69,6 +73,10 @@ fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
     report.successful = successful_requests;
     report.failed = failed_requests;
     report.rejected = rejected_requests;
+    report.neutral = neutral_requests;
+    report.timed_out = timed_out_requests;
+    report.untracked = untracked_requests;
+    report.in_flight = in_flight;
     report.transitions = state_transitions;
     report.registry = registry;
     report
@@ -102,6 +110,10 @@ mod tests {
             successful_requests: 4,
             failed_requests: 3,
             rejected_requests: 3,
+            neutral_requests: 0,
+            timed_out_requests: 0,
+            untracked_requests: 0,
+            in_flight: 0,
             state_transitions: 1,
             keys: vec![KeySnapshot {
                 key: "method:tools/call".into(),

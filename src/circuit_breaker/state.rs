@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use pmcp_resilience::circuit_breaker::state::{
-//!     acquire, record, Admission, BreakerPolicy, CallResult, CircuitBreakerState, CircuitState,
+//!     acquire, record, Admission, BreakerPolicy, Verdict, CircuitBreakerState, CircuitState,
 //! };
 //! use pmcp_resilience::Timestamp;
 //! use std::time::Duration;
@@ -19,7 +19,7 @@
 //! for _ in 0..2 {
 //!     let (admission, _) = acquire(&mut state, &policy, now, 0.5);
 //!     assert!(matches!(admission, Admission::Allowed { probe: None }));
-//!     record(&mut state, &policy, now, CallResult::Failure, Duration::ZERO, None, 0.5);
+//!     record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
 //! }
 //! assert_eq!(state.state, CircuitState::Open);
 //! assert!(matches!(acquire(&mut state, &policy, now, 0.5).0, Admission::Rejected { .. }));
@@ -282,17 +282,34 @@ pub enum Admission {
     },
 }
 
-/// How a call ended, as far as the breaker is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallResult {
+/// How an admitted call ended, as far as the breaker is concerned: every
+/// admitted call ends exactly once with one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
     /// The server did its job.
     Success,
     /// The server failed (as judged by the error matcher).
     Failure,
-    /// The call ended without a verdict on the server (the caller's own
-    /// error, a sibling middleware's rejection): its probe place is freed and
-    /// nothing is counted.
-    Released,
+    /// The call says nothing about the server: the caller's own mistake
+    /// (invalid params, an unknown method), a sibling middleware's refusal,
+    /// or a caller that went away. Nothing is counted, the failure streak
+    /// is kept, and a half-open probe's place is freed without a verdict.
+    Neutral,
+    /// No answer came within the call deadline: a failure of the server,
+    /// counted apart in the metrics.
+    TimedOut,
+}
+
+impl Verdict {
+    /// A lower-case label (`success`, `failure`, `neutral`, `timed_out`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Success => "success",
+            Verdict::Failure => "failure",
+            Verdict::Neutral => "neutral",
+            Verdict::TimedOut => "timed_out",
+        }
+    }
 }
 
 /// Why a breaker changed state.
@@ -592,7 +609,7 @@ pub fn record(
     state: &mut CircuitBreakerState,
     policy: &BreakerPolicy,
     now: Timestamp,
-    result: CallResult,
+    result: Verdict,
     elapsed: Duration,
     probe: Option<ProbeId>,
     jitter: f64,
@@ -609,13 +626,15 @@ pub fn record(
         None => false,
     };
     let failed = match result {
-        CallResult::Released => return expired,
-        CallResult::Failure => true,
-        CallResult::Success => false,
+        Verdict::Neutral => return expired,
+        Verdict::Failure | Verdict::TimedOut => true,
+        Verdict::Success => false,
     };
     if !is_counting(state.mode) {
         return expired;
     }
+    // A timed-out call is slow by its elapsed time like any other (the
+    // Redis script sees only the time).
     let slow = policy.slow_calls.is_some_and(|s| elapsed >= s.duration);
     let transition = match state.state {
         CircuitState::Closed => {

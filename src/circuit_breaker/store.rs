@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 
 use super::metrics::KeySnapshot;
 pub use super::state::CircuitBreakerState;
-use super::state::{self, Admission, BreakerPolicy, CallResult, ProbeId, Transition};
+use super::state::{self, Admission, BreakerMode, BreakerPolicy, ProbeId, Transition, Verdict};
 use crate::clock::Timestamp;
 use crate::error::StoreError;
 
@@ -86,7 +86,7 @@ pub trait CircuitBreakerStateStore: Send + Sync {
         key: &str,
         policy: &BreakerPolicy,
         now: Timestamp,
-        result: CallResult,
+        result: Verdict,
         elapsed: Duration,
         probe: Option<ProbeId>,
         jitter: f64,
@@ -95,6 +95,17 @@ pub trait CircuitBreakerStateStore: Send + Sync {
         let transition = state::record(&mut s, policy, now, result, elapsed, probe, jitter);
         self.set_state(key, s).await?;
         Ok(transition)
+    }
+
+    /// Sets the operator's mode of `key` (forced open, forced closed,
+    /// disabled, metrics only, or back to normal), keeping its counts. The
+    /// default reads and writes the state; a store shared by several
+    /// processes should do it in one atomic step, so that a trip recorded
+    /// in between is not undone.
+    async fn set_mode(&self, key: &str, mode: BreakerMode) -> Result<(), StoreError> {
+        let mut s = self.get_state(key).await?.unwrap_or_default();
+        state::set_mode(&mut s, mode);
+        self.set_state(key, s).await
     }
 }
 
@@ -163,7 +174,7 @@ impl CircuitBreakerStateStore for InMemoryStateStore {
         key: &str,
         policy: &BreakerPolicy,
         now: Timestamp,
-        result: CallResult,
+        result: Verdict,
         elapsed: Duration,
         probe: Option<ProbeId>,
         jitter: f64,
@@ -193,7 +204,7 @@ mod tests {
                 "a",
                 &policy,
                 now,
-                CallResult::Failure,
+                Verdict::Failure,
                 Duration::ZERO,
                 None,
                 0.5,

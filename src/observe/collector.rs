@@ -309,6 +309,9 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             ("successful", r.successful),
             ("failed", r.failed),
             ("rejected", r.rejected),
+            ("neutral", r.neutral),
+            ("timed_out", r.timed_out),
+            ("untracked", r.untracked),
         ] {
             f.add(
                 "mcp_circuit_breaker_calls_total",

@@ -220,6 +220,16 @@ pub struct BreakerReport {
     pub failed: u64,
     /// Calls rejected.
     pub rejected: u64,
+    /// Calls that ended neutral (the caller's mistakes, sibling refusals,
+    /// callers that went away): neither successes nor failures.
+    pub neutral: u64,
+    /// Calls that got no answer within the call deadline (also in `failed`).
+    pub timed_out: u64,
+    /// Calls admitted without being followed (breaker disabled for the key,
+    /// key registry or call table full).
+    pub untracked: u64,
+    /// Calls admitted and not yet ended.
+    pub in_flight: u64,
     /// State changes over all keys.
     pub transitions: u64,
     /// The key registry's size, evictions and overflows.
@@ -239,6 +249,10 @@ impl BreakerReport {
             successful: 0,
             failed: 0,
             rejected: 0,
+            neutral: 0,
+            timed_out: 0,
+            untracked: 0,
+            in_flight: 0,
             transitions: 0,
             registry: RegistryStats::default(),
             store: StoreReport::memory(),

@@ -13,8 +13,8 @@ use super::options::{FailurePolicy, RedisHealth, RedisOptions};
 use super::scripts;
 use crate::circuit_breaker::metrics::KeySnapshot;
 use crate::circuit_breaker::state::{
-    Admission, BreakerMode, BreakerPolicy, CallResult, CircuitState, Probe, ProbeId, Transition,
-    TransitionReason,
+    Admission, BreakerMode, BreakerPolicy, CircuitState, Probe, ProbeId, Transition,
+    TransitionReason, Verdict,
 };
 use crate::circuit_breaker::store::InMemoryStateStore;
 use crate::circuit_breaker::{CircuitBreakerState, CircuitBreakerStateStore};
@@ -290,14 +290,14 @@ impl RedisBreakerStore {
         &self,
         key: &str,
         policy: &BreakerPolicy,
-        result: CallResult,
+        result: Verdict,
         probe: Option<ProbeId>,
         now_us: i64,
     ) -> Result<Option<Transition>, StoreError> {
         let code = match result {
-            CallResult::Success => 0,
-            CallResult::Failure => 1,
-            CallResult::Released => 2,
+            Verdict::Success => 0,
+            Verdict::Failure | Verdict::TimedOut => 1,
+            Verdict::Neutral => 2,
         };
         let probe = probe.map_or(-1, |p| i64::from(p.0));
         let r = self.run(key, policy, "r", code, probe, now_us).await?;
@@ -453,7 +453,7 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
         key: &str,
         policy: &BreakerPolicy,
         now: Timestamp,
-        result: CallResult,
+        result: Verdict,
         elapsed: Duration,
         probe: Option<ProbeId>,
         jitter: f64,

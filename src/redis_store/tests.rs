@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{RedisBreakerStore, RedisOptions, RedisRateLimiter};
 use crate::CircuitBreakerStateStore;
 use crate::circuit_breaker::state::{
-    self, Admission, BreakerPolicy, CallResult, CircuitBreakerState, ProbeId,
+    self, Admission, BreakerPolicy, CircuitBreakerState, ProbeId, Verdict,
 };
 use crate::clock::Timestamp;
 use crate::rate_limit::RateLimitStrategy;
@@ -220,9 +220,9 @@ async fn breaker_script_matches_the_rust_state_machine() {
                     }
                 } else {
                     let result = match rng.u8(0..5) {
-                        0 | 1 => CallResult::Failure,
-                        2 | 3 => CallResult::Success,
-                        _ => CallResult::Released,
+                        0 | 1 => Verdict::Failure,
+                        2 | 3 => Verdict::Success,
+                        _ => Verdict::Neutral,
                     };
                     let probe = if !outstanding.is_empty() && rng.u8(0..3) > 0 {
                         Some(outstanding.swap_remove(rng.usize(0..outstanding.len())))

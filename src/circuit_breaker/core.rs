@@ -1,0 +1,715 @@
+//! The breaker core: one call path from admission to verdict, whatever the
+//! store.
+//!
+//! [`Core::acquire`] asks the key's state machine (or the shared store) for
+//! admission and files an admitted call in the table of calls in flight
+//! ([`super::calls`]), handing back a [`Permit`]. The call ends exactly once,
+//! when its permit's verdict is recorded, when the permit is dropped
+//! unrecorded (neutral), or when its deadline passes first (timed out). The
+//! pmcp middleware, the transport wrapper and the server layer are adapters
+//! over these two steps.
+//!
+//! Where the state lives is one seam ([`Backend`]):
+//! - memory: the key's entry in the registry is the state;
+//! - file: the same, and a transition is written through before the step
+//!   that caused it returns;
+//! - a shared store (Redis, your own): the store decides; the entry keeps
+//!   the state the store last reported, so that when the store fails this
+//!   process goes on from the fleet's last known state (an open breaker
+//!   stays open) instead of from nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use super::calls::{Call, Calls, DecidedBy};
+use super::matcher::{self, ErrorMatcher, Outcome};
+use super::metrics::CircuitBreakerMetrics;
+use super::persist::{self, Backend};
+use super::state::{
+    self, Admission, BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, Transition,
+    Verdict,
+};
+use crate::clock::{SharedClock, Timestamp, duration_nanos};
+use crate::error::StoreError;
+use crate::hooks::BoxFuture;
+use crate::metrics::MetricsConfig;
+use crate::registry::{KeyState, Registry, RegistryLimits};
+use crate::scope::{Scope, ScopeKey};
+
+/// Most calls one breaker keeps in flight at once.
+pub(crate) const MAX_CALLS_IN_FLIGHT: usize = 65_536;
+
+/// A call's counts for one key, as this process saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct KeyCounts {
+    pub(crate) successes: u64,
+    pub(crate) failures: u64,
+    pub(crate) neutral: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) rejections: u64,
+    pub(crate) transitions: u64,
+}
+
+impl KeyCounts {
+    fn count(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Success => self.successes += 1,
+            Verdict::Failure => self.failures += 1,
+            Verdict::Neutral => self.neutral += 1,
+            Verdict::TimedOut => {
+                self.failures += 1;
+                self.timed_out += 1;
+            }
+        }
+    }
+}
+
+/// One key's breaker in the registry.
+#[derive(Debug, Default)]
+pub(crate) struct Entry {
+    pub(crate) state: CircuitBreakerState,
+    pub(crate) counts: KeyCounts,
+    /// Calls admitted on this entry and not yet ended.
+    in_flight: u32,
+}
+
+impl KeyState for Entry {
+    /// A closed breaker in normal mode with no call in flight: dropping it
+    /// loses at most a few failures of a key idle for `idle_after`. An open
+    /// or half-open breaker, or an operator's mode, is never dropped.
+    fn is_evictable(&self, _now: Timestamp) -> bool {
+        self.state.state == CircuitState::Closed
+            && self.state.mode == BreakerMode::Normal
+            && self.in_flight == 0
+    }
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The key whose breaker refused the call.
+    pub key: ScopeKey,
+    /// How long until the breaker may admit a call again (`None`: not
+    /// known, as for a breaker forced open by an operator).
+    pub retry_after: Option<Duration>,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "circuit breaker open for `{}`", self.key.as_str())?;
+        if let Some(d) = self.retry_after {
+            write!(f, "; retry in {:.1} s", d.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+/// The right to make one call through a breaker, from
+/// [`CircuitBreakerMiddleware::acquire`](super::CircuitBreakerMiddleware::acquire).
+///
+/// Record how the call ended with [`record`](Self::record) (or
+/// [`record_outcome`](Self::record_outcome), which asks the breaker's
+/// matchers). A permit dropped unrecorded ends its call as
+/// [`Verdict::Neutral`]: a half-open probe's place is freed, nothing is
+/// counted against the server. A call whose deadline (`call_timeout`) passes
+/// first has already ended as [`Verdict::TimedOut`], and a later verdict is
+/// ignored: every call ends exactly once.
+#[must_use = "a permit dropped at once ends its call as neutral"]
+pub struct Permit {
+    core: Arc<Core>,
+    /// The call's token in the table of calls in flight (0: a call the
+    /// breaker does not follow, as in `Disabled` mode).
+    token: u64,
+    key: ScopeKey,
+    probe: bool,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("key", &self.key)
+            .field("probe", &self.probe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// The key whose breaker admitted the call.
+    pub fn key(&self) -> &ScopeKey {
+        &self.key
+    }
+
+    /// Whether the call is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Ends the call with `verdict`; with a file or a shared store, returns
+    /// once the change is written.
+    pub async fn record(mut self, verdict: Verdict) {
+        let token = std::mem::take(&mut self.token);
+        if let Some(wait) = self.core.end_token(token, verdict) {
+            wait.await;
+        }
+    }
+
+    /// Ends the call with the breaker's verdict on `outcome` (its failure
+    /// and neutral matchers).
+    pub async fn record_outcome(self, outcome: &Outcome<'_>) {
+        let verdict = self.core.verdict(outcome);
+        self.record(verdict).await;
+    }
+
+    /// Gives up the permit without ending the call: the call stays in the
+    /// table until [`Core::end_token`] or its deadline ends it.
+    pub(crate) fn into_token(mut self) -> u64 {
+        std::mem::take(&mut self.token)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let token = std::mem::take(&mut self.token);
+        if let Some(wait) = self.core.end_token(token, Verdict::Neutral) {
+            spawn_or_drop(wait);
+        }
+    }
+}
+
+/// Runs `wait` on the current runtime; without one, the local state is
+/// already right and only the write is lost (a file's flusher still writes
+/// it within its interval).
+fn spawn_or_drop(wait: BoxFuture<'static, ()>) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(wait);
+    }
+}
+
+/// What `acquire` decided, before the call is filed.
+struct Decided {
+    admission: Admission,
+    transition: Option<Transition>,
+    mode: BreakerMode,
+    decided_by: DecidedBy,
+    /// With a file: the state to write through after a transition.
+    saved: Option<CircuitBreakerState>,
+}
+
+/// The state shared by every handle of one breaker.
+pub(crate) struct Core {
+    pub(crate) scope: Scope,
+    failures: ErrorMatcher,
+    neutral: ErrorMatcher,
+    pub(crate) inspect_results: bool,
+    policy: RwLock<BreakerPolicy>,
+    call_timeout: Duration,
+    pub(crate) registry: Registry<Entry>,
+    calls: Calls,
+    pub(crate) metrics: Arc<CircuitBreakerMetrics>,
+    metrics_config: MetricsConfig,
+    pub(crate) clock: SharedClock,
+    pub(crate) backend: Backend,
+    store_errors: AtomicU64,
+    warned_store: AtomicBool,
+    next_sweep: AtomicU64,
+}
+
+/// The settings a core is made from.
+pub(crate) struct CoreSettings {
+    pub(crate) scope: Scope,
+    pub(crate) failures: ErrorMatcher,
+    pub(crate) neutral: ErrorMatcher,
+    pub(crate) policy: BreakerPolicy,
+    pub(crate) call_timeout: Duration,
+    pub(crate) registry_limits: RegistryLimits,
+    pub(crate) metrics_config: MetricsConfig,
+    pub(crate) clock: SharedClock,
+    pub(crate) backend: Backend,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Best effort: the file store's own drop then writes it and
+        // releases the file.
+        if let Backend::File(file) = &self.backend {
+            file.sync_now(self.file_snapshot(self.clock.now()));
+        }
+    }
+}
+
+impl Core {
+    pub(crate) fn new(settings: CoreSettings) -> Self {
+        Core {
+            inspect_results: settings.failures.looks_at_tool_errors()
+                || settings.neutral.looks_at_tool_errors(),
+            scope: settings.scope,
+            failures: settings.failures,
+            neutral: settings.neutral,
+            policy: RwLock::new(settings.policy),
+            call_timeout: settings.call_timeout,
+            registry: Registry::new(settings.registry_limits),
+            calls: Calls::new(MAX_CALLS_IN_FLIGHT),
+            metrics: Arc::new(CircuitBreakerMetrics::default()),
+            metrics_config: settings.metrics_config,
+            clock: settings.clock,
+            backend: settings.backend,
+            store_errors: AtomicU64::new(0),
+            warned_store: AtomicBool::new(false),
+            next_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts states loaded from a file into the registry.
+    pub(crate) fn load(&self, loaded: BTreeMap<String, CircuitBreakerState>) {
+        let now = self.clock.now();
+        for (key, state) in loaded {
+            self.registry
+                .try_with(&key, now, Entry::default, |e| e.state = state);
+        }
+    }
+
+    pub(crate) fn policy(&self) -> BreakerPolicy {
+        *self.policy.read()
+    }
+
+    pub(crate) fn set_policy(&self, policy: BreakerPolicy) {
+        *self.policy.write() = policy;
+    }
+
+    pub(crate) fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    pub(crate) fn store_errors(&self) -> u64 {
+        self.store_errors.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The breaker's verdict on `outcome`.
+    pub(crate) fn verdict(&self, outcome: &Outcome<'_>) -> Verdict {
+        matcher::verdict(&self.failures, &self.neutral, outcome)
+    }
+
+    /// Asks whether a call for `key` may start; `request` is a hash of its
+    /// JSON-RPC id (0: none), for failures that only know the id.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        key: &str,
+        request: u64,
+    ) -> Result<Permit, Rejected> {
+        let now = self.clock.now();
+        self.end_expired(now);
+        self.maybe_evict(now);
+        let policy = self.policy();
+        let jitter = fastrand::f64();
+        let from_store = match &self.backend {
+            Backend::Shared(store) => match store.acquire(key, &policy, now, jitter).await {
+                Ok(decided) => Some(decided),
+                Err(error) => {
+                    self.store_failed(&error);
+                    None
+                }
+            },
+            Backend::Memory | Backend::File(_) => None,
+        };
+        let file = matches!(self.backend, Backend::File(_));
+        let local = self.registry.try_with(key, now, Entry::default, |e| {
+            let (admission, transition, decided_by) = match from_store {
+                Some((admission, transition)) => {
+                    adopt(&mut e.state, admission, transition, now);
+                    (admission, transition, DecidedBy::Store)
+                }
+                None => {
+                    let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
+                    (a, t, DecidedBy::Local)
+                }
+            };
+            e.counts.transitions += u64::from(transition.is_some());
+            match admission {
+                Admission::Rejected { .. } => e.counts.rejections += 1,
+                // Undone if the call is not followed after all.
+                Admission::Allowed { .. } => e.in_flight += 1,
+            }
+            Decided {
+                admission,
+                transition,
+                mode: e.state.mode,
+                decided_by,
+                saved: (file && transition.is_some()).then(|| e.state.clone()),
+            }
+        });
+        // At the key cap the key has no entry: a store's decision stands;
+        // without a store the call is admitted and not followed, so that
+        // other keys' failures can never refuse it.
+        let followed = local.is_some() || from_store.is_some();
+        let decided = local.unwrap_or(Decided {
+            admission: from_store.map_or(Admission::Allowed { probe: None }, |d| d.0),
+            transition: from_store.and_then(|d| d.1),
+            mode: BreakerMode::Normal,
+            decided_by: if from_store.is_some() {
+                DecidedBy::Store
+            } else {
+                DecidedBy::Local
+            },
+            saved: None,
+        });
+        if let Some(t) = decided.transition {
+            self.on_transition(key, t);
+        }
+        if let Backend::File(file) = &self.backend {
+            match decided.saved {
+                Some(state) => file.note(file.write_through(key, state).await),
+                None => file.mark_dirty(),
+            }
+        }
+        self.count(&self.metrics.total_requests);
+        let key = ScopeKey::verbatim(key);
+        match decided.admission {
+            Admission::Rejected { retry_after } => {
+                self.count(&self.metrics.rejected_requests);
+                let retry_after = (decided.mode != BreakerMode::ForcedOpen).then_some(retry_after);
+                tracing::debug!(
+                    key = key.as_str(),
+                    ?retry_after,
+                    "circuit breaker refused a call"
+                );
+                Err(Rejected { key, retry_after })
+            }
+            Admission::Allowed { .. } if decided.mode == BreakerMode::Disabled || !followed => {
+                self.untracked(key.as_str());
+                Ok(self.permit(0, key, false))
+            }
+            Admission::Allowed { probe } => {
+                let call = Call {
+                    key: key.clone(),
+                    probe,
+                    decided_by: decided.decided_by,
+                    start: now,
+                    deadline: now.saturating_add(self.call_timeout),
+                    request,
+                };
+                match self.calls.insert(call) {
+                    Ok(token) => Ok(self.permit(token, key, probe.is_some())),
+                    Err(call) if call.probe.is_some() => {
+                        // No place to follow a probe: give its place back
+                        // rather than hold it unanswerable until its deadline.
+                        if let Some(wait) = self.end(call, Verdict::Neutral) {
+                            spawn_or_drop(wait);
+                        }
+                        self.count(&self.metrics.rejected_requests);
+                        Err(Rejected {
+                            key,
+                            retry_after: Some(self.call_timeout),
+                        })
+                    }
+                    Err(_) => {
+                        self.untracked(key.as_str());
+                        Ok(self.permit(0, key, false))
+                    }
+                }
+            }
+        }
+    }
+
+    fn permit(self: &Arc<Self>, token: u64, key: ScopeKey, probe: bool) -> Permit {
+        Permit {
+            core: Arc::clone(self),
+            token,
+            key,
+            probe,
+        }
+    }
+
+    /// Counts a call admitted and not followed, and undoes its place among
+    /// its key's calls in flight.
+    fn untracked(&self, key: &str) {
+        self.count(&self.metrics.untracked_requests);
+        self.registry
+            .peek(key, |e| e.in_flight = e.in_flight.saturating_sub(1));
+    }
+
+    fn count(&self, counter: &AtomicU64) {
+        if self.metrics_config.enabled {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the call filed under `token` with `verdict`, unless it has
+    /// ended already; returns what is left to wait for (a file write, a
+    /// store call).
+    pub(crate) fn end_token(
+        self: &Arc<Self>,
+        token: u64,
+        verdict: Verdict,
+    ) -> Option<BoxFuture<'static, ()>> {
+        if token == 0 {
+            return None;
+        }
+        let call = self.calls.take(token)?;
+        self.end(call, verdict)
+    }
+
+    /// Ends the oldest call in flight for the JSON-RPC id hashed to
+    /// `request` (a transport failure knows only the id).
+    pub(crate) fn end_request(
+        self: &Arc<Self>,
+        request: u64,
+        verdict: Verdict,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let call = self.calls.take_by_request(request)?;
+        self.end(call, verdict)
+    }
+
+    /// Ends the calls past their deadline as timed out.
+    pub(crate) fn end_expired(self: &Arc<Self>, now: Timestamp) {
+        if !self.calls.any_expired(now) {
+            return;
+        }
+        for call in self.calls.take_expired(now) {
+            tracing::debug!(
+                key = call.key.as_str(),
+                "a call got no answer before its deadline"
+            );
+            if let Some(wait) = self.end(call, Verdict::TimedOut) {
+                spawn_or_drop(wait);
+            }
+        }
+    }
+
+    /// Ends `call` with `verdict`: the local part now, the rest returned.
+    fn end(self: &Arc<Self>, call: Call, verdict: Verdict) -> Option<BoxFuture<'static, ()>> {
+        self.count_verdict(verdict);
+        match &self.backend {
+            Backend::Shared(_) if call.decided_by == DecidedBy::Store => {
+                let this = Arc::clone(self);
+                Some(Box::pin(
+                    async move { this.end_in_store(call, verdict).await },
+                ))
+            }
+            Backend::Memory | Backend::Shared(_) => {
+                self.end_locally(&call, verdict, self.clock.now());
+                None
+            }
+            Backend::File(file) => {
+                let saved = self.end_locally(&call, verdict, self.clock.now());
+                match saved {
+                    Some(state) => {
+                        let file = Arc::clone(file);
+                        Some(Box::pin(async move {
+                            file.note(file.write_through(call.key.as_str(), state).await);
+                        }))
+                    }
+                    None => {
+                        file.mark_dirty();
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the state machine of the call's key; returns the state to write
+    /// through when it made a transition and a file is kept.
+    fn end_locally(
+        &self,
+        call: &Call,
+        verdict: Verdict,
+        now: Timestamp,
+    ) -> Option<CircuitBreakerState> {
+        let policy = self.policy();
+        let file = matches!(self.backend, Backend::File(_));
+        let elapsed = now.saturating_since(call.start);
+        let probe = match call.decided_by {
+            DecidedBy::Local => call.probe,
+            DecidedBy::Store => None,
+        };
+        let (transition, saved) = self
+            .registry
+            .try_with(call.key.as_str(), now, Entry::default, |e| {
+                let t = state::record(
+                    &mut e.state,
+                    &policy,
+                    now,
+                    verdict,
+                    elapsed,
+                    probe,
+                    fastrand::f64(),
+                );
+                e.counts.count(verdict);
+                e.counts.transitions += u64::from(t.is_some());
+                e.in_flight = e.in_flight.saturating_sub(1);
+                (t, (file && t.is_some()).then(|| e.state.clone()))
+            })
+            .unwrap_or((None, None));
+        if let Some(t) = transition {
+            self.on_transition(call.key.as_str(), t);
+        }
+        saved
+    }
+
+    async fn end_in_store(&self, call: Call, verdict: Verdict) {
+        let Backend::Shared(store) = &self.backend else {
+            return;
+        };
+        let policy = self.policy();
+        let now = self.clock.now();
+        let elapsed = now.saturating_since(call.start);
+        let key = call.key.as_str();
+        let recorded = store
+            .record(
+                key,
+                &policy,
+                now,
+                verdict,
+                elapsed,
+                call.probe,
+                fastrand::f64(),
+            )
+            .await;
+        match recorded {
+            Ok(transition) => {
+                self.registry.try_with(key, now, Entry::default, |e| {
+                    e.counts.count(verdict);
+                    e.in_flight = e.in_flight.saturating_sub(1);
+                    if let Some(t) = transition {
+                        e.counts.transitions += 1;
+                        adopt_transition(&mut e.state, t, now);
+                    }
+                });
+                if let Some(t) = transition {
+                    self.on_transition(key, t);
+                }
+            }
+            Err(error) => {
+                self.store_failed(&error);
+                let local = Call {
+                    decided_by: DecidedBy::Store,
+                    ..call
+                };
+                self.end_locally(&local, verdict, now);
+            }
+        }
+    }
+
+    fn count_verdict(&self, verdict: Verdict) {
+        let m = &self.metrics;
+        match verdict {
+            Verdict::Success => self.count(&m.successful_requests),
+            Verdict::Failure => self.count(&m.failed_requests),
+            Verdict::Neutral => self.count(&m.neutral_requests),
+            Verdict::TimedOut => {
+                self.count(&m.failed_requests);
+                self.count(&m.timed_out_requests);
+            }
+        }
+    }
+
+    pub(crate) fn on_transition(&self, key: &str, t: Transition) {
+        self.count(&self.metrics.state_transitions);
+        let (from, to, reason) = (t.from.label(), t.to.label(), t.reason.label());
+        match t.to {
+            CircuitState::Open => tracing::info!(key, from, to, reason, "circuit breaker opened"),
+            CircuitState::Closed => {
+                tracing::info!(key, from, to, reason, "circuit breaker closed")
+            }
+            CircuitState::HalfOpen => {
+                tracing::info!(key, from, to, reason, "circuit breaker half-open")
+            }
+        }
+    }
+
+    /// Counts a failed call to a shared store; this process's last view of
+    /// the key decides instead.
+    pub(crate) fn store_failed(&self, error: &StoreError) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
+        if !self.warned_store.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %error,
+                "circuit breaker state store failed; this process decides from the last state \
+                 the store reported while it does (failures are counted in `store_errors`)"
+            );
+        } else {
+            tracing::debug!(%error, "circuit breaker state store failed again");
+        }
+    }
+
+    /// Drops idle keys about twice per idle period.
+    fn maybe_evict(&self, now: Timestamp) {
+        let next = self.next_sweep.load(Ordering::Relaxed);
+        if now.as_nanos() < next {
+            return;
+        }
+        let period = duration_nanos(self.registry.limits().idle_after) / 2;
+        let following = now.as_nanos().saturating_add(period.max(1));
+        if self
+            .next_sweep
+            .compare_exchange(next, following, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && next != 0
+        {
+            self.registry.evict_idle(now);
+        }
+    }
+
+    /// The states of the keys worth keeping in the file at `now`.
+    pub(crate) fn file_snapshot(&self, now: Timestamp) -> BTreeMap<String, CircuitBreakerState> {
+        let mut states = BTreeMap::new();
+        self.registry.for_each(|key, e| {
+            if persist::worth_keeping(&e.state, now) {
+                states.insert(key.as_str().to_owned(), e.state.clone());
+            }
+        });
+        states
+    }
+}
+
+/// Keeps the state a shared store reported for a key, so that this
+/// process can go on from it when the store fails.
+fn adopt(
+    s: &mut CircuitBreakerState,
+    admission: Admission,
+    transition: Option<Transition>,
+    now: Timestamp,
+) {
+    if let Some(t) = transition {
+        adopt_transition(s, t, now);
+    }
+    match admission {
+        Admission::Allowed { probe: Some(_) } => s.state = CircuitState::HalfOpen,
+        Admission::Allowed { probe: None } => {
+            if s.state != CircuitState::Closed {
+                s.state = CircuitState::Closed;
+                s.probes.clear();
+            }
+        }
+        Admission::Rejected { retry_after } => {
+            if s.state == CircuitState::Closed {
+                s.state = CircuitState::Open;
+                s.opened_at = now;
+            }
+            if s.state == CircuitState::Open {
+                s.open_until = now.saturating_add(retry_after);
+            }
+        }
+    }
+}
+
+fn adopt_transition(s: &mut CircuitBreakerState, t: Transition, now: Timestamp) {
+    s.state = t.to;
+    s.probes.clear();
+    match t.to {
+        CircuitState::Open => s.opened_at = now,
+        CircuitState::Closed => s.consecutive_failures = 0,
+        CircuitState::HalfOpen => s.half_open_successes = 0,
+    }
+}
