@@ -44,21 +44,24 @@
 
 mod calls;
 pub mod config;
+mod control;
 mod core;
 pub mod matcher;
 pub mod metrics;
 pub mod middleware;
+mod permit;
 mod persist;
+mod policy;
 pub mod report;
 pub mod state;
 pub mod store;
 pub mod transport;
 
 pub use config::{CircuitBreakerBuilder, CircuitBreakerConfig};
-pub use core::{Permit, Rejected};
 pub use matcher::{ErrorMatcher, Outcome};
 pub use metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 pub use middleware::CircuitBreakerMiddleware;
+pub use permit::{Permit, Rejected};
 pub use state::{
     BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, Verdict,
 };

@@ -1,0 +1,235 @@
+//! What an operator and a dashboard do with a breaker: read its state and
+//! metrics, change its policy, force a key's mode.
+//!
+//! ```
+//! use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+//! cb.force_open("global");
+//! assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+//! assert!(cb.acquire("global").await.is_err());
+//! cb.reset_mode("global");
+//! cb.set_failure_threshold(10).expect("a valid threshold");
+//! assert_eq!(cb.policy().consecutive_failures, 10);
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::config::validate_policy;
+use super::core::{Core, Entry};
+use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
+use super::middleware::CircuitBreakerMiddleware;
+use super::persist::Backend;
+use super::state::{self, BreakerMode, BreakerPolicy, CircuitState};
+use crate::error::ConfigError;
+
+impl CircuitBreakerMiddleware {
+    /// The metrics, shared by every handle, with
+    /// [`current_state`](CircuitBreakerMetrics::current_state) rebuilt from
+    /// the keys held now. Calls past their deadline are ended first.
+    pub fn metrics(&self) -> Arc<CircuitBreakerMetrics> {
+        let core = &self.core;
+        let now = core.clock.now();
+        core.end_expired(now);
+        if let Ok(mut map) = core.metrics.current_state.try_write() {
+            map.clear();
+            core.registry.for_each(|key, e| {
+                if e.state.effective_state() != CircuitState::Closed
+                    || e.state.mode != BreakerMode::Normal
+                    || e.counts.transitions > 0
+                {
+                    map.insert(key.as_str().to_owned(), e.state.effective_state());
+                }
+            });
+        }
+        Arc::clone(&core.metrics)
+    }
+
+    /// A plain copy of the metrics with a row per key (calls past their
+    /// deadline are ended first).
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let core = &self.core;
+        core.end_expired(core.clock.now());
+        let m = &core.metrics;
+        let mut keys = Vec::new();
+        core.registry.for_each(|key, e| {
+            keys.push(KeySnapshot {
+                key: key.as_str().to_owned(),
+                state: e.state.effective_state(),
+                successes: e.counts.successes,
+                failures: e.counts.failures,
+                rejections: e.counts.rejections,
+                transitions: e.counts.transitions,
+            });
+        });
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            scope: core.scope.label(),
+            total_requests: read(&m.total_requests),
+            successful_requests: read(&m.successful_requests),
+            failed_requests: read(&m.failed_requests),
+            rejected_requests: read(&m.rejected_requests),
+            neutral_requests: read(&m.neutral_requests),
+            timed_out_requests: read(&m.timed_out_requests),
+            untracked_requests: read(&m.untracked_requests),
+            in_flight: core.calls_in_flight() as u64,
+            state_transitions: read(&m.state_transitions),
+            keys,
+            registry: core.registry.stats(),
+        }
+    }
+
+    /// The state of `key` as callers see it, or `None` if the key is not
+    /// held. Calls past their deadline are ended first.
+    pub fn state_of(&self, key: &str) -> Option<CircuitState> {
+        self.core.end_expired(self.core.clock.now());
+        self.core.registry.peek(key, |e| e.state.effective_state())
+    }
+
+    /// How long until `key` may admit a call, if it is rejecting now
+    /// (`None` for a closed, unknown or forced-open key).
+    pub fn retry_after(&self, key: &str) -> Option<Duration> {
+        let now = self.core.clock.now();
+        self.core
+            .registry
+            .peek(key, |e| e.state.retry_after(now))
+            .flatten()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> BreakerPolicy {
+        self.core.policy()
+    }
+
+    /// The call deadline: a call with no answer within it ends as timed out.
+    pub fn call_timeout(&self) -> Duration {
+        self.core.call_timeout()
+    }
+
+    /// Replaces the policy at run time; every key keeps its state and counts
+    /// (a window of another shape starts empty).
+    pub fn reconfigure(&self, policy: BreakerPolicy) -> Result<(), ConfigError> {
+        validate_policy(&policy)?;
+        if let Backend::Shared(store) = &self.core.backend {
+            store.check_policy(&policy)?;
+        }
+        self.core.set_policy(policy);
+        Ok(())
+    }
+
+    /// Changes the consecutive-failure threshold at run time.
+    pub fn set_failure_threshold(&self, n: u32) -> Result<(), ConfigError> {
+        self.reconfigure(BreakerPolicy {
+            consecutive_failures: n,
+            ..self.policy()
+        })
+    }
+
+    /// Changes the success threshold at run time.
+    pub fn set_success_threshold(&self, n: u32) -> Result<(), ConfigError> {
+        self.reconfigure(BreakerPolicy {
+            success_threshold: n,
+            ..self.policy()
+        })
+    }
+
+    /// Changes the open time at run time.
+    pub fn set_timeout(&self, timeout: Duration) -> Result<(), ConfigError> {
+        self.reconfigure(BreakerPolicy {
+            timeout,
+            ..self.policy()
+        })
+    }
+
+    fn set_mode(&self, key: &str, mode: BreakerMode) {
+        let core = &self.core;
+        let now = core.clock.now();
+        let set = |core: &Core| {
+            core.registry.try_with(key, now, Entry::default, |e| {
+                state::set_mode(&mut e.state, mode);
+                e.state.clone()
+            })
+        };
+        let saved = set(core).or_else(|| {
+            core.registry.evict_idle(now);
+            set(core)
+        });
+        let Some(saved) = saved else {
+            tracing::warn!(
+                key,
+                ?mode,
+                "circuit breaker: the key registry is full; the mode was not set"
+            );
+            return;
+        };
+        match &core.backend {
+            Backend::File(file) => {
+                file.mark_dirty();
+                file.write_detached(key, saved);
+            }
+            Backend::Shared(store) => self.set_shared_mode(store, key, mode),
+            Backend::Memory => {}
+        }
+        tracing::info!(key, ?mode, "circuit breaker mode changed");
+    }
+
+    /// Sets an operator mode in a shared store, in the background.
+    fn set_shared_mode(
+        &self,
+        store: &Arc<dyn super::store::CircuitBreakerStateStore>,
+        key: &str,
+        mode: BreakerMode,
+    ) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key,
+                "no Tokio runtime: the mode was set in this process only"
+            );
+            return;
+        };
+        let store = Arc::clone(store);
+        let core = Arc::clone(&self.core);
+        let key = key.to_owned();
+        handle.spawn(async move {
+            if let Err(error) = store.set_mode(&key, mode).await {
+                core.store_failed(&error);
+            }
+        });
+    }
+
+    /// Rejects every call of `key` until [`Self::reset_mode`].
+    pub fn force_open(&self, key: &str) {
+        self.set_mode(key, BreakerMode::ForcedOpen);
+    }
+
+    /// Admits every call of `key` without counting, until [`Self::reset_mode`].
+    pub fn force_closed(&self, key: &str) {
+        self.set_mode(key, BreakerMode::ForcedClosed);
+    }
+
+    /// Turns the breaker of `key` off: it neither rejects nor counts.
+    pub fn disable(&self, key: &str) {
+        self.set_mode(key, BreakerMode::Disabled);
+    }
+
+    /// Computes transitions and metrics for `key` but never rejects.
+    pub fn metrics_only(&self, key: &str) {
+        self.set_mode(key, BreakerMode::MetricsOnly);
+    }
+
+    /// Hands `key` back to the state machine, with the counts it had.
+    pub fn reset_mode(&self, key: &str) {
+        self.set_mode(key, BreakerMode::Normal);
+    }
+
+    /// Drops idle closed keys now (also done on its own from time to time).
+    pub fn evict_idle(&self) -> u64 {
+        self.core.registry.evict_idle(self.core.clock.now())
+    }
+}

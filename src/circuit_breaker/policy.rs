@@ -1,0 +1,146 @@
+//! The numbers that drive a breaker's state machine: thresholds, the
+//! outcome window, the open time and its backoff.
+//!
+//! ```
+//! use pmcp_resilience::circuit_breaker::state::{BreakerPolicy, OpenBackoff};
+//! use std::time::Duration;
+//!
+//! let policy = BreakerPolicy {
+//!     timeout: Duration::from_secs(10),
+//!     open_backoff: Some(OpenBackoff { multiplier: 2.0, max: Duration::from_secs(60), jitter: 0.0 }),
+//!     ..BreakerPolicy::default()
+//! };
+//! // The third trip in a row stays open 10 s x 2 x 2.
+//! assert_eq!(policy.open_duration(3, 0.5), Duration::from_secs(40));
+//! ```
+
+use std::time::Duration;
+
+use crate::clock::duration_nanos;
+
+/// The window over which failure and slow-call rates are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlidingWindow {
+    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`] buckets, so the
+    /// oldest bucket's worth of calls leaves at once).
+    Calls(u32),
+    /// The calls of the last `duration` (with a resolution of
+    /// `duration / WINDOW_BUCKETS`).
+    Time(Duration),
+}
+
+impl Default for SlidingWindow {
+    fn default() -> Self {
+        SlidingWindow::Calls(100)
+    }
+}
+
+/// Trip on the share of failed calls in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRate {
+    /// Open when failures / calls reaches this, in (0, 1].
+    pub threshold: f64,
+    /// Judge only once the window holds at least this many calls.
+    pub minimum_calls: u32,
+}
+
+/// Trip on the share of slow calls in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowCalls {
+    /// A call taking at least this long is slow.
+    pub duration: Duration,
+    /// Open when slow calls / calls reaches this, in (0, 1].
+    pub threshold: f64,
+    /// Judge only once the window holds at least this many calls.
+    pub minimum_calls: u32,
+}
+
+/// A growing open time: `timeout * multiplier^(trips - 1)`, capped, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OpenBackoff {
+    /// Growth per consecutive trip (at least 1).
+    pub multiplier: f64,
+    /// The longest open time.
+    pub max: Duration,
+    /// Relative jitter in [0, 1): the open time is spread over
+    /// `base * (1 ± jitter)`, and never exceeds `max`.
+    pub jitter: f64,
+}
+
+/// The numbers that drive the state machine. Built and validated by the
+/// middleware's builder; changing them keeps every key's counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    /// Open after this many consecutive failures (0: never on this rule).
+    pub consecutive_failures: u32,
+    /// Open after this many failures inside the window (pmcp's rule; `None`: off).
+    pub failures_in_window: Option<u32>,
+    /// Consecutive probe successes that close a half-open breaker.
+    pub success_threshold: u32,
+    /// How long the breaker stays open (the first time, with backoff).
+    pub timeout: Duration,
+    /// The outcome window used by the rate rules and `failures_in_window`.
+    pub window: SlidingWindow,
+    /// Optional failure-rate rule.
+    pub failure_rate: Option<FailureRate>,
+    /// Optional slow-call rule.
+    pub slow_calls: Option<SlowCalls>,
+    /// Probes admitted at once in half-open.
+    pub half_open_max_probes: u32,
+    /// A probe without an answer after this long counts as a failure.
+    pub probe_deadline: Duration,
+    /// Optional growing open time.
+    pub open_backoff: Option<OpenBackoff>,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            consecutive_failures: 5,
+            failures_in_window: None,
+            success_threshold: 1,
+            timeout: Duration::from_secs(30),
+            window: SlidingWindow::default(),
+            failure_rate: None,
+            slow_calls: None,
+            half_open_max_probes: 1,
+            probe_deadline: Duration::from_secs(30),
+            open_backoff: None,
+        }
+    }
+}
+
+impl BreakerPolicy {
+    /// Whether any rule reads the outcome window. Without one the window is
+    /// not kept (a rule added later by reconfiguration starts it empty).
+    pub(crate) fn uses_window(&self) -> bool {
+        self.failures_in_window.is_some()
+            || self.failure_rate.is_some()
+            || self.slow_calls.is_some()
+    }
+
+    /// A number identifying the window's shape; counts kept under another
+    /// shape are dropped rather than misread.
+    pub(crate) fn window_shape(&self) -> u64 {
+        match self.window {
+            SlidingWindow::Calls(n) => u64::from(n) << 1,
+            SlidingWindow::Time(d) => (duration_nanos(d) << 1) | 1,
+        }
+    }
+
+    /// The open time after the `trips`-th consecutive trip, `unit` in [0, 1)
+    /// drawing the jitter.
+    pub fn open_duration(&self, trips: u32, unit: f64) -> Duration {
+        let Some(backoff) = self.open_backoff else {
+            return self.timeout;
+        };
+        let exponent = trips.saturating_sub(1).min(64) as i32;
+        let base = self.timeout.as_secs_f64() * backoff.multiplier.max(1.0).powi(exponent);
+        let max = backoff.max.as_secs_f64();
+        let base = base.min(max);
+        let spread = backoff.jitter.clamp(0.0, 1.0) * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+        let secs = (base * (1.0 + spread)).clamp(0.0, max);
+        Duration::try_from_secs_f64(secs).unwrap_or(backoff.max)
+    }
+}
