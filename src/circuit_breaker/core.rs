@@ -201,7 +201,7 @@ impl Core {
     /// JSON-RPC id (0: none), for failures that only know the id.
     pub(crate) async fn acquire(
         self: &Arc<Self>,
-        key: &str,
+        key: ScopeKey,
         request: u64,
     ) -> Result<Permit, Rejected> {
         let now = self.clock.now();
@@ -210,7 +210,7 @@ impl Core {
         let policy = self.policy();
         let jitter = fastrand::f64();
         let from_store = match &self.backend {
-            Backend::Shared(store) => match store.acquire(key, &policy, now, jitter).await {
+            Backend::Shared(store) => match store.acquire(key.as_str(), &policy, now, jitter).await {
                 Ok(decided) => Some(decided),
                 Err(error) => {
                     self.store_failed(&error);
@@ -220,7 +220,7 @@ impl Core {
             Backend::Memory | Backend::File(_) => None,
         };
         let file = matches!(self.backend, Backend::File(_));
-        let local = self.registry.try_with(key, now, Entry::default, |e| {
+        let local = self.registry.try_with(key.as_str(), now, Entry::default, |e| {
             let (admission, transition, decided_by) = match from_store {
                 Some((admission, transition)) => {
                     adopt(&mut e.state, admission, transition, now);
@@ -261,16 +261,15 @@ impl Core {
             saved: None,
         });
         if let Some(t) = decided.transition {
-            self.on_transition(key, t);
+            self.on_transition(key.as_str(), t);
         }
         if let Backend::File(file) = &self.backend {
             match decided.saved {
-                Some(state) => file.note(file.write_through(key, state).await),
+                Some(state) => file.note(file.write_through(key.as_str(), state).await),
                 None => file.mark_dirty(),
             }
         }
         self.count(&self.metrics.total_requests);
-        let key = ScopeKey::verbatim(key);
         match decided.admission {
             Admission::Rejected { retry_after } => {
                 self.count(&self.metrics.rejected_requests);

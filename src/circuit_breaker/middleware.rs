@@ -215,7 +215,7 @@ impl CircuitBreakerMiddleware {
     /// # }
     /// ```
     pub async fn acquire(&self, key: &str) -> Result<Permit, Rejected> {
-        self.core.acquire(key, 0).await
+        self.core.acquire(ScopeKey::new(key), 0).await
     }
 
     /// The key of `request` under this breaker's scope and target.
@@ -388,7 +388,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
             .request_id
             .as_deref()
             .map_or(0, |id| self.request_hash(id));
-        match self.core.acquire(key.as_str(), id).await {
+        match self.core.acquire(key, id).await {
             Ok(permit) => {
                 let token = permit.into_token();
                 if token != 0 {

@@ -67,6 +67,22 @@ impl CircuitState {
     }
 }
 
+/// Prints the state as a person reads it: `closed`, `open`, `half-open`.
+///
+/// ```
+/// use pmcp_resilience::CircuitState;
+/// assert_eq!(CircuitState::HalfOpen.to_string(), "half-open");
+/// ```
+impl std::fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half-open",
+        })
+    }
+}
+
 /// An operator's override of one key's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -183,6 +199,12 @@ impl Verdict {
             Verdict::Neutral => "neutral",
             Verdict::TimedOut => "timed_out",
         }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }
 
