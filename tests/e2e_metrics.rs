@@ -158,7 +158,11 @@ async fn scripted_breaker_and_limiters_show_up_in_the_scraped_metrics() {
     let s = parse(&body);
 
     // The breaker, per key.
-    let flaky = [("scope", "tool"), ("key", "flaky")];
+    let flaky = [
+        ("name", "upstream"),
+        ("scope", "tool"),
+        ("key", "tool:flaky"),
+    ];
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &flaky), 1.0);
     assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &flaky), 2.0);
     assert_eq!(
@@ -177,14 +181,23 @@ async fn scripted_breaker_and_limiters_show_up_in_the_scraped_metrics() {
         value(
             &s,
             "mcp_circuit_breaker_state_info",
-            &[("scope", "tool"), ("key", "flaky"), ("state", state)],
+            &[
+                ("name", "upstream"),
+                ("scope", "tool"),
+                ("key", "tool:flaky"),
+                ("state", state),
+            ],
         )
     };
     assert_eq!(
         (one_hot("closed"), one_hot("open"), one_hot("half_open")),
         (0.0, 1.0, 0.0)
     );
-    let echo_breaker = [("scope", "tool"), ("key", "echo")];
+    let echo_breaker = [
+        ("name", "upstream"),
+        ("scope", "tool"),
+        ("key", "tool:echo"),
+    ];
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &echo_breaker), 0.0);
     assert_eq!(
         value(&s, "mcp_circuit_breaker_successes_total", &echo_breaker),
@@ -200,7 +213,11 @@ async fn scripted_breaker_and_limiters_show_up_in_the_scraped_metrics() {
     );
 
     // The echo quota, per key: 3 of 3 used.
-    let echo = [("scope", "tool"), ("key", "echo")];
+    let echo = [
+        ("name", "echo-quota"),
+        ("scope", "tool"),
+        ("key", "tool:echo"),
+    ];
     assert_eq!(
         value(&s, "mcp_rate_limit_requests_allowed_total", &echo),
         3.0

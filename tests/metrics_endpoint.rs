@@ -57,7 +57,11 @@ async fn serve_exposes_text_and_json_over_http() {
     assert_eq!(status, 200);
     assert!(content_type.starts_with("text/plain"), "{content_type}");
     let s = parse(&body);
-    let key = [("scope", "server"), ("key", "https://api.example.com")];
+    let key = [
+        ("name", "upstream"),
+        ("scope", "server"),
+        ("key", "https://api.example.com"),
+    ];
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &key), 1.0);
     assert_eq!(value(&s, "mcp_circuit_breaker_failures_total", &key), 42.0);
     assert_eq!(
@@ -69,6 +73,7 @@ async fn serve_exposes_text_and_json_over_http() {
             &s,
             "mcp_circuit_breaker_state_info",
             &[
+                ("name", "upstream"),
                 ("scope", "server"),
                 ("key", "https://api.example.com"),
                 ("state", state),

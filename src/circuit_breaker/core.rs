@@ -210,7 +210,8 @@ impl Core {
         let policy = self.policy();
         let jitter = fastrand::f64();
         let from_store = match &self.backend {
-            Backend::Shared(store) => match store.acquire(key.as_str(), &policy, now, jitter).await {
+            Backend::Shared(store) => match store.acquire(key.as_str(), &policy, now, jitter).await
+            {
                 Ok(decided) => Some(decided),
                 Err(error) => {
                     self.store_failed(&error);
@@ -220,31 +221,33 @@ impl Core {
             Backend::Memory | Backend::File(_) => None,
         };
         let file = matches!(self.backend, Backend::File(_));
-        let local = self.registry.try_with(key.as_str(), now, Entry::default, |e| {
-            let (admission, transition, decided_by) = match from_store {
-                Some((admission, transition)) => {
-                    adopt(&mut e.state, admission, transition, now);
-                    (admission, transition, DecidedBy::Store)
+        let local = self
+            .registry
+            .try_with(key.as_str(), now, Entry::default, |e| {
+                let (admission, transition, decided_by) = match from_store {
+                    Some((admission, transition)) => {
+                        adopt(&mut e.state, admission, transition, now);
+                        (admission, transition, DecidedBy::Store)
+                    }
+                    None => {
+                        let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
+                        (a, t, DecidedBy::Local)
+                    }
+                };
+                e.counts.transitions += u64::from(transition.is_some());
+                match admission {
+                    Admission::Rejected { .. } => e.counts.rejections += 1,
+                    // Undone if the call is not followed after all.
+                    Admission::Allowed { .. } => e.in_flight += 1,
                 }
-                None => {
-                    let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
-                    (a, t, DecidedBy::Local)
+                Decided {
+                    admission,
+                    transition,
+                    mode: e.state.mode,
+                    decided_by,
+                    saved: (file && transition.is_some()).then(|| e.state.clone()),
                 }
-            };
-            e.counts.transitions += u64::from(transition.is_some());
-            match admission {
-                Admission::Rejected { .. } => e.counts.rejections += 1,
-                // Undone if the call is not followed after all.
-                Admission::Allowed { .. } => e.in_flight += 1,
-            }
-            Decided {
-                admission,
-                transition,
-                mode: e.state.mode,
-                decided_by,
-                saved: (file && transition.is_some()).then(|| e.state.clone()),
-            }
-        });
+            });
         // At the key cap the key has no entry: a store's decision stands;
         // without a store the call is admitted and not followed, so that
         // other keys' failures can never refuse it.

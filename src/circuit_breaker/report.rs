@@ -23,7 +23,6 @@
 use super::metrics::{KeySnapshot, MetricsSnapshot};
 use super::middleware::CircuitBreakerMiddleware;
 use super::state::CircuitState;
-use crate::observe::report::key_without_scope;
 use crate::observe::{BreakerKeyReport, BreakerReport, BreakerStateReport, Report, ReportSource};
 
 /// The name a breaker reports under unless wrapped in a
@@ -43,8 +42,9 @@ impl From<CircuitState> for BreakerStateReport {
 impl CircuitBreakerMiddleware {
     /// The breaker's state as the unified metrics see it, under `name`.
     ///
-    /// Key labels drop the scope's prefix (`method:tools/call` is reported
-    /// as `tools/call` under scope `method`).
+    /// Key labels are the API's own key text (`method:tools/call`), so a
+    /// label reads as `state_of` and `retry_after` take it; session and
+    /// custom keys are exported hashed (`observe::cardinality::hashed_key`).
     pub fn report_named(&self, name: impl Into<String>) -> BreakerReport {
         let mut report = breaker_report(name.into(), self.snapshot());
         report.store = self.store_report();
@@ -68,7 +68,7 @@ fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
         registry,
     } = snapshot;
     let mut report = BreakerReport::new(name, scope);
-    report.keys = keys.into_iter().map(|row| key_report(scope, row)).collect();
+    report.keys = keys.into_iter().map(|row| key_report(row)).collect();
     report.total_requests = total_requests;
     report.successful = successful_requests;
     report.failed = failed_requests;
@@ -82,8 +82,8 @@ fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
     report
 }
 
-fn key_report(scope: &str, row: KeySnapshot) -> BreakerKeyReport {
-    BreakerKeyReport::new(key_without_scope(scope, &row.key), row.state.into()).with_counts(
+fn key_report(row: KeySnapshot) -> BreakerKeyReport {
+    BreakerKeyReport::new(&row.key, row.state.into()).with_counts(
         row.failures,
         row.rejections,
         row.successes,
@@ -103,7 +103,7 @@ mod tests {
     use crate::registry::RegistryStats;
 
     #[test]
-    fn snapshot_rows_become_key_reports_without_the_scope_prefix() {
+    fn snapshot_rows_become_key_reports_in_the_api_key_text() {
         let snapshot = MetricsSnapshot {
             scope: "method",
             total_requests: 10,
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(
             r.keys,
             vec![
-                BreakerKeyReport::new("tools/call", BreakerStateReport::Open)
+                BreakerKeyReport::new("method:tools/call", BreakerStateReport::Open)
                     .with_counts(3, 3, 4, 1)
             ]
         );

@@ -35,7 +35,9 @@ const fn spec(
     }
 }
 
-const SCOPE_KEY: &[&str] = &["scope", "key"];
+/// Per-key series: the middleware instance, its scope, and the key in the
+/// API's own text (`tool:search`; session and custom keys hashed).
+const SCOPE_KEY: &[&str] = &["name", "scope", "key"];
 const SOURCE: &[&str] = &["component", "name", "scope"];
 
 /// Every family the collector exports, in output order.
@@ -68,7 +70,7 @@ const SPECS: &[Spec] = &[
         "mcp_circuit_breaker_state_info",
         "Circuit breaker state, one-hot: 1 for the current state, 0 for the others.",
         MetricType::GAUGE,
-        &["scope", "key", "state"],
+        &["name", "scope", "key", "state"],
     ),
     spec(
         "mcp_circuit_breaker_failures_total",
@@ -293,15 +295,16 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
         f.histogram("mcp_request_duration_seconds", &[&m.method], &m.duration);
     }
 
-    // The same scope and key can come from two sources: merge them into one series.
-    let mut breaker_rows: BTreeMap<(&str, String), BreakerKeyReport> = BTreeMap::new();
+    // Two sources under one name (handles of one breaker reported twice)
+    // merge into one series; two names are two series.
+    let mut breaker_rows: BTreeMap<(&str, &str, String), BreakerKeyReport> = BTreeMap::new();
     for b in &gathered.breakers {
         let r = &b.report;
         for row in &b.rows {
-            match breaker_rows.get_mut(&(r.scope, row.key.clone())) {
+            match breaker_rows.get_mut(&(r.name.as_str(), r.scope, row.key.clone())) {
                 Some(existing) => existing.absorb(row),
                 None => {
-                    breaker_rows.insert((r.scope, row.key.clone()), row.clone());
+                    breaker_rows.insert((r.name.as_str(), r.scope, row.key.clone()), row.clone());
                 }
             }
         }
@@ -335,8 +338,8 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             &r.store,
         );
     }
-    for ((scope, key), row) in &breaker_rows {
-        let labels = [*scope, key.as_str()];
+    for ((name, scope, key), row) in &breaker_rows {
+        let labels = [*name, *scope, key.as_str()];
         f.add(
             "mcp_circuit_breaker_state",
             &labels,
@@ -346,7 +349,7 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             let hot = if state == row.state { 1.0 } else { 0.0 };
             f.add(
                 "mcp_circuit_breaker_state_info",
-                &[scope, key, state.label()],
+                &[name, scope, key, state.label()],
                 hot,
             );
         }
@@ -372,14 +375,14 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
         );
     }
 
-    let mut limiter_rows: BTreeMap<(&str, String), LimiterKeyReport> = BTreeMap::new();
+    let mut limiter_rows: BTreeMap<(&str, &str, String), LimiterKeyReport> = BTreeMap::new();
     for l in &gathered.limiters {
         let r = &l.report;
         for row in &l.rows {
-            match limiter_rows.get_mut(&(r.scope, row.key.clone())) {
+            match limiter_rows.get_mut(&(r.name.as_str(), r.scope, row.key.clone())) {
                 Some(existing) => existing.absorb(row),
                 None => {
-                    limiter_rows.insert((r.scope, row.key.clone()), row.clone());
+                    limiter_rows.insert((r.name.as_str(), r.scope, row.key.clone()), row.clone());
                 }
             }
         }
@@ -407,8 +410,8 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             &r.store,
         );
     }
-    for ((scope, key), row) in &limiter_rows {
-        let labels = [*scope, key.as_str()];
+    for ((name, scope, key), row) in &limiter_rows {
+        let labels = [*name, *scope, key.as_str()];
         f.add(
             "mcp_rate_limit_requests_allowed_total",
             &labels,

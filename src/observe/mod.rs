@@ -39,10 +39,10 @@
 //! // `metrics.serve("127.0.0.1:9464".parse()?).await?` or render it yourself:
 //! let text = metrics.render();
 //! assert!(text.contains(
-//!     r#"mcp_circuit_breaker_state{scope="server",key="https://api.example.com"} 1"#
+//!     r#"mcp_circuit_breaker_state{name="upstream",scope="server",key="https://api.example.com"} 1"#
 //! ));
 //! assert!(text.contains(
-//!     r#"mcp_circuit_breaker_failures_total{scope="server",key="https://api.example.com"} 42"#
+//!     r#"mcp_circuit_breaker_failures_total{name="upstream",scope="server",key="https://api.example.com"} 42"#
 //! ));
 //! assert_eq!(metrics.snapshot_json()["totals"]["circuit_breakers"]["keys_open"], 1);
 //! # Ok(())
@@ -56,17 +56,17 @@
 //! | `mcp_requests_total` | counter | `method` |
 //! | `mcp_request_errors_total` | counter | `method`, `code` |
 //! | `mcp_request_duration_seconds` | histogram | `method` |
-//! | `mcp_circuit_breaker_state` (0 closed, 1 open, 2 half-open) | gauge | `scope`, `key` |
-//! | `mcp_circuit_breaker_state_info` (one-hot) | gauge | `scope`, `key`, `state` |
-//! | `mcp_circuit_breaker_failures_total` | counter | `scope`, `key` |
-//! | `mcp_circuit_breaker_requests_rejected_total` | counter | `scope`, `key` |
-//! | `mcp_circuit_breaker_successes_total` | counter | `scope`, `key` |
-//! | `mcp_circuit_breaker_transitions_total` | counter | `scope`, `key` |
+//! | `mcp_circuit_breaker_state` (0 closed, 1 open, 2 half-open) | gauge | `name`, `scope`, `key` |
+//! | `mcp_circuit_breaker_state_info` (one-hot) | gauge | `name`, `scope`, `key`, `state` |
+//! | `mcp_circuit_breaker_failures_total` | counter | `name`, `scope`, `key` |
+//! | `mcp_circuit_breaker_requests_rejected_total` | counter | `name`, `scope`, `key` |
+//! | `mcp_circuit_breaker_successes_total` | counter | `name`, `scope`, `key` |
+//! | `mcp_circuit_breaker_transitions_total` | counter | `name`, `scope`, `key` |
 //! | `mcp_circuit_breaker_calls_total` | counter | `name`, `scope`, `outcome` |
 //! | `mcp_circuit_breaker_keys` | gauge | `name`, `scope`, `state` |
-//! | `mcp_rate_limit_requests_allowed_total` | counter | `scope`, `key` |
-//! | `mcp_rate_limit_requests_rejected_total` | counter | `scope`, `key` |
-//! | `mcp_rate_limit_current_usage` (0 to 1) | gauge | `scope`, `key` |
+//! | `mcp_rate_limit_requests_allowed_total` | counter | `name`, `scope`, `key` |
+//! | `mcp_rate_limit_requests_rejected_total` | counter | `name`, `scope`, `key` |
+//! | `mcp_rate_limit_current_usage` (0 to 1) | gauge | `name`, `scope`, `key` |
 //! | `mcp_rate_limit_requests_total` | counter | `name`, `scope` |
 //! | `mcp_rate_limit_waits_total` | counter | `name`, `scope` |
 //! | `mcp_rate_limit_wait_seconds` | histogram | `name`, `scope` |
@@ -80,9 +80,14 @@
 //! (session and custom keys are hashed into 64 buckets, at most
 //! `max_label_keys` keys per source, the rest under `__other__`), `method`
 //! is a spec method, one of at most `max_methods` others, or `other`, and
-//! `code` takes at most 16 values per method. Two sources reporting the same
-//! `scope` and `key` are merged into one series. `name` is the name the user
-//! gave a breaker or limiter.
+//! `code` takes at most 16 values per method. `name` is the name the user
+//! gave a breaker or limiter (`NamedSource`; `circuit_breaker` and
+//! `rate_limit` by default), so two limiters on one key are two series; two
+//! sources under one name, scope and key are merged into one. `key` is the
+//! API's own key text (`tool:search`), as `state_of` and `retry_after` take it.
+//! `mcp_circuit_breaker_calls_total` counts every call once by `outcome`
+//! (`successful`, `failed`, `rejected`, `neutral`, `untracked`; `timed_out`
+//! is also counted in `failed`).
 //!
 //! `mcp_resilience_store_mode` counts the sources whose store of `kind` is
 //! in `mode`: with one source it is 1 for the current mode and 0 for the

@@ -421,12 +421,3 @@ impl<S: ReportSource> ReportSource for NamedSource<S> {
         report
     }
 }
-
-/// The part of a key after its scope's prefix (`method:tools/call` gives
-/// `tools/call` under the `method` scope), so that a label does not repeat
-/// the scope; keys without that prefix are kept whole.
-pub(crate) fn key_without_scope<'a>(scope: &str, key: &'a str) -> &'a str {
-    key.strip_prefix(scope)
-        .and_then(|rest| rest.strip_prefix(':'))
-        .unwrap_or(key)
-}

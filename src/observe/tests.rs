@@ -74,9 +74,21 @@ fn collector_exports_the_requested_names_labels_and_values() {
     let m = metrics_with(vec![Arc::new(breaker_report), Arc::new(limiter_report)]);
     let text = m.render();
     let s = parse(&text);
-    let api = [("scope", "server"), ("key", "https://api.example.com")];
-    let b = [("scope", "server"), ("key", "https://b.example.com")];
-    let c = [("scope", "server"), ("key", "https://c.example.com")];
+    let api = [
+        ("name", "upstream"),
+        ("scope", "server"),
+        ("key", "https://api.example.com"),
+    ];
+    let b = [
+        ("name", "upstream"),
+        ("scope", "server"),
+        ("key", "https://b.example.com"),
+    ];
+    let c = [
+        ("name", "upstream"),
+        ("scope", "server"),
+        ("key", "https://c.example.com"),
+    ];
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &api), Some(0.0));
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &b), Some(1.0));
     assert_eq!(value(&s, "mcp_circuit_breaker_state", &c), Some(2.0));
@@ -96,7 +108,11 @@ fn collector_exports_the_requested_names_labels_and_values() {
         value(&s, "mcp_circuit_breaker_transitions_total", &b),
         Some(1.0)
     );
-    let tc = [("scope", "method"), ("key", "tools/call")];
+    let tc = [
+        ("name", "calls"),
+        ("scope", "method"),
+        ("key", "tools/call"),
+    ];
     assert_eq!(
         value(&s, "mcp_rate_limit_requests_allowed_total", &tc),
         Some(9523.0)
@@ -106,7 +122,11 @@ fn collector_exports_the_requested_names_labels_and_values() {
         Some(47.0)
     );
     assert_eq!(value(&s, "mcp_rate_limit_current_usage", &tc), Some(0.85));
-    let tl = [("scope", "method"), ("key", "tools/list")];
+    let tl = [
+        ("name", "calls"),
+        ("scope", "method"),
+        ("key", "tools/list"),
+    ];
     assert_eq!(value(&s, "mcp_rate_limit_current_usage", &tl), Some(0.0));
     let calls = |outcome| {
         [
@@ -224,7 +244,12 @@ fn state_info_is_one_hot() {
             let v = value(
                 &s,
                 "mcp_circuit_breaker_state_info",
-                &[("scope", "server"), ("key", key), ("state", state)],
+                &[
+                    ("name", "upstream"),
+                    ("scope", "server"),
+                    ("key", key),
+                    ("state", state),
+                ],
             );
             let expected = if state == current { 1.0 } else { 0.0 };
             assert_eq!(v, Some(expected), "{key} {state}");
@@ -248,7 +273,7 @@ fn values_are_read_at_scrape_time() {
         r.keys.push(BreakerKeyReport::new("global", *shared.lock()));
         Report::CircuitBreaker(r)
     })]);
-    let key = [("scope", "global"), ("key", "global")];
+    let key = [("name", "b"), ("scope", "global"), ("key", "global")];
     assert_eq!(
         value(&parse(&m.render()), "mcp_circuit_breaker_state", &key),
         Some(0.0)
@@ -330,7 +355,7 @@ fn many_server_keys_fold_into_other() {
         value(
             &s,
             "mcp_circuit_breaker_failures_total",
-            &[("scope", "server"), ("key", key)],
+            &[("name", "b"), ("scope", "server"), ("key", key)],
         )
     };
     assert_eq!(labelled("quiet-but-open"), Some(0.0));
@@ -357,14 +382,14 @@ fn odd_keys_are_escaped() {
         value(
             &s,
             "mcp_circuit_breaker_state",
-            &[("scope", "endpoint"), ("key", odd)]
+            &[("name", "b"), ("scope", "endpoint"), ("key", odd)]
         ),
         Some(1.0)
     );
 }
 
 #[test]
-fn two_sources_with_the_same_scope_and_key_merge() {
+fn two_breakers_on_the_same_key_are_two_series_told_apart_by_name() {
     let one = || {
         let mut r = BreakerReport::new("a", "server");
         r.keys
@@ -379,12 +404,17 @@ fn two_sources_with_the_same_scope_and_key_merge() {
     };
     let m = metrics_with(vec![Arc::new(one), Arc::new(two)]);
     let s = parse(&m.render());
-    let key = [("scope", "server"), ("key", "x")];
+    let key = |name| [("name", name), ("scope", "server"), ("key", "x")];
     assert_eq!(
-        value(&s, "mcp_circuit_breaker_failures_total", &key),
-        Some(3.0)
+        value(&s, "mcp_circuit_breaker_failures_total", &key("a")),
+        Some(1.0)
     );
-    assert_eq!(value(&s, "mcp_circuit_breaker_state", &key), Some(1.0));
+    assert_eq!(
+        value(&s, "mcp_circuit_breaker_failures_total", &key("b")),
+        Some(2.0)
+    );
+    assert_eq!(value(&s, "mcp_circuit_breaker_state", &key("a")), Some(0.0));
+    assert_eq!(value(&s, "mcp_circuit_breaker_state", &key("b")), Some(1.0));
 }
 
 #[test]

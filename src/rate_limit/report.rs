@@ -21,7 +21,6 @@
 use super::limiter::KeyUsage;
 use super::metrics::RateLimitSnapshot;
 use super::middleware::RateLimitMiddleware;
-use crate::observe::report::key_without_scope;
 use crate::observe::{LimiterKeyReport, LimiterReport, Report, ReportSource};
 
 /// The name a limiter reports under unless wrapped in a
@@ -31,9 +30,11 @@ pub const DEFAULT_REPORT_NAME: &str = "rate_limit";
 impl RateLimitMiddleware {
     /// The limiter's state as the unified metrics see it, under `name`.
     ///
-    /// Key labels drop the scope's prefix (`method:tools/call` is reported
-    /// as `tools/call` under scope `method`); the wait histogram holds the
-    /// requests that waited for capacity and were then admitted.
+    /// Key labels are the API's own key text (`method:tools/call`), so a
+    /// label reads as `state_of` and `retry_after` take it; session and
+    /// custom keys are exported hashed (`observe::cardinality::hashed_key`).
+    /// The wait histogram holds the requests that waited for capacity and
+    /// were then admitted.
     pub fn report_named(&self, name: impl Into<String>) -> LimiterReport {
         let mut report = limiter_report(name.into(), self.snapshot());
         report.store = self.store_report();
@@ -44,11 +45,7 @@ impl RateLimitMiddleware {
 fn limiter_report(name: String, snapshot: RateLimitSnapshot) -> LimiterReport {
     let scope = snapshot.scope;
     let mut report = LimiterReport::new(name, scope);
-    report.keys = snapshot
-        .keys
-        .iter()
-        .map(|row| key_report(scope, row))
-        .collect();
+    report.keys = snapshot.keys.iter().map(|row| key_report(row)).collect();
     report.total = snapshot.total_requests;
     report.allowed = snapshot.allowed_requests;
     report.rejected = snapshot.rejected_requests;
@@ -58,13 +55,9 @@ fn limiter_report(name: String, snapshot: RateLimitSnapshot) -> LimiterReport {
     report
 }
 
-fn key_report(scope: &str, row: &KeyUsage) -> LimiterKeyReport {
-    LimiterKeyReport::new(
-        key_without_scope(scope, row.key.as_str()),
-        u64::from(row.used),
-        u64::from(row.limit),
-    )
-    .with_counts(row.allowed, row.rejected)
+fn key_report(row: &KeyUsage) -> LimiterKeyReport {
+    LimiterKeyReport::new(row.key.as_str(), u64::from(row.used), u64::from(row.limit))
+        .with_counts(row.allowed, row.rejected)
 }
 
 impl ReportSource for RateLimitMiddleware {
@@ -83,7 +76,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn snapshot_rows_become_key_reports_without_the_scope_prefix() {
+    fn snapshot_rows_become_key_reports_in_the_api_key_text() {
         let waits = DurationHistogram::new();
         waits.record(Duration::from_millis(20));
         let snapshot = RateLimitSnapshot {
@@ -116,7 +109,7 @@ mod tests {
         assert_eq!(r.registry.overflowed, 5);
         assert_eq!(
             r.keys,
-            vec![LimiterKeyReport::new("abc", 3, 4).with_counts(6, 3)]
+            vec![LimiterKeyReport::new("session:abc", 3, 4).with_counts(6, 3)]
         );
         assert!((r.keys[0].usage() - 0.75).abs() < 1e-12);
     }
