@@ -68,7 +68,7 @@ fn breaker_report(name: String, snapshot: MetricsSnapshot) -> BreakerReport {
         registry,
     } = snapshot;
     let mut report = BreakerReport::new(name, scope);
-    report.keys = keys.into_iter().map(|row| key_report(row)).collect();
+    report.keys = keys.into_iter().map(key_report).collect();
     report.total_requests = total_requests;
     report.successful = successful_requests;
     report.failed = failed_requests;

@@ -45,7 +45,7 @@ impl RateLimitMiddleware {
 fn limiter_report(name: String, snapshot: RateLimitSnapshot) -> LimiterReport {
     let scope = snapshot.scope;
     let mut report = LimiterReport::new(name, scope);
-    report.keys = snapshot.keys.iter().map(|row| key_report(row)).collect();
+    report.keys = snapshot.keys.iter().map(key_report).collect();
     report.total = snapshot.total_requests;
     report.allowed = snapshot.allowed_requests;
     report.rejected = snapshot.rejected_requests;
