@@ -12,9 +12,9 @@
 //! could free a half-open probe's place while the probe still runs): the new
 //! call is refused a place instead, and the breaker decides what that means.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use hashbrown::HashMap;
 use parking_lot::Mutex;
 
 use super::state::ProbeId;
@@ -45,10 +45,14 @@ pub(crate) struct Call {
 
 const SHARDS: usize = 16;
 
+/// Tokens are the breaker's own sequence numbers, not input: a fast hash
+/// without a random seed is enough.
+type TokenMap = HashMap<u64, Call, foldhash::fast::FixedState>;
+
 /// The bounded table of calls in flight.
 #[derive(Debug)]
 pub(crate) struct Calls {
-    shards: Box<[Mutex<HashMap<u64, Call>>]>,
+    shards: Box<[Mutex<TokenMap>]>,
     len: AtomicUsize,
     capacity: usize,
     next_token: AtomicU64,
@@ -60,7 +64,9 @@ pub(crate) struct Calls {
 impl Calls {
     pub(crate) fn new(capacity: usize) -> Self {
         Calls {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(TokenMap::with_hasher(foldhash::fast::FixedState::with_seed(1))))
+                .collect(),
             len: AtomicUsize::new(0),
             capacity,
             // Token 0 is never issued.
@@ -74,7 +80,7 @@ impl Calls {
         self.len.load(Ordering::Relaxed)
     }
 
-    fn shard(&self, token: u64) -> &Mutex<HashMap<u64, Call>> {
+    fn shard(&self, token: u64) -> &Mutex<TokenMap> {
         &self.shards[(token % SHARDS as u64) as usize]
     }
 
