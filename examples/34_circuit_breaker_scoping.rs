@@ -13,11 +13,16 @@
 //!    the same server keeps working;
 //! 4. the `metrics()` snapshot of each breaker.
 //!
+//! Every state change is printed as it happens (`on_transition`), half-open
+//! included, and checked at the end: the example exits with an error if a
+//! breaker did not go through the changes it narrates.
+//!
 //! Run: `cargo run --example 34_circuit_breaker_scoping` (no Redis needed;
-//! finishes in about a second).
+//! finishes in about four seconds).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc as Shared, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,13 +37,15 @@ use pmcp::shared::streamable_http::{
 };
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{Client, ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
+use pmcp_resilience::circuit_breaker::{CircuitBreakerBuilder, CircuitState};
 use pmcp_resilience::{CircuitBreakerMiddleware, CircuitBreakerScope, ErrorMatcher};
 use serde_json::{Value, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long a breaker stays open before it lets a probe through.
-const OPEN_FOR: Duration = Duration::from_millis(300);
+/// How long a breaker stays open before it lets a probe through (long
+/// enough that a busy machine still makes the calls it narrates within it).
+const OPEN_FOR: Duration = Duration::from_secs(1);
 
 /// What a demo server does now; the example flips these switches.
 #[derive(Default)]
@@ -117,12 +124,46 @@ fn transport(url: &str) -> Result<StreamableHttpTransport, Error> {
 }
 
 /// Prints one line per event, with the time since the start.
+#[derive(Clone)]
 struct Log(Instant);
 
 impl Log {
     fn line(&self, text: impl AsRef<str>) {
         println!("[{:>5} ms] {}", self.0.elapsed().as_millis(), text.as_ref());
     }
+}
+
+/// The state changes a breaker made, as `key: from -> to`.
+type Changes = Shared<Mutex<Vec<String>>>;
+
+/// Prints each state change of the breaker as it happens and keeps it.
+fn watched(builder: CircuitBreakerBuilder, log: &Log, changes: &Changes) -> CircuitBreakerBuilder {
+    let (log, changes) = (log.clone(), changes.clone());
+    builder.on_transition(move |key, t| {
+        log.line(format!("         breaker {key}: {t}"));
+        if let Ok(mut seen) = changes.lock() {
+            seen.push(format!("{}: {} -> {}", short_key(key), t.from, t.to));
+        }
+    })
+}
+
+/// A key without the random port of the demo servers.
+fn short_key(key: &str) -> &str {
+    if key.starts_with("server:") {
+        "server"
+    } else {
+        key
+    }
+}
+
+/// Fails the example unless `changes` went through `expected`, in order.
+fn check(what: &str, changes: &Changes, expected: &[&str]) -> Result<(), Error> {
+    let seen = changes.lock().map(|s| s.clone()).unwrap_or_default();
+    if seen != expected {
+        return Err(format!("{what}: expected the changes {expected:?}, saw {seen:?}").into());
+    }
+    println!("checked {what}: {}", seen.join(", "));
+    Ok(())
 }
 
 /// Calls `tool` and describes what happened, with the breaker state of `key` after it.
@@ -137,14 +178,12 @@ async fn call<T: Transport + 'static>(
     let outcome = match client.call_tool(tool.to_string(), json!({})).await {
         Ok(_) => "ok".to_string(),
         Err(pmcp::Error::CircuitBreakerOpen) => format!(
-            "REJECTED by the open breaker, not sent (retry in {} ms)",
-            cb.retry_after(key).unwrap_or_default().as_millis()
+            "REJECTED by the open breaker, not sent (retry in {:.1} s)",
+            cb.retry_after(key).unwrap_or_default().as_secs_f64()
         ),
         Err(e) => format!("failed: {}", short(&e.to_string())),
     };
-    let state = cb
-        .state_of(key)
-        .map_or("-".to_string(), |s| format!("{s:?}"));
+    let state = cb.state_of(key).map_or("-".to_string(), |s| s.to_string());
     log.line(format!(
         "{who:<8} {tool:<6} -> {outcome:<52} breaker {state}"
     ));
@@ -160,26 +199,38 @@ fn short(text: &str) -> String {
     text.chars().take(42).collect()
 }
 
-fn print_metrics(title: &str, cb: &CircuitBreakerMiddleware) {
-    let m = cb.metrics();
+fn print_metrics(title: &str, cb: &CircuitBreakerMiddleware) -> Result<(), Error> {
+    let m = cb.snapshot();
     println!(
-        "{title}: total {} ok {} failed {} rejected {} transitions {}",
-        m.total_requests.load(Ordering::Relaxed),
-        m.successful_requests.load(Ordering::Relaxed),
-        m.failed_requests.load(Ordering::Relaxed),
-        m.rejected_requests.load(Ordering::Relaxed),
-        m.state_transitions.load(Ordering::Relaxed),
+        "{title}: {} calls = {} ok + {} failed + {} neutral + {} rejected + {} in flight; {} state changes",
+        m.total_requests,
+        m.successful_requests,
+        m.failed_requests,
+        m.neutral_requests,
+        m.rejected_requests,
+        m.in_flight,
+        m.state_transitions,
     );
-    for key in cb.snapshot().keys {
+    let ended = m.successful_requests
+        + m.failed_requests
+        + m.neutral_requests
+        + m.rejected_requests
+        + m.in_flight
+        + m.untracked_requests;
+    if ended != m.total_requests {
+        return Err(format!(
+            "{title}: the counts do not add up ({ended} of {})",
+            m.total_requests
+        )
+        .into());
+    }
+    for key in m.keys {
         println!(
-            "    {:<45} {:<9} successes {} failures {} rejections {}",
-            key.key,
-            format!("{:?}", key.state),
-            key.successes,
-            key.failures,
-            key.rejections
+            "    {:<34} {:<9} successes {} failures {} rejections {}",
+            key.key, key.state, key.successes, key.failures, key.rejections
         );
     }
+    Ok(())
 }
 
 #[tokio::main]
@@ -194,7 +245,8 @@ async fn main() -> Result<(), Error> {
 
     // ---------------------------------------------------------------- 1
     println!("\n== 1. one breaker per server; HTTP 503 seen through the transport wrapper");
-    let per_server = CircuitBreakerMiddleware::builder()
+    let server_changes = Changes::default();
+    let per_server = watched(CircuitBreakerMiddleware::builder(), &log, &server_changes)
         .scope(CircuitBreakerScope::PerServer)
         .failure_threshold(3)
         .success_threshold(1)
@@ -271,7 +323,8 @@ async fn main() -> Result<(), Error> {
 
     // ---------------------------------------------------------------- 2
     println!("\n== 2. one breaker per JSON-RPC method: tools/call opens, tools/list still passes");
-    let per_method = CircuitBreakerMiddleware::builder()
+    let method_changes = Changes::default();
+    let per_method = watched(CircuitBreakerMiddleware::builder(), &log, &method_changes)
         .scope(CircuitBreakerScope::PerMethod)
         .failure_threshold(2)
         .timeout(OPEN_FOR)
@@ -297,14 +350,17 @@ async fn main() -> Result<(), Error> {
     }
     let listed = client.list_tools(None).await.map(|r| r.tools.len());
     log.line(format!(
-        "failing  tools/list -> {:?} tools; breaker of method:tools/list {:?}",
-        listed.ok(),
-        per_method.state_of("method:tools/list")
+        "failing  tools/list -> {} tools; breaker of method:tools/list {}",
+        listed.map_or("no".to_string(), |n| n.to_string()),
+        per_method
+            .state_of("method:tools/list")
+            .map_or("-".to_string(), |s| s.to_string())
     ));
 
     // ---------------------------------------------------------------- 3
     println!("\n== 3. one breaker per tool: only `db` opens, `search` keeps working");
-    let per_tool = CircuitBreakerMiddleware::builder()
+    let tool_changes = Changes::default();
+    let per_tool = watched(CircuitBreakerMiddleware::builder(), &log, &tool_changes)
         .scope(CircuitBreakerScope::PerTool)
         .failure_threshold(2)
         .timeout(OPEN_FOR)
@@ -337,9 +393,39 @@ async fn main() -> Result<(), Error> {
     call(&log, "failing", &client, "db", &per_tool, "tool:db").await;
 
     // ---------------------------------------------------------------- 4
-    println!("\n== 4. metrics() snapshots");
-    print_metrics("per server", &per_server);
-    print_metrics("per method", &per_method);
-    print_metrics("per tool  ", &per_tool);
+    println!("\n== 4. metrics snapshots");
+    print_metrics("per server", &per_server)?;
+    print_metrics("per method", &per_method)?;
+    print_metrics("per tool  ", &per_tool)?;
+
+    println!();
+    check(
+        "per server",
+        &server_changes,
+        &[
+            "server: closed -> open",
+            "server: open -> half-open",
+            "server: half-open -> open",
+            "server: open -> half-open",
+            "server: half-open -> closed",
+        ],
+    )?;
+    check(
+        "per method",
+        &method_changes,
+        &["method:tools/call: closed -> open"],
+    )?;
+    check(
+        "per tool",
+        &tool_changes,
+        &[
+            "tool:db: closed -> open",
+            "tool:db: open -> half-open",
+            "tool:db: half-open -> closed",
+        ],
+    )?;
+    if per_tool.state_of("tool:search") != Some(CircuitState::Closed) {
+        return Err("the healthy tool's breaker should have stayed closed".into());
+    }
     Ok(())
 }

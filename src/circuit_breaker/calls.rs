@@ -65,7 +65,11 @@ impl Calls {
     pub(crate) fn new(capacity: usize) -> Self {
         Calls {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(TokenMap::with_hasher(foldhash::fast::FixedState::with_seed(1))))
+                .map(|_| {
+                    Mutex::new(TokenMap::with_hasher(
+                        foldhash::fast::FixedState::with_seed(1),
+                    ))
+                })
                 .collect(),
             len: AtomicUsize::new(0),
             capacity,

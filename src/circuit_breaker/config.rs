@@ -58,6 +58,22 @@ pub struct CircuitBreakerConfig {
     /// Reject with a JSON-RPC error carrying `retryAfterMs` instead of
     /// `pmcp::Error::CircuitBreakerOpen`.
     pub signal_client: bool,
+    /// Called on every change of a key's state (see
+    /// [`CircuitBreakerBuilder::on_transition`]).
+    pub on_transition: Option<TransitionHook>,
+}
+
+/// The function behind a [`TransitionHook`].
+pub type TransitionFn = dyn Fn(&str, crate::circuit_breaker::state::Transition) + Send + Sync;
+
+/// A function told of every state change of a breaker's keys.
+#[derive(Clone)]
+pub struct TransitionHook(pub Arc<TransitionFn>);
+
+impl std::fmt::Debug for TransitionHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransitionHook(..)")
+    }
 }
 
 impl Default for CircuitBreakerConfig {
@@ -72,6 +88,7 @@ impl Default for CircuitBreakerConfig {
             policy: BreakerPolicy::default(),
             registry_limits: RegistryLimits::default(),
             signal_client: false,
+            on_transition: None,
         }
     }
 }
@@ -418,6 +435,35 @@ impl CircuitBreakerBuilder {
     /// `pmcp::Error::CircuitBreakerOpen`.
     pub fn signal_client(mut self, on: bool) -> Self {
         self.config.signal_client = on;
+        self
+    }
+
+    /// Calls `f` with the key and the change each time a key changes state
+    /// (closed, open, half-open), as it happens: for logs of your own, alerts,
+    /// or a test that waits for a trip. Keep it quick; it runs on the call's path.
+    ///
+    /// ```
+    /// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, Verdict};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let cb = CircuitBreakerMiddleware::builder()
+    ///     .failure_threshold(1)
+    ///     .on_transition(move |key, t| log.lock().unwrap().push(format!("{key}: {} -> {}", t.from, t.to)))
+    ///     .build()
+    ///     .expect("valid settings");
+    /// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+    /// assert_eq!(*seen.lock().unwrap(), ["global: closed -> open"]);
+    /// # }
+    /// ```
+    pub fn on_transition(
+        mut self,
+        f: impl Fn(&str, crate::circuit_breaker::state::Transition) + Send + Sync + 'static,
+    ) -> Self {
+        self.config.on_transition = Some(TransitionHook(Arc::new(f)));
         self
     }
 

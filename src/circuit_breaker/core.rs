@@ -26,6 +26,7 @@ use std::time::Duration;
 use parking_lot::RwLock;
 
 use super::calls::{Call, Calls, DecidedBy};
+use super::config::TransitionHook;
 use super::matcher::{self, ErrorMatcher, Outcome};
 use super::metrics::CircuitBreakerMetrics;
 use super::permit::{Permit, Rejected, spawn_or_drop};
@@ -113,6 +114,7 @@ pub(crate) struct Core {
     metrics_config: MetricsConfig,
     pub(crate) clock: SharedClock,
     pub(crate) backend: Backend,
+    on_transition: Option<TransitionHook>,
     store_errors: AtomicU64,
     warned_store: AtomicBool,
     next_sweep: AtomicU64,
@@ -129,6 +131,7 @@ pub(crate) struct CoreSettings {
     pub(crate) metrics_config: MetricsConfig,
     pub(crate) clock: SharedClock,
     pub(crate) backend: Backend,
+    pub(crate) on_transition: Option<TransitionHook>,
 }
 
 impl Drop for Core {
@@ -157,6 +160,7 @@ impl Core {
             metrics_config: settings.metrics_config,
             clock: settings.clock,
             backend: settings.backend,
+            on_transition: settings.on_transition,
             store_errors: AtomicU64::new(0),
             warned_store: AtomicBool::new(false),
             next_sweep: AtomicU64::new(0),
@@ -510,6 +514,9 @@ impl Core {
 
     pub(crate) fn on_transition(&self, key: &str, t: Transition) {
         self.count(&self.metrics.state_transitions);
+        if let Some(hook) = &self.on_transition {
+            (hook.0)(key, t);
+        }
         let (from, to, reason) = (t.from.label(), t.to.label(), t.reason.label());
         match t.to {
             CircuitState::Open => tracing::info!(key, from, to, reason, "circuit breaker opened"),

@@ -172,6 +172,7 @@ impl CircuitBreakerMiddleware {
             metrics_config: config.metrics_config,
             clock,
             backend: opened.backend,
+            on_transition: config.on_transition,
         }));
         core.load(opened.loaded);
         if let Backend::File(file) = &core.backend {

@@ -63,7 +63,8 @@ pub use metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 pub use middleware::CircuitBreakerMiddleware;
 pub use permit::{Permit, Rejected};
 pub use state::{
-    BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, Verdict,
+    BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, Transition,
+    TransitionReason, Verdict,
 };
 pub use store::{CircuitBreakerStateStore, InMemoryStateStore};
 pub use transport::ObservedTransport;

@@ -75,7 +75,8 @@ impl CircuitState {
 /// ```
 impl std::fmt::Display for CircuitState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        // `pad`, so that widths (`{:<9}`) line states up.
+        f.pad(match self {
             CircuitState::Closed => "closed",
             CircuitState::Open => "open",
             CircuitState::HalfOpen => "half-open",
@@ -204,7 +205,7 @@ impl Verdict {
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.label())
+        f.pad(self.label())
     }
 }
 
@@ -246,7 +247,7 @@ impl TransitionReason {
     }
 }
 
-/// A change of state.
+/// A change of state. Prints as `closed -> open (consecutive_failures)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
     /// The state before.
@@ -255,6 +256,12 @@ pub struct Transition {
     pub to: CircuitState,
     /// Why.
     pub reason: TransitionReason,
+}
+
+impl std::fmt::Display for Transition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {} ({})", self.from, self.to, self.reason.label())
+    }
 }
 
 /// Window totals.
