@@ -105,8 +105,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         match client.call_tool("flaky_db".into(), json!({})).await {
             Ok(_) => println!("call {i}: ok"),
             Err(pmcp::Error::CircuitBreakerOpen) => println!(
-                "call {i}: rejected locally, breaker open (retry in {:?})",
-                breaker.retry_after("tool:flaky_db")
+                "call {i}: rejected locally, breaker {} (retry in {:.1} s)",
+                breaker
+                    .state_of("tool:flaky_db")
+                    .map_or("-".into(), |s| s.to_string()),
+                breaker
+                    .retry_after("tool:flaky_db")
+                    .unwrap_or_default()
+                    .as_secs_f64()
             ),
             Err(e) => println!("call {i}: server error: {e}"),
         }
@@ -133,30 +139,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    println!("\n-- metrics() snapshots");
-    let cb = breaker.metrics();
+    println!("\n-- metrics snapshots");
+    let cb = breaker.snapshot();
     println!(
-        "breaker: total {} ok {} failed {} rejected {} transitions {}",
-        cb.total_requests.load(Ordering::Relaxed),
-        cb.successful_requests.load(Ordering::Relaxed),
-        cb.failed_requests.load(Ordering::Relaxed),
-        cb.rejected_requests.load(Ordering::Relaxed),
-        cb.state_transitions.load(Ordering::Relaxed),
+        "breaker: {} calls = {} ok + {} failed + {} neutral (refused by the limiter after it) + {} rejected",
+        cb.total_requests,
+        cb.successful_requests,
+        cb.failed_requests,
+        cb.neutral_requests,
+        cb.rejected_requests,
     );
-    for (key, state) in cb.current_state.read().await.iter() {
-        println!("  {key}: {state:?}");
+    for key in &cb.keys {
+        println!("  {}: {}", key.key, key.state);
     }
     let rl = limiter.metrics();
     println!(
-        "limiter: allowed {} rejected {}",
+        "limiter: {} allowed, {} rejected",
         rl.allowed_requests.load(Ordering::Relaxed),
         rl.rejected_requests.load(Ordering::Relaxed),
     );
     for (key, usage) in rl.current_usage.read().await.iter() {
+        let full_in = usage
+            .reset_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
         println!(
-            "  {key}: {}/{} used (resets at {:?})",
-            usage.used, usage.limit, usage.reset_at
+            "  {key}: {} of {} used, full again in {:.1} s",
+            usage.used,
+            usage.limit,
+            full_in.as_secs_f64()
         );
+    }
+
+    // What the example shows, checked: it fails loudly if that stops being true.
+    let counted = cb.successful_requests
+        + cb.failed_requests
+        + cb.neutral_requests
+        + cb.rejected_requests
+        + cb.in_flight
+        + cb.untracked_requests;
+    if db_calls.load(Ordering::SeqCst) != 3 || counted != cb.total_requests {
+        return Err(format!(
+            "expected 3 calls to reach flaky_db and counts that add up; got {} calls, {counted} of {} counted",
+            db_calls.load(Ordering::SeqCst),
+            cb.total_requests
+        )
+        .into());
     }
     Ok(())
 }
