@@ -77,6 +77,7 @@
 
 mod backpressure;
 mod config;
+mod entry;
 mod limiter;
 mod metrics;
 mod middleware;
