@@ -334,6 +334,68 @@ impl KeyedRateLimiter {
         decision
     }
 
+    /// Admits `cost` units for `key` at `now` if they are available with no
+    /// wait, and records the admission; otherwise records nothing and
+    /// returns the decision saying how long until they are (a rejection with
+    /// `retry_after`, or for the leaky bucket an admission with a `wait`).
+    /// The waiting line's head asks this until it is admitted.
+    pub(crate) fn admit_now(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let (decision, _overflowed) = self.registry.with(
+            key,
+            now,
+            |key| Entry::new(key, policy),
+            |entry| {
+                let mut state = entry.limiter_state(policy);
+                let decision = policy.acquire(&mut state, nanos, cost, 0);
+                if decision.allowed && decision.wait.is_zero() {
+                    record(policy, entry, &state, &decision);
+                }
+                decision
+            },
+        );
+        if decision.allowed && decision.wait.is_zero() {
+            self.changed();
+        }
+        decision
+    }
+
+    /// The decision `cost` units for `key` would get at `now` behind
+    /// requests of `ahead` units, each served in turn, if it may wait up to
+    /// `max_wait`: admitted with the wait, or rejected with how long it
+    /// would take. Records nothing.
+    pub(crate) fn decide_behind(
+        &self,
+        key: &str,
+        ahead: impl Iterator<Item = u32>,
+        cost: u32,
+        now: Timestamp,
+        max_wait: Duration,
+    ) -> Decision {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let mut state = self
+            .registry
+            .peek(key, |entry| entry.limiter_state(policy))
+            .unwrap_or_else(|| policy.initial_state());
+        for units in ahead {
+            // Each request ahead is served before this one, however long it waits.
+            policy.acquire(&mut state, nanos, units, u64::MAX);
+        }
+        policy.acquire(&mut state, nanos, cost, duration_nanos(max_wait))
+    }
+
+    /// Counts a rejection the limiter's state did not record (a request
+    /// turned away before it could queue).
+    pub(crate) fn count_rejection(&self, key: &str) {
+        let policy = self.policy;
+        self.registry.peek(key, |entry| {
+            let (allowed, rejected) = entry.counts(policy);
+            entry.set_counts(policy, allowed, rejected.saturating_add(1));
+        });
+    }
+
     /// Decides on `cost` units for `key` at `now`, reserving a later slot
     /// within `max_wait` (see [`RateLimitStrategy::acquire`]).
     pub fn acquire_key_at(
