@@ -89,7 +89,9 @@ pub(crate) trait Record: Send + 'static {
 pub struct RegistryLimits {
     /// Most keys kept at once (default 100,000).
     pub max_keys: usize,
-    /// A key unused this long may be evicted if its state allows (default 10 minutes).
+    /// A key unused this long may be evicted if its state allows (default 10
+    /// minutes). A rate limiter's key counts as unused once it has been back
+    /// at full capacity this long.
     pub idle_after: Duration,
 }
 

@@ -1,22 +1,40 @@
 //! Waiting for capacity instead of failing at once.
 //!
 //! With [`BackpressureConfig::wait_for_capacity`], a request that finds no
-//! capacity **reserves** the earliest slot it can get (the key's state moves
-//! forward at once) and then sleeps until that slot. Because the slot is taken
-//! before the sleep, requests arriving later get later slots: service is in
-//! order of arrival, and a waiter cannot be overtaken. A request whose slot
-//! is more than [`max_wait`](BackpressureConfig::max_wait) away is rejected
-//! at once, not after waiting; so is a request arriving when the number of
-//! waiters is at its bound (`max_waiters` on the builder, default
-//! [`DEFAULT_MAX_WAITERS`]).
+//! capacity joins its key's **line**, in order of arrival. Only the head of
+//! the line asks the limiter for its units (a decision at the current time,
+//! recorded only when it admits); it sleeps until they are back, is
+//! admitted, and wakes the next. Nothing is taken from the limiter before a
+//! request is admitted, so:
 //!
-//! If a waiting request's future is dropped (the caller timed out or gave
-//! up), its [`WaitGuard`] gives the slot back, as described on
-//! [`Reservation`](super::Reservation): given back when no later request has
-//! reserved since; otherwise left unused.
+//! - service is in order of arrival: a later request never overtakes, and a
+//!   heavy request is not starved by light ones behind it;
+//! - a request that gives up (its future is dropped: a client timeout, a
+//!   cancelled call) just leaves the line, wherever it stood; those behind
+//!   move up and are served at the rate the strategy allows, and a heavy
+//!   request that gives up frees its whole cost;
+//! - a newcomer is judged from the units ahead of it: if its wait, with all
+//!   of them served first, would exceed
+//!   [`max_wait`](BackpressureConfig::max_wait), it is rejected at once, not
+//!   after waiting; so is a request arriving when the number of waiters is
+//!   at its bound (`max_waiters` on the builder, default
+//!   [`DEFAULT_MAX_WAITERS`]).
 //!
-//! The leaky bucket delays admitted requests whatever these settings (its
-//! queue is its capacity), and those delays are cancelled the same way.
+//! Per strategy, in memory:
+//!
+//! | strategy | the head is admitted when | a waiter that gives up |
+//! |---|---|---|
+//! | token bucket | its cost in tokens is back | frees its place; no token was taken |
+//! | fixed / sliding window | a window (or the rolling estimate) has room for its cost | frees its place; units a window had left while a heavier head waited for the next are not lent to lighter ones behind it (arrival order wins) |
+//! | leaky bucket | the unit before it has leaked out, so requests stay `1 / leak_rate` apart | frees its place in the bucket's queue, which *is* the line: the bucket's `capacity` bounds the units in it, whatever `wait_for_capacity` and `max_wait` say |
+//!
+//! A custom [`RateLimiter`](super::RateLimiter) and the Redis store are
+//! shared with other processes, which the line cannot see: there a waiter
+//! reserves its slot in the store at once (so every process respects it),
+//! sleeps, and if it gives up, [`cancel`](super::RateLimiter::cancel) hands
+//! the slot back only if no later reservation was made since (see
+//! [`Reservation`](super::Reservation)); otherwise the slot goes unused and
+//! its capacity returns with time.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
