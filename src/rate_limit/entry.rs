@@ -24,27 +24,59 @@ pub(crate) struct Entry(Box<[u8]>);
 const WORD: usize = 8;
 
 impl Policy {
+    /// Whether the state takes two words (the windows) rather than one.
+    #[inline]
+    fn two_words(&self) -> bool {
+        matches!(
+            self,
+            Policy::FixedWindow { .. } | Policy::SlidingWindow { .. }
+        )
+    }
+
     /// Bytes before the key: the state words and the two counts.
     #[inline]
     fn header(&self) -> usize {
-        match self {
-            Policy::TokenBucket { .. } | Policy::LeakyBucket { .. } => 2 * WORD,
-            Policy::FixedWindow { .. } | Policy::SlidingWindow { .. } => 3 * WORD,
-        }
+        if self.two_words() { 3 * WORD } else { 2 * WORD }
     }
 }
 
+/// What an entry holds besides its key, read at once and written back at
+/// once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Fields {
+    pub(crate) state: PackedState,
+    /// Requests admitted since the key was created.
+    pub(crate) allowed: u32,
+    /// Requests rejected since the key was created.
+    pub(crate) rejected: u32,
+}
+
+impl Fields {
+    fn from_words(first: u64, second: u64, counts: u64) -> Self {
+        Fields {
+            state: PackedState([first, second]),
+            allowed: counts as u32,
+            rejected: (counts >> 32) as u32,
+        }
+    }
+
+    fn counts(&self) -> u64 {
+        u64::from(self.allowed) | (u64::from(self.rejected) << 32)
+    }
+}
+
+/// The word at byte `at` of a fixed-size header (the offsets are constants
+/// once inlined, so no check is left).
 #[inline]
-fn read_u64(bytes: &[u8], at: usize) -> u64 {
-    bytes
-        .get(at..at + WORD)
+fn word<const N: usize>(head: &[u8; N], at: usize) -> u64 {
+    head.get(at..at + WORD)
         .and_then(|b| <[u8; WORD]>::try_from(b).ok())
         .map_or(0, u64::from_le_bytes)
 }
 
 #[inline]
-fn write_u64(bytes: &mut [u8], at: usize, value: u64) {
-    if let Some(b) = bytes.get_mut(at..at + WORD) {
+fn set_word<const N: usize>(head: &mut [u8; N], at: usize, value: u64) {
+    if let Some(b) = head.get_mut(at..at + WORD) {
         b.copy_from_slice(&value.to_le_bytes());
     }
 }
@@ -59,41 +91,44 @@ impl Entry {
         Entry(bytes.into_boxed_slice())
     }
 
+    /// The state and counts.
     #[inline]
-    pub(crate) fn state(&self, policy: Policy) -> PackedState {
-        let second = match policy.header() {
-            h if h > 2 * WORD => read_u64(&self.0, WORD),
-            _ => 0,
-        };
-        PackedState([read_u64(&self.0, 0), second])
+    pub(crate) fn fields(&self, policy: Policy) -> Fields {
+        if policy.two_words() {
+            self.0
+                .first_chunk::<{ 3 * WORD }>()
+                .map_or_else(Fields::default, |h| {
+                    Fields::from_words(word(h, 0), word(h, WORD), word(h, 2 * WORD))
+                })
+        } else {
+            self.0
+                .first_chunk::<{ 2 * WORD }>()
+                .map_or_else(Fields::default, |h| {
+                    Fields::from_words(word(h, 0), 0, word(h, WORD))
+                })
+        }
     }
 
+    /// Writes the state and counts back.
     #[inline]
-    pub(crate) fn set_state(&mut self, policy: Policy, state: PackedState) {
-        let [first, second] = state.0;
-        write_u64(&mut self.0, 0, first);
-        if policy.header() > 2 * WORD {
-            write_u64(&mut self.0, WORD, second);
+    pub(crate) fn set_fields(&mut self, policy: Policy, fields: &Fields) {
+        let [first, second] = fields.state.0;
+        if policy.two_words() {
+            if let Some(h) = self.0.first_chunk_mut::<{ 3 * WORD }>() {
+                set_word(h, 0, first);
+                set_word(h, WORD, second);
+                set_word(h, 2 * WORD, fields.counts());
+            }
+        } else if let Some(h) = self.0.first_chunk_mut::<{ 2 * WORD }>() {
+            set_word(h, 0, first);
+            set_word(h, WORD, fields.counts());
         }
     }
 
     /// The key's state, unpacked.
     #[inline]
     pub(crate) fn limiter_state(&self, policy: Policy) -> LimiterState {
-        policy.unpack(self.state(policy))
-    }
-
-    /// Requests admitted and rejected since the key was created.
-    #[inline]
-    pub(crate) fn counts(&self, policy: Policy) -> (u32, u32) {
-        let counts = read_u64(&self.0, policy.header() - WORD);
-        (counts as u32, (counts >> 32) as u32)
-    }
-
-    #[inline]
-    pub(crate) fn set_counts(&mut self, policy: Policy, allowed: u32, rejected: u32) {
-        let counts = u64::from(allowed) | (u64::from(rejected) << 32);
-        write_u64(&mut self.0, policy.header() - WORD, counts);
+        policy.unpack(self.fields(policy).state)
     }
 
     /// The key's text.
@@ -138,10 +173,13 @@ mod tests {
         let key = "session:6f1c1a52-5d0e-4b8e-9f3a-0c2d1e4f5a6b";
         let mut entry = Entry::new(key, policy);
         assert_eq!(entry.heap_bytes(), 16 + key.len());
-        entry.set_state(policy, PackedState([7, 0]));
-        entry.set_counts(policy, 3, u32::MAX);
-        assert_eq!(entry.state(policy), PackedState([7, 0]));
-        assert_eq!(entry.counts(policy), (3, u32::MAX));
+        let fields = Fields {
+            state: PackedState([7, 0]),
+            allowed: 3,
+            rejected: u32::MAX,
+        };
+        entry.set_fields(policy, &fields);
+        assert_eq!(entry.fields(policy), fields);
         assert_eq!(entry.key_str(policy), key);
     }
 
@@ -152,10 +190,13 @@ mod tests {
             window: 1_000,
         };
         let mut entry = Entry::new("tool:search", policy);
-        entry.set_state(policy, PackedState([5, 9]));
-        entry.set_counts(policy, 1, 2);
-        assert_eq!(entry.state(policy), PackedState([5, 9]));
-        assert_eq!(entry.counts(policy), (1, 2));
+        let fields = Fields {
+            state: PackedState([5, 9]),
+            allowed: 1,
+            rejected: 2,
+        };
+        entry.set_fields(policy, &fields);
+        assert_eq!(entry.fields(policy), fields);
         assert_eq!(entry.key_str(policy), "tool:search");
     }
 }

@@ -15,7 +15,7 @@ use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadRep
 use crate::registry::{KeyMap, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;
 
-use super::entry::Entry;
+use super::entry::{Entry, Fields};
 use super::strategy::{Decision, LimiterState, Policy, RateLimitStrategy, Reservation};
 
 /// The outcome of [`RateLimiter::acquire`]: the decision, and the slot held
@@ -250,7 +250,11 @@ impl KeyedRateLimiter {
                 &key,
                 now,
                 |key| Entry::new(key, policy),
-                |entry| entry.set_state(policy, policy.pack(&state)),
+                |entry| {
+                    let mut fields = entry.fields(policy);
+                    fields.state = policy.pack(&state);
+                    entry.set_fields(policy, &fields);
+                },
             );
         }
         let registry = Arc::downgrade(&self.registry);
@@ -324,9 +328,11 @@ impl KeyedRateLimiter {
             now,
             |key| Entry::new(key, policy),
             |entry| {
-                let mut state = entry.limiter_state(policy);
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
                 let decision = policy.acquire(&mut state, nanos, cost, 0);
-                record(policy, entry, &state, &decision);
+                record(policy, &mut fields, &state, &decision);
+                entry.set_fields(policy, &fields);
                 decision
             },
         );
@@ -347,10 +353,12 @@ impl KeyedRateLimiter {
             now,
             |key| Entry::new(key, policy),
             |entry| {
-                let mut state = entry.limiter_state(policy);
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
                 let decision = policy.acquire(&mut state, nanos, cost, 0);
                 if decision.allowed && decision.wait.is_zero() {
-                    record(policy, entry, &state, &decision);
+                    record(policy, &mut fields, &state, &decision);
+                    entry.set_fields(policy, &fields);
                 }
                 decision
             },
@@ -391,8 +399,9 @@ impl KeyedRateLimiter {
     pub(crate) fn count_rejection(&self, key: &str) {
         let policy = self.policy;
         self.registry.peek(key, |entry| {
-            let (allowed, rejected) = entry.counts(policy);
-            entry.set_counts(policy, allowed, rejected.saturating_add(1));
+            let mut fields = entry.fields(policy);
+            fields.rejected = fields.rejected.saturating_add(1);
+            entry.set_fields(policy, &fields);
         });
     }
 
@@ -413,10 +422,12 @@ impl KeyedRateLimiter {
             now,
             |key| Entry::new(key, policy),
             |entry| {
-                let before = entry.limiter_state(policy);
+                let mut fields = entry.fields(policy);
+                let before = policy.unpack(fields.state);
                 let mut state = before;
                 let decision = policy.acquire(&mut state, nanos, cost, max_wait);
-                record(policy, entry, &state, &decision);
+                record(policy, &mut fields, &state, &decision);
+                entry.set_fields(policy, &fields);
                 let reservation =
                     (decision.allowed && !decision.wait.is_zero()).then_some(Reservation {
                         cost,
@@ -440,12 +451,13 @@ impl KeyedRateLimiter {
         let refunded = self
             .registry
             .peek(key, |entry| {
-                let mut state = entry.limiter_state(policy);
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
                 let refunded = policy.refund(&mut state, reservation, now.as_nanos());
                 if refunded {
-                    entry.set_state(policy, policy.pack(&state));
-                    let (allowed, rejected) = entry.counts(policy);
-                    entry.set_counts(policy, allowed.saturating_sub(1), rejected);
+                    fields.state = policy.pack(&state);
+                    fields.allowed = fields.allowed.saturating_sub(1);
+                    entry.set_fields(policy, &fields);
                 }
                 refunded
             })
@@ -487,15 +499,15 @@ impl KeyedRateLimiter {
         let nanos = now.as_nanos();
         let mut rows = Vec::new();
         self.registry.for_each(|entry| {
-            let (used, reset_at) = policy.usage(&entry.limiter_state(policy), nanos);
-            let (allowed, rejected) = entry.counts(policy);
+            let fields = entry.fields(policy);
+            let (used, reset_at) = policy.usage(&policy.unpack(fields.state), nanos);
             rows.push(KeyUsage {
                 key: ScopeKey::verbatim(entry.key_str(policy)),
                 used,
                 limit: policy.limit(),
                 reset_at: Timestamp::from_nanos(reset_at),
-                allowed: u64::from(allowed),
-                rejected: u64::from(rejected),
+                allowed: u64::from(fields.allowed),
+                rejected: u64::from(fields.rejected),
             });
         });
         rows
@@ -550,13 +562,12 @@ fn snapshot(
 }
 
 #[inline]
-fn record(policy: Policy, entry: &mut Entry, state: &LimiterState, decision: &Decision) {
-    let (allowed, rejected) = entry.counts(policy);
+fn record(policy: Policy, fields: &mut Fields, state: &LimiterState, decision: &Decision) {
     if decision.allowed {
-        entry.set_state(policy, policy.pack(state));
-        entry.set_counts(policy, allowed.saturating_add(1), rejected);
+        fields.state = policy.pack(state);
+        fields.allowed = fields.allowed.saturating_add(1);
     } else {
-        entry.set_counts(policy, allowed, rejected.saturating_add(1));
+        fields.rejected = fields.rejected.saturating_add(1);
     }
 }
 
