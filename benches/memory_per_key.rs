@@ -110,9 +110,39 @@ fn main() {
         }
         let per_key = (LIVE.load(Ordering::Relaxed) - before) as f64 / KEYS as f64;
         println!(
-            "pmcp-resilience {name}: {per_key:.1} bytes/key ({:.2}x governor)",
-            per_key / governor_per_key
+            "pmcp-resilience {name}: {per_key:.1} bytes/key ({:.2}x governor), \
+             of which the key text {key_bytes} bytes ({:.0}%)",
+            per_key / governor_per_key,
+            100.0 * key_bytes as f64 / per_key
         );
         drop(ours);
     }
+
+    // A flood of distinct keys against the cap: what each key held costs
+    // while idle keys are swept to make room.
+    let cap = 100_000;
+    let clock = pmcp_resilience::ManualClock::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    let limits = RegistryLimits {
+        max_keys: cap,
+        idle_after: Duration::from_secs(1),
+    };
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 10,
+        refill_rate: 10,
+    };
+    let ours = match KeyedRateLimiter::new(strategy, limits, Arc::new(clock.clone())) {
+        Ok(l) => l,
+        Err(e) => panic!("config: {e}"),
+    };
+    for k in &keys {
+        clock.advance(Duration::from_micros(20));
+        let _ = ours.check_key(k, 1);
+    }
+    let held = ours.registry_stats().keys;
+    let per_key = (LIVE.load(Ordering::Relaxed) - before) as f64 / held as f64;
+    println!(
+        "pmcp-resilience token_bucket, {KEYS} keys flooding a cap of {cap}: \
+         {per_key:.1} bytes per key held ({held} held)"
+    );
 }

@@ -29,6 +29,12 @@
 //!   limiter. Each such request is counted in [`RegistryStats::overflowed`].
 //!   Sharing errs on the safe side: a flood of new keys is limited together
 //!   instead of each getting a fresh budget.
+//!
+//! Those rules live in [`KeyMap`], which holds any [`Record`]: the
+//! [`Registry`] holds a key, a last-seen time and a typed state per key; the
+//! rate limiter holds its state words and the key text in one allocation (a
+//! token-bucket key of 44 bytes costs about 96 bytes in all), and calls a key
+//! idle once it has been back at full capacity for `idle_after`.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,12 +57,38 @@ pub(crate) trait KeyState: Send + 'static {
     fn is_evictable(&self, now: Timestamp) -> bool;
 }
 
+/// What a [`KeyMap`] keeps per key: the key and its state, in a layout of
+/// the record's choosing.
+pub(crate) trait Record: Send + 'static {
+    /// What the map hands to every record (the limiter's policy, which says
+    /// how its bytes are laid out and when a key is full; nothing for a
+    /// registry slot).
+    type Context: Copy + Send + Sync + 'static;
+
+    /// The key's bytes.
+    fn key(&self, context: Self::Context) -> &[u8];
+
+    /// The key was used at `now`.
+    fn touch(&mut self, now: Timestamp);
+
+    /// Whether the key has been idle for `idle_after` at `now` and can be
+    /// dropped without changing any future decision.
+    fn is_idle_and_evictable(
+        &self,
+        context: Self::Context,
+        now: Timestamp,
+        idle_after: Duration,
+    ) -> bool;
+}
+
 /// Bounds on the number of keys a breaker or limiter keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistryLimits {
     /// Most keys kept at once (default 100,000).
     pub max_keys: usize,
-    /// A key unused this long may be evicted if its state allows (default 10 minutes).
+    /// A key unused this long may be evicted if its state allows (default 10
+    /// minutes). A rate limiter's key counts as unused once it has been back
+    /// at full capacity this long.
     pub idle_after: Duration,
 }
 
@@ -96,35 +128,32 @@ pub struct RegistryStats {
     pub overflowed: u64,
 }
 
-struct Slot<S> {
-    key: ScopeKey,
-    hash: u64,
-    last_seen: Timestamp,
-    state: S,
-}
-
 #[repr(align(64))]
-struct Shard<S> {
-    table: Mutex<HashTable<Slot<S>>>,
+struct Shard<R> {
+    table: Mutex<HashTable<R>>,
     /// After a sweep of this shard at the cap found nothing to drop, the next
     /// one waits until then (nanoseconds): otherwise a flood of new keys
     /// while every key is busy would rescan the shard on every request.
     no_sweep_before: AtomicU64,
 }
 
-/// A sharded map from [`ScopeKey`] to state, bounded by [`RegistryLimits`].
-pub(crate) struct Registry<S> {
-    shards: Box<[Shard<S>]>,
+/// A sharded map of [`Record`]s, bounded by [`RegistryLimits`].
+///
+/// The table holds the records themselves and no hash: growing it hashes
+/// the keys again, which is rare, instead of storing 8 bytes per key.
+pub(crate) struct KeyMap<R: Record> {
+    shards: Box<[Shard<R>]>,
     shard_mask: u64,
     hasher: foldhash::quality::RandomState,
     limits: RegistryLimits,
+    context: R::Context,
     len: AtomicUsize,
     evicted: AtomicU64,
     overflowed: AtomicU64,
 }
 
-impl<S: KeyState> Registry<S> {
-    pub(crate) fn new(limits: RegistryLimits) -> Self {
+impl<R: Record> KeyMap<R> {
+    pub(crate) fn new(limits: RegistryLimits, context: R::Context) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         let count = (threads * 8).next_power_of_two().clamp(16, 256);
         let shards = (0..count)
@@ -134,11 +163,12 @@ impl<S: KeyState> Registry<S> {
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
-        Registry {
+        KeyMap {
             shards,
             shard_mask: (count - 1) as u64,
             hasher: foldhash::quality::RandomState::default(),
             limits,
+            context,
             len: AtomicUsize::new(0),
             evicted: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
@@ -149,56 +179,64 @@ impl<S: KeyState> Registry<S> {
         self.limits
     }
 
-    fn shard_of(&self, hash: u64) -> &Shard<S> {
+    #[inline]
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard_of(&self, hash: u64) -> &Shard<R> {
         // hashbrown takes its 7-bit tag from the top bits and its bucket from
         // the low ones; the shard uses the middle, independent of both.
         &self.shards[((hash >> 32) & self.shard_mask) as usize]
     }
 
-    /// Runs `f` on the state of `key` under its shard's lock, creating the
-    /// state with `init` if the key is new. At the cap, `f` runs on the
-    /// overflow entry instead and the returned flag is `true`.
-    pub(crate) fn with<R>(
+    /// Runs `f` on the record of `key` under its shard's lock, creating it
+    /// with `make` if the key is new. At the cap, `f` runs on the overflow
+    /// record instead and the returned flag is `true`.
+    #[inline]
+    pub(crate) fn with<T>(
         &self,
         key: &str,
         now: Timestamp,
-        init: impl FnOnce() -> S,
-        f: impl FnOnce(&mut S) -> R,
-    ) -> (R, bool) {
-        match self.with_own(key, now, init, f) {
-            Ok(r) => (r, false),
-            Err((init, f)) => (self.with_overflow(now, init, f), true),
+        make: impl FnOnce(&str) -> R,
+        f: impl FnOnce(&mut R) -> T,
+    ) -> (T, bool) {
+        match self.with_own(key, now, make, f) {
+            Ok(t) => (t, false),
+            Err((make, f)) => (self.with_overflow(now, make, f), true),
         }
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs
-    /// nothing and returns `None` instead of sharing the overflow entry:
+    /// nothing and returns `None` instead of sharing the overflow record:
     /// for state that other keys must not be able to change (a breaker that
-    /// their failures could open). The refusal is counted in
-    /// [`RegistryStats::overflowed`].
-    pub(crate) fn try_with<R>(
+    /// their failures could open). Counted as an overflow.
+    #[inline]
+    pub(crate) fn try_with<T>(
         &self,
         key: &str,
         now: Timestamp,
-        init: impl FnOnce() -> S,
-        f: impl FnOnce(&mut S) -> R,
-    ) -> Option<R> {
-        self.with_own(key, now, init, f).ok()
+        make: impl FnOnce(&str) -> R,
+        f: impl FnOnce(&mut R) -> T,
+    ) -> Option<T> {
+        self.with_own(key, now, make, f).ok()
     }
 
-    /// Runs `f` on the key's own state, or hands `init` and `f` back at the
-    /// cap (counted as an overflow).
-    fn with_own<R, I, F>(&self, key: &str, now: Timestamp, init: I, f: F) -> Result<R, (I, F)>
+    /// Runs `f` on the key's own record, or hands `make` and `f` back at
+    /// the cap (counted as an overflow).
+    #[inline]
+    fn with_own<T, M, F>(&self, key: &str, now: Timestamp, make: M, f: F) -> Result<T, (M, F)>
     where
-        I: FnOnce() -> S,
-        F: FnOnce(&mut S) -> R,
+        M: FnOnce(&str) -> R,
+        F: FnOnce(&mut R) -> T,
     {
-        let hash = self.hasher.hash_one(key);
+        let context = self.context;
+        let hash = self.hash(key.as_bytes());
         let shard = self.shard_of(hash);
         let mut table = shard.table.lock();
-        if let Some(slot) = table.find_mut(hash, |s| s.key.as_str() == key) {
-            slot.last_seen = now;
-            return Ok(f(&mut slot.state));
+        if let Some(record) = table.find_mut(hash, |r| r.key(context) == key.as_bytes()) {
+            record.touch(now);
+            return Ok(f(record));
         }
         if self.len.load(Ordering::Relaxed) >= self.limits.max_keys
             && now.as_nanos() >= shard.no_sweep_before.load(Ordering::Relaxed)
@@ -211,72 +249,59 @@ impl<S: KeyState> Registry<S> {
         }
         if self.len.load(Ordering::Relaxed) < self.limits.max_keys {
             self.len.fetch_add(1, Ordering::Relaxed);
-            let slot = table
-                .insert_unique(
-                    hash,
-                    Slot {
-                        key: ScopeKey::verbatim(key),
-                        hash,
-                        last_seen: now,
-                        state: init(),
-                    },
-                    |s| s.hash,
-                )
+            let mut record = make(key);
+            record.touch(now);
+            let record = table
+                .insert_unique(hash, record, |r| self.hash(r.key(context)))
                 .into_mut();
-            return Ok(f(&mut slot.state));
+            return Ok(f(record));
         }
         drop(table);
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        Err((init, f))
+        Err((make, f))
     }
 
-    fn with_overflow<R>(
+    fn with_overflow<T>(
         &self,
         now: Timestamp,
-        init: impl FnOnce() -> S,
-        f: impl FnOnce(&mut S) -> R,
-    ) -> R {
-        let hash = self.hasher.hash_one(OVERFLOW_KEY);
+        make: impl FnOnce(&str) -> R,
+        f: impl FnOnce(&mut R) -> T,
+    ) -> T {
+        let context = self.context;
+        let overflow = OVERFLOW_KEY.as_bytes();
+        let hash = self.hash(overflow);
         let mut table = self.shard_of(hash).table.lock();
         // The overflow entry is allowed one place beyond the cap.
-        let slot = match table.find_mut(hash, |s| s.key.as_str() == OVERFLOW_KEY) {
-            Some(slot) => slot,
+        let record = match table.find_mut(hash, |r| r.key(context) == overflow) {
+            Some(record) => record,
             None => {
                 self.len.fetch_add(1, Ordering::Relaxed);
                 table
-                    .insert_unique(
-                        hash,
-                        Slot {
-                            key: ScopeKey::new(OVERFLOW_KEY),
-                            hash,
-                            last_seen: now,
-                            state: init(),
-                        },
-                        |s| s.hash,
-                    )
+                    .insert_unique(hash, make(OVERFLOW_KEY), |r| self.hash(r.key(context)))
                     .into_mut()
             }
         };
-        slot.last_seen = now;
-        f(&mut slot.state)
+        record.touch(now);
+        f(record)
     }
 
-    /// Runs `f` on the state of `key` if it exists.
-    pub(crate) fn peek<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Option<R> {
-        let hash = self.hasher.hash_one(key);
+    /// Runs `f` on the record of `key` if it exists.
+    pub(crate) fn peek<T>(&self, key: &str, f: impl FnOnce(&mut R) -> T) -> Option<T> {
+        let context = self.context;
+        let hash = self.hash(key.as_bytes());
         let mut table = self.shard_of(hash).table.lock();
         table
-            .find_mut(hash, |s| s.key.as_str() == key)
-            .map(|slot| f(&mut slot.state))
+            .find_mut(hash, |r| r.key(context) == key.as_bytes())
+            .map(f)
     }
 
     /// Drops the idle, evictable keys of one shard; returns how many.
-    fn sweep_locked(&self, table: &mut HashTable<Slot<S>>, now: Timestamp) -> usize {
-        let idle_after = self.limits.idle_after;
+    fn sweep_locked(&self, table: &mut HashTable<R>, now: Timestamp) -> usize {
+        let (context, idle_after) = (self.context, self.limits.idle_after);
         let before = table.len();
-        table.retain(|slot| {
-            let idle = now.saturating_since(slot.last_seen) >= idle_after;
-            !(idle && slot.key.as_str() != OVERFLOW_KEY && slot.state.is_evictable(now))
+        table.retain(|r| {
+            !(r.key(context) != OVERFLOW_KEY.as_bytes()
+                && r.is_idle_and_evictable(context, now, idle_after))
         });
         let removed = before - table.len();
         if removed > 0 {
@@ -295,12 +320,12 @@ impl<S: KeyState> Registry<S> {
         self.evicted.load(Ordering::Relaxed) - before
     }
 
-    /// Visits every key and its state (one shard locked at a time).
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&ScopeKey, &mut S)) {
+    /// Visits every record (one shard locked at a time).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&mut R)) {
         for shard in self.shards.iter() {
             let mut table = shard.table.lock();
-            for slot in table.iter_mut() {
-                f(&slot.key, &mut slot.state);
+            for record in table.iter_mut() {
+                f(record);
             }
         }
     }
@@ -311,6 +336,103 @@ impl<S: KeyState> Registry<S> {
             evicted: self.evicted.load(Ordering::Relaxed),
             overflowed: self.overflowed.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A registry's record: the key, when it was last used, and its state.
+struct Slot<S> {
+    key: ScopeKey,
+    last_seen: Timestamp,
+    state: S,
+}
+
+impl<S: KeyState> Record for Slot<S> {
+    type Context = ();
+
+    fn key(&self, _: ()) -> &[u8] {
+        self.key.as_str().as_bytes()
+    }
+
+    fn touch(&mut self, now: Timestamp) {
+        self.last_seen = now;
+    }
+
+    fn is_idle_and_evictable(&self, _: (), now: Timestamp, idle_after: Duration) -> bool {
+        now.saturating_since(self.last_seen) >= idle_after && self.state.is_evictable(now)
+    }
+}
+
+/// A [`KeyMap`] from [`ScopeKey`] to a typed state, bounded by
+/// [`RegistryLimits`].
+pub(crate) struct Registry<S: KeyState>(KeyMap<Slot<S>>);
+
+impl<S: KeyState> Registry<S> {
+    pub(crate) fn new(limits: RegistryLimits) -> Self {
+        Registry(KeyMap::new(limits, ()))
+    }
+
+    pub(crate) fn limits(&self) -> RegistryLimits {
+        self.0.limits()
+    }
+
+    // The breaker never shares an entry (`try_with`); the limiter uses its
+    // `KeyMap` directly. The tests drive the overflow through this.
+    #[cfg(test)]
+    /// Runs `f` on the state of `key` under its shard's lock, creating the
+    /// state with `init` if the key is new. At the cap, `f` runs on the
+    /// overflow entry instead and the returned flag is `true`.
+    pub(crate) fn with<R>(
+        &self,
+        key: &str,
+        now: Timestamp,
+        init: impl FnOnce() -> S,
+        f: impl FnOnce(&mut S) -> R,
+    ) -> (R, bool) {
+        let make = |key: &str| Slot {
+            key: ScopeKey::verbatim(key),
+            last_seen: now,
+            state: init(),
+        };
+        self.0.with(key, now, make, |slot| f(&mut slot.state))
+    }
+
+    /// Like [`with`](Self::with), but at the cap (after a sweep) runs
+    /// nothing and returns `None` instead of sharing the overflow entry:
+    /// for state that other keys must not be able to change (a breaker that
+    /// their failures could open). The refusal is counted in
+    /// [`RegistryStats::overflowed`].
+    pub(crate) fn try_with<R>(
+        &self,
+        key: &str,
+        now: Timestamp,
+        init: impl FnOnce() -> S,
+        f: impl FnOnce(&mut S) -> R,
+    ) -> Option<R> {
+        let make = |key: &str| Slot {
+            key: ScopeKey::verbatim(key),
+            last_seen: now,
+            state: init(),
+        };
+        self.0.try_with(key, now, make, |slot| f(&mut slot.state))
+    }
+
+    /// Runs `f` on the state of `key` if it exists.
+    pub(crate) fn peek<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+        self.0.peek(key, |slot| f(&mut slot.state))
+    }
+
+    /// Drops every idle, evictable key; returns how many were dropped.
+    pub(crate) fn evict_idle(&self, now: Timestamp) -> u64 {
+        self.0.evict_idle(now)
+    }
+
+    /// Visits every key and its state (one shard locked at a time).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&ScopeKey, &mut S)) {
+        self.0.for_each(|slot| f(&slot.key, &mut slot.state));
+    }
+
+    pub(crate) fn stats(&self) -> RegistryStats {
+        self.0.stats()
     }
 }
 

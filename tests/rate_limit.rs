@@ -395,7 +395,7 @@ async fn a_dropped_waiter_gives_its_slot_back() {
     assert_eq!(
         rl.retry_after("global"),
         Some(ms(200)),
-        "the slot at 100 ms is held"
+        "a newcomer would wait behind the waiter"
     );
     waiter.abort();
     assert!(waiter.await.unwrap_err().is_cancelled());
@@ -403,12 +403,270 @@ async fn a_dropped_waiter_gives_its_slot_back() {
     assert_eq!(
         rl.retry_after("global"),
         Some(ms(100)),
-        "the slot came back"
+        "the place came back"
     );
     let start = tokio::time::Instant::now();
     send(&rl, request("ping", None)).await.unwrap();
     assert_eq!(start.elapsed(), ms(100));
     assert_eq!(rl.metrics().waited_requests.load(Relaxed), 1);
+}
+
+/// A request whose `params.cost` says what it costs.
+fn costed(cost: u32) -> JSONRPCRequest {
+    request("ping", Some(json!({ "cost": cost })))
+}
+
+fn by_params() -> pmcp_resilience::rate_limit::CostFn {
+    Arc::new(|r: &JSONRPCRequest| {
+        r.params
+            .as_ref()
+            .and_then(|p| p["cost"].as_u64())
+            .map_or(1, |c| c as u32)
+    })
+}
+
+/// One waiter: when it arrives (after the start), what it costs, and when
+/// it gives up (after the start), if it does.
+#[derive(Clone, Copy, Debug)]
+struct Waiter {
+    arrives: Duration,
+    cost: u32,
+    gives_up: Option<Duration>,
+}
+
+/// What happened to one waiter: served after this long from the start, or
+/// `None` if it gave up first.
+type Served = Vec<(usize, Option<Duration>)>;
+
+/// Runs `waiters` against `rl` (all keyed alike) from now, in virtual time;
+/// returns them in the order they were served, then those who gave up.
+async fn run_line(rl: &RateLimitMiddleware, waiters: &[Waiter]) -> Served {
+    let start = tokio::time::Instant::now();
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, w) in waiters.iter().copied().enumerate() {
+        let (rl, served) = (rl.clone(), Arc::clone(&served));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start + w.arrives).await;
+            let call = send(&rl, costed(w.cost));
+            let outcome = match w.gives_up {
+                Some(at) => tokio::time::timeout_at(start + at, call).await.ok(),
+                None => Some(call.await),
+            };
+            match outcome {
+                Some(result) => {
+                    result.unwrap();
+                    served.lock().push((i, Some(start.elapsed())));
+                }
+                None => served.lock().push((i, None)),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut served = served.lock().clone();
+    // Those who gave up last, keeping the service order of the others.
+    served.sort_by_key(|(_, at)| at.is_none());
+    served
+}
+
+fn waiting_with_costs(capacity: u32, refill_rate: u32) -> RateLimitMiddleware {
+    waiting_bucket(capacity, refill_rate, Duration::from_secs(3600))
+        .cost_fn(by_params())
+        .max_waiters(10_000)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_who_give_up_hand_their_places_to_those_behind() {
+    // The case: a bucket of 1 refilled at 20/s, 10 waiters, the
+    // first 5 give up after 30 ms. The other 5 are served every 50 ms from
+    // the start, as if the first 5 had never come (it was 300 to 500 ms).
+    let rl = waiting_bucket(1, 20, Duration::from_secs(1))
+        .build()
+        .unwrap();
+    send(&rl, request("ping", None)).await.unwrap();
+    let waiters: Vec<Waiter> = (0..10)
+        .map(|i| Waiter {
+            arrives: Duration::from_micros(i),
+            cost: 1,
+            gives_up: (i < 5).then_some(ms(30)),
+        })
+        .collect();
+    let served = run_line(&rl, &waiters).await;
+    let times: Vec<_> = served
+        .iter()
+        .filter_map(|&(i, at)| Some((i, at?)))
+        .collect();
+    assert_eq!(
+        times,
+        vec![
+            (5, ms(50)),
+            (6, ms(100)),
+            (7, ms(150)),
+            (8, ms(200)),
+            (9, ms(250))
+        ]
+    );
+    assert_eq!(rl.waiting(), 0);
+    assert_eq!(rl.metrics().allowed_requests.load(Relaxed), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_who_gives_up_at_the_head_in_the_middle_or_at_the_tail_is_not_waited_for() {
+    for (gone, where_) in [(0, "head"), (2, "middle"), (4, "tail")] {
+        let rl = waiting_with_costs(1, 10);
+        send(&rl, costed(1)).await.unwrap();
+        // Five waiters, served every 100 ms; one gives up at 150 ms (the
+        // head is then the first still waiting, due at 200 ms).
+        let waiters: Vec<Waiter> = (0..5)
+            .map(|i| Waiter {
+                arrives: Duration::from_micros(i as u64),
+                cost: 1,
+                gives_up: (i == gone.max(1)).then_some(ms(150)),
+            })
+            .collect();
+        let served = run_line(&rl, &waiters).await;
+        let expected: Served = (0..5)
+            .filter(|&i| i != gone.max(1))
+            .zip([100, 200, 300, 400])
+            .map(|(i, t)| (i, Some(ms(t))))
+            .chain([(gone.max(1), None)])
+            .collect();
+        assert_eq!(served, expected, "the one who gave up was at the {where_}");
+        assert_eq!(rl.waiting(), 0, "{where_}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_heavy_waiter_is_not_starved_and_frees_its_whole_cost_when_it_gives_up() {
+    // A bucket of 4 at 10/s, emptied at the start.
+    let rl = waiting_with_costs(4, 10);
+    send(&rl, costed(4)).await.unwrap();
+    // A heavy request, then light ones every 50 ms: the heavy one is served
+    // when its 4 units are back (400 ms), the light ones after it.
+    let mut waiters = vec![Waiter {
+        arrives: Duration::ZERO,
+        cost: 4,
+        gives_up: None,
+    }];
+    waiters.extend((1..=4).map(|i| Waiter {
+        arrives: ms(50 * i),
+        cost: 1,
+        gives_up: None,
+    }));
+    let served = run_line(&rl, &waiters).await;
+    let expected: Served = [(0, 400), (1, 500), (2, 600), (3, 700), (4, 800)]
+        .map(|(i, t)| (i, Some(ms(t))))
+        .to_vec();
+    assert_eq!(served, expected);
+
+    // The same heavy request gives up at 250 ms: the light one behind it
+    // gets a unit at once, the next ones as units come back.
+    let rl = waiting_with_costs(4, 10);
+    send(&rl, costed(4)).await.unwrap();
+    waiters[0].gives_up = Some(ms(250));
+    let served = run_line(&rl, &waiters).await;
+    let expected: Served = [
+        (1, Some(250)),
+        (2, Some(250)),
+        (3, Some(300)),
+        (4, Some(400)),
+        (0, None),
+    ]
+    .map(|(i, t)| (i, t.map(ms)))
+    .to_vec();
+    assert_eq!(served, expected);
+}
+
+/// The most units a token bucket of `capacity` refilled every `interval`
+/// may admit in a span of `span`.
+fn bucket_bound(capacity: u32, interval: Duration, span: Duration) -> u64 {
+    u64::from(capacity) + (span.as_nanos() / interval.as_nanos()) as u64
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_waiters_of_mixed_cost_some_giving_up_are_served_in_order_at_the_rate() {
+    let (capacity, refill_rate) = (5, 20);
+    let interval = ms(1000 / refill_rate as u64);
+    for seed in 0..8 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut arrives = Duration::ZERO;
+        let waiters: Vec<Waiter> = (0..100)
+            .map(|_| {
+                arrives += Duration::from_millis(rng.u64(0..40)) + Duration::from_micros(1);
+                let cost = rng.u32(1..=capacity);
+                let gives_up = rng
+                    .bool()
+                    .then(|| arrives + Duration::from_millis(rng.u64(1..3000)));
+                Waiter {
+                    arrives,
+                    cost,
+                    gives_up,
+                }
+            })
+            .collect();
+        let rl = waiting_with_costs(capacity, refill_rate);
+        let served = run_line(&rl, &waiters).await;
+        let admitted: Vec<(usize, Duration)> = served
+            .iter()
+            .filter_map(|&(i, at)| Some((i, at?)))
+            .collect();
+        let gave_up: Vec<usize> = served
+            .iter()
+            .filter_map(|&(i, at)| at.is_none().then_some(i))
+            .collect();
+        assert!(!gave_up.is_empty() && admitted.len() > 20, "seed {seed}");
+        assert_eq!(rl.waiting(), 0);
+
+        // Served in order of arrival.
+        assert!(
+            admitted.windows(2).all(|w| w[0].0 < w[1].0),
+            "seed {seed}: {admitted:?}"
+        );
+        // At the rate: in any span, no more than the bucket allows.
+        for (a, &(_, from)) in admitted.iter().enumerate() {
+            let mut units = 0;
+            for &(i, to) in &admitted[a..] {
+                units += u64::from(waiters[i].cost);
+                assert!(
+                    units <= bucket_bound(capacity, interval, to - from),
+                    "seed {seed}: {units} units in {:?}",
+                    to - from
+                );
+            }
+        }
+        // Those who gave up cost the others nothing: all the others are
+        // served no later than if those had never come.
+        let stayed: Vec<Waiter> = waiters
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !gave_up.contains(i))
+            .map(|(_, w)| *w)
+            .collect();
+        let alone = run_line(&waiting_with_costs(capacity, refill_rate), &stayed).await;
+        let last = |s: &Served| s.iter().filter_map(|&(_, at)| at).max();
+        assert!(
+            last(&served) <= last(&alone),
+            "seed {seed}: all served by {:?}, alone by {:?}",
+            last(&served),
+            last(&alone)
+        );
+        let waited = |s: &[(usize, Option<Duration>)], ws: &[Waiter]| -> Duration {
+            s.iter()
+                .filter_map(|&(i, at)| Some(at? - ws[i].arrives))
+                .sum()
+        };
+        eprintln!(
+            "seed {seed}: {} served, {} gave up; total wait {:?}, alone {:?}",
+            admitted.len(),
+            gave_up.len(),
+            waited(&served, &waiters),
+            waited(&alone, &stayed)
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

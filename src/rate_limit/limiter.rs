@@ -12,12 +12,11 @@ use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
 use crate::error::{ConfigError, StoreError};
 use crate::observe::StoreReport;
 use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadReport};
-use crate::registry::{KeyState, Registry, RegistryLimits, RegistryStats};
+use crate::registry::{KeyMap, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;
 
-use super::strategy::{
-    Decision, LimiterState, PackedState, Policy, RateLimitStrategy, Reservation,
-};
+use super::entry::{Entry, Fields};
+use super::strategy::{Decision, LimiterState, Policy, RateLimitStrategy, Reservation};
 
 /// The outcome of [`RateLimiter::acquire`]: the decision, and the slot held
 /// for a request that must wait (to give back if it does not).
@@ -137,35 +136,6 @@ pub trait RateLimiter: Send + Sync + fmt::Debug {
     }
 }
 
-/// One key's entry in the registry.
-///
-/// Kept to 32 bytes (the registry adds 32), so that a million keys stay
-/// compact and a lookup touches as few cache lines as possible.
-struct Entry {
-    state: PackedState,
-    /// From this instant the key is back at full capacity.
-    full_at: u64,
-    allowed: u32,
-    rejected: u32,
-}
-
-impl Entry {
-    fn new() -> Self {
-        Entry {
-            state: PackedState::default(),
-            full_at: 0,
-            allowed: 0,
-            rejected: 0,
-        }
-    }
-}
-
-impl KeyState for Entry {
-    fn is_evictable(&self, now: Timestamp) -> bool {
-        self.full_at <= now.as_nanos()
-    }
-}
-
 /// The built-in limiter: one state per key, in memory, bounded by
 /// [`RegistryLimits`] and sharded for many threads.
 ///
@@ -194,7 +164,7 @@ pub struct KeyedRateLimiter {
     policy: Policy,
     label: &'static str,
     /// Shared with the file sync task (by a weak reference) when persisted.
-    registry: Arc<Registry<Entry>>,
+    registry: Arc<KeyMap<Entry>>,
     clock: SharedClock,
     /// `None` for state in memory only: then the request path does nothing more.
     file: Option<Arc<FileBacking<LimiterState>>>,
@@ -235,7 +205,7 @@ impl KeyedRateLimiter {
         KeyedRateLimiter {
             policy,
             label,
-            registry: Arc::new(Registry::new(limits)),
+            registry: Arc::new(KeyMap::new(limits, policy)),
             clock,
             file: None,
         }
@@ -276,10 +246,16 @@ impl KeyedRateLimiter {
         let (backing, entries, report) = FileBacking::open(path, KIND_RATE_LIMIT, options)?;
         let now = self.clock.now();
         for (key, state) in entries {
-            self.registry.with(&key, now, Entry::new, |entry| {
-                entry.state = policy.pack(&state);
-                entry.full_at = policy.full_at(&state);
-            });
+            self.registry.with(
+                &key,
+                now,
+                |key| Entry::new(key, policy),
+                |entry| {
+                    let mut fields = entry.fields(policy);
+                    fields.state = policy.pack(&state);
+                    entry.set_fields(policy, &fields);
+                },
+            );
         }
         let registry = Arc::downgrade(&self.registry);
         let clock = Arc::clone(&self.clock);
@@ -347,15 +323,86 @@ impl KeyedRateLimiter {
     pub fn check_key_at(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
         let policy = self.policy;
         let nanos = now.as_nanos();
-        let (decision, _overflowed) = self.registry.with(key, now, Entry::new, |entry| {
-            let mut state = policy.unpack(entry.state);
-            let decision = policy.acquire(&mut state, nanos, cost, 0);
-            entry.state = policy.pack(&state);
-            record(policy, entry, &state, &decision);
-            decision
-        });
+        let (decision, _overflowed) = self.registry.with(
+            key,
+            now,
+            |key| Entry::new(key, policy),
+            |entry| {
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
+                let decision = policy.acquire(&mut state, nanos, cost, 0);
+                record(policy, &mut fields, &state, &decision);
+                entry.set_fields(policy, &fields);
+                decision
+            },
+        );
         self.changed();
         decision
+    }
+
+    /// Admits `cost` units for `key` at `now` if they are available with no
+    /// wait, and records the admission; otherwise records nothing and
+    /// returns the decision saying how long until they are (a rejection with
+    /// `retry_after`, or for the leaky bucket an admission with a `wait`).
+    /// The waiting line's head asks this until it is admitted.
+    pub(crate) fn admit_now(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let (decision, _overflowed) = self.registry.with(
+            key,
+            now,
+            |key| Entry::new(key, policy),
+            |entry| {
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
+                let decision = policy.acquire(&mut state, nanos, cost, 0);
+                if decision.allowed && decision.wait.is_zero() {
+                    record(policy, &mut fields, &state, &decision);
+                    entry.set_fields(policy, &fields);
+                }
+                decision
+            },
+        );
+        if decision.allowed && decision.wait.is_zero() {
+            self.changed();
+        }
+        decision
+    }
+
+    /// The decision `cost` units for `key` would get at `now` behind
+    /// requests of `ahead` units, each served in turn, if it may wait up to
+    /// `max_wait`: admitted with the wait, or rejected with how long it
+    /// would take. Records nothing.
+    pub(crate) fn decide_behind(
+        &self,
+        key: &str,
+        ahead: impl Iterator<Item = u32>,
+        cost: u32,
+        now: Timestamp,
+        max_wait: Duration,
+    ) -> Decision {
+        let policy = self.policy;
+        let nanos = now.as_nanos();
+        let mut state = self
+            .registry
+            .peek(key, |entry| entry.limiter_state(policy))
+            .unwrap_or_else(|| policy.initial_state());
+        for units in ahead {
+            // Each request ahead is served before this one, however long it waits.
+            policy.acquire(&mut state, nanos, units, u64::MAX);
+        }
+        policy.acquire(&mut state, nanos, cost, duration_nanos(max_wait))
+    }
+
+    /// Counts a rejection the limiter's state did not record (a request
+    /// turned away before it could queue).
+    pub(crate) fn count_rejection(&self, key: &str) {
+        let policy = self.policy;
+        self.registry.peek(key, |entry| {
+            let mut fields = entry.fields(policy);
+            fields.rejected = fields.rejected.saturating_add(1);
+            entry.set_fields(policy, &fields);
+        });
     }
 
     /// Decides on `cost` units for `key` at `now`, reserving a later slot
@@ -370,23 +417,29 @@ impl KeyedRateLimiter {
         let policy = self.policy;
         let nanos = now.as_nanos();
         let max_wait = duration_nanos(max_wait);
-        let (admission, _overflowed) = self.registry.with(key, now, Entry::new, |entry| {
-            let before = policy.unpack(entry.state);
-            let mut state = before;
-            let decision = policy.acquire(&mut state, nanos, cost, max_wait);
-            entry.state = policy.pack(&state);
-            record(policy, entry, &state, &decision);
-            let reservation =
-                (decision.allowed && !decision.wait.is_zero()).then_some(Reservation {
-                    cost,
-                    before,
-                    after: state,
-                });
-            Admission {
-                decision,
-                reservation,
-            }
-        });
+        let (admission, _overflowed) = self.registry.with(
+            key,
+            now,
+            |key| Entry::new(key, policy),
+            |entry| {
+                let mut fields = entry.fields(policy);
+                let before = policy.unpack(fields.state);
+                let mut state = before;
+                let decision = policy.acquire(&mut state, nanos, cost, max_wait);
+                record(policy, &mut fields, &state, &decision);
+                entry.set_fields(policy, &fields);
+                let reservation =
+                    (decision.allowed && !decision.wait.is_zero()).then_some(Reservation {
+                        cost,
+                        before,
+                        after: state,
+                    });
+                Admission {
+                    decision,
+                    reservation,
+                }
+            },
+        );
         self.changed();
         admission
     }
@@ -398,12 +451,13 @@ impl KeyedRateLimiter {
         let refunded = self
             .registry
             .peek(key, |entry| {
-                let mut state = policy.unpack(entry.state);
+                let mut fields = entry.fields(policy);
+                let mut state = policy.unpack(fields.state);
                 let refunded = policy.refund(&mut state, reservation, now.as_nanos());
                 if refunded {
-                    entry.state = policy.pack(&state);
-                    entry.full_at = policy.full_at(&state);
-                    entry.allowed = entry.allowed.saturating_sub(1);
+                    fields.state = policy.pack(&state);
+                    fields.allowed = fields.allowed.saturating_sub(1);
+                    entry.set_fields(policy, &fields);
                 }
                 refunded
             })
@@ -423,7 +477,7 @@ impl KeyedRateLimiter {
         let decision = self
             .registry
             .peek(key, |entry| {
-                let mut state = policy.unpack(entry.state);
+                let mut state = entry.limiter_state(policy);
                 policy.acquire(&mut state, now, cost, 0)
             })
             .unwrap_or_else(|| {
@@ -444,15 +498,16 @@ impl KeyedRateLimiter {
         let policy = self.policy;
         let nanos = now.as_nanos();
         let mut rows = Vec::new();
-        self.registry.for_each(|key, entry| {
-            let (used, reset_at) = policy.usage(&policy.unpack(entry.state), nanos);
+        self.registry.for_each(|entry| {
+            let fields = entry.fields(policy);
+            let (used, reset_at) = policy.usage(&policy.unpack(fields.state), nanos);
             rows.push(KeyUsage {
-                key: key.clone(),
+                key: ScopeKey::verbatim(entry.key_str(policy)),
                 used,
                 limit: policy.limit(),
                 reset_at: Timestamp::from_nanos(reset_at),
-                allowed: u64::from(entry.allowed),
-                rejected: u64::from(entry.rejected),
+                allowed: u64::from(fields.allowed),
+                rejected: u64::from(fields.rejected),
             });
         });
         rows
@@ -492,26 +547,27 @@ fn still_matters(policy: Policy, state: &LimiterState, now: Timestamp) -> bool {
 /// The keys not back at full capacity at `now`, with their state.
 fn snapshot(
     policy: Policy,
-    registry: &Registry<Entry>,
+    registry: &KeyMap<Entry>,
     now: Timestamp,
 ) -> BTreeMap<String, LimiterState> {
     let nanos = now.as_nanos();
     let mut entries = BTreeMap::new();
-    registry.for_each(|key, entry| {
-        if entry.full_at > nanos {
-            entries.insert(key.as_str().to_owned(), policy.unpack(entry.state));
+    registry.for_each(|entry| {
+        let state = entry.limiter_state(policy);
+        if policy.full_at(&state) > nanos {
+            entries.insert(entry.key_str(policy).to_owned(), state);
         }
     });
     entries
 }
 
 #[inline]
-fn record(policy: Policy, entry: &mut Entry, state: &LimiterState, decision: &Decision) {
+fn record(policy: Policy, fields: &mut Fields, state: &LimiterState, decision: &Decision) {
     if decision.allowed {
-        entry.allowed = entry.allowed.saturating_add(1);
-        entry.full_at = policy.full_at(state);
+        fields.state = policy.pack(state);
+        fields.allowed = fields.allowed.saturating_add(1);
     } else {
-        entry.rejected = entry.rejected.saturating_add(1);
+        fields.rejected = fields.rejected.saturating_add(1);
     }
 }
 
@@ -604,11 +660,6 @@ mod tests {
             assert_eq!(limiter.evict_idle(), 2, "{}", strategy.label());
             assert_eq!(limiter.registry_stats().keys, 0);
         }
-    }
-
-    #[test]
-    fn an_entry_stays_small() {
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::metrics::MetricsConfig;
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
 
-use super::backpressure::{BackpressureConfig, WaitGuard, WaitQueue};
+use super::backpressure::{Arrival, BackpressureConfig, Turn, WaitGuard, WaitQueue};
 use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
 use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
 use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
@@ -241,9 +241,20 @@ impl RateLimitMiddleware {
     /// e.g. `session:abc`) would be admitted: `None` if it would be now.
     /// With a custom limiter this is always `None`.
     pub fn retry_after(&self, key: &str) -> Option<Duration> {
-        match &self.inner.engine {
-            Engine::Memory(limiter) => limiter.retry_after(key, 1),
-            Engine::Custom(_) => None,
+        let Engine::Memory(limiter) = &self.inner.engine else {
+            return None;
+        };
+        let now = self.inner.clock.now();
+        let behind = self.inner.waiters.decide_behind(key, |ahead| {
+            limiter.decide_behind(key, ahead, 1, now, Duration::MAX)
+        });
+        match behind {
+            // Behind those waiting for the key.
+            Some(decision) if decision.allowed => {
+                (!decision.wait.is_zero()).then_some(decision.wait)
+            }
+            Some(decision) => Some(decision.retry_after.unwrap_or(Duration::MAX)),
+            None => limiter.retry_after(key, 1),
         }
     }
 
@@ -351,38 +362,111 @@ impl RateLimitMiddleware {
         context: &MiddlewareContext,
     ) -> Verdict {
         let inner = &*self.inner;
+        self.count(&inner.metrics.total_requests, 1);
+        match &inner.engine {
+            Engine::Memory(limiter) => {
+                self.admit_in_memory(limiter, key, cost, request, context)
+                    .await
+            }
+            Engine::Custom(limiter) => {
+                self.admit_reserving(limiter, key, cost, request, context)
+                    .await
+            }
+        }
+    }
+
+    /// The built-in limiter: requests that must wait queue per key (see
+    /// [`WaitQueue`]); nothing is taken from the limiter before a request is
+    /// admitted.
+    async fn admit_in_memory(
+        &self,
+        limiter: &KeyedRateLimiter,
+        key: ScopeKey,
+        cost: u32,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> Verdict {
+        let inner = &*self.inner;
+        let arrived = inner.clock.now();
+        // The leaky bucket delays what it admits whatever the settings.
+        let may_wait = inner.backpressure.wait_for_capacity
+            || matches!(limiter.policy(), Policy::LeakyBucket { .. });
+        if !may_wait {
+            let decision = limiter.check_key_at(key.as_str(), cost, arrived);
+            return self.answer(&key, decision, request, context);
+        }
+        if inner.waiters.is_empty() {
+            let decision = limiter.admit_now(key.as_str(), cost, arrived);
+            if decision.allowed && decision.wait.is_zero() {
+                return self.answer(&key, decision, request, context);
+            }
+        }
+        let budget = inner.backpressure.wait_budget();
+        let arrival = inner.waiters.arrive(
+            &key,
+            cost,
+            || limiter.admit_now(key.as_str(), cost, arrived),
+            |ahead| limiter.decide_behind(key.as_str(), ahead, cost, arrived, budget),
+        );
+        let mut ticket = match arrival {
+            Arrival::Admitted(decision) => return self.answer(&key, decision, request, context),
+            Arrival::Rejected { decision, full } => {
+                if full {
+                    tracing::debug!(key = key.as_str(), "too many requests waiting for capacity");
+                }
+                limiter.count_rejection(key.as_str());
+                let error = self.reject(&key, &decision, request, context);
+                return Verdict::refused(Some(decision), error);
+            }
+            Arrival::Queued(ticket) => ticket,
+        };
+        let mut decision = loop {
+            match ticket.turn(|| limiter.admit_now(key.as_str(), cost, inner.clock.now())) {
+                Turn::NotYet => ticket.woken().await,
+                Turn::Sleep(wait) => tokio::time::sleep(wait).await,
+                Turn::Admitted(decision) => break decision,
+            }
+        };
+        decision.wait = inner.clock.now().saturating_since(arrived);
+        self.waited(decision.wait, context);
+        Verdict::admitted(decision)
+    }
+
+    /// A custom or shared-store limiter: a request that must wait reserves
+    /// its slot in the limiter at once and sleeps until it; if it gives up,
+    /// the limiter's [`cancel`](RateLimiter::cancel) gives the slot back
+    /// when the store can (see [`Reservation`](super::Reservation)).
+    async fn admit_reserving(
+        &self,
+        limiter: &Arc<dyn RateLimiter>,
+        key: ScopeKey,
+        cost: u32,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> Verdict {
+        let inner = &*self.inner;
         let now = inner.clock.now();
         let budget = inner.backpressure.wait_budget();
-        self.count(&inner.metrics.total_requests, 1);
-        let admission = match &inner.engine {
-            Engine::Memory(limiter) => limiter.acquire_key_at(key.as_str(), cost, now, budget),
-            Engine::Custom(limiter) => match limiter.acquire(&key, cost, now, budget).await {
-                Ok(admission) => admission,
-                Err(e) => {
-                    self.count(&inner.metrics.rejected_requests, 1);
-                    crate::observe::mark_method(context, &request.method);
-                    return Verdict::refused(
-                        None,
-                        Error::protocol(
-                            ErrorCode::INTERNAL_ERROR,
-                            format!("rate limiter store failed for {key}: {e}"),
-                        ),
-                    );
-                }
-            },
+        let admission = match limiter.acquire(&key, cost, now, budget).await {
+            Ok(admission) => admission,
+            Err(e) => {
+                self.count(&inner.metrics.rejected_requests, 1);
+                crate::observe::mark_method(context, &request.method);
+                return Verdict::refused(
+                    None,
+                    Error::protocol(
+                        ErrorCode::INTERNAL_ERROR,
+                        format!("rate limiter store failed for {key}: {e}"),
+                    ),
+                );
+            }
         };
         let Admission {
             decision,
             reservation,
         } = admission;
-        if !decision.allowed {
-            let error = self.reject(&key, &decision, request, context);
-            return Verdict::refused(Some(decision), error);
-        }
-        if decision.wait.is_zero() {
-            self.count(&inner.metrics.allowed_requests, 1);
-            context.record_metric("rate_limit_passed".to_string(), 1.0);
-            return Verdict::admitted(decision);
+        if !decision.allowed || decision.wait.is_zero() {
+            return self.answer(&key, decision, request, context);
         }
         let refund = {
             let this = self.clone();
@@ -405,20 +489,41 @@ impl RateLimitMiddleware {
         let guard = WaitGuard::new(place, refund);
         tokio::time::sleep(decision.wait).await;
         guard.complete();
+        self.waited(decision.wait, context);
+        Verdict::admitted(decision)
+    }
+
+    /// The verdict on a decision taken without waiting.
+    fn answer(
+        &self,
+        key: &ScopeKey,
+        decision: Decision,
+        request: &JSONRPCRequest,
+        context: &MiddlewareContext,
+    ) -> Verdict {
+        if decision.allowed {
+            self.count(&self.inner.metrics.allowed_requests, 1);
+            context.record_metric("rate_limit_passed".to_string(), 1.0);
+            Verdict::admitted(decision)
+        } else {
+            let error = self.reject(key, &decision, request, context);
+            Verdict::refused(Some(decision), error)
+        }
+    }
+
+    /// Counts a request admitted after waiting `wait`.
+    fn waited(&self, wait: Duration, context: &MiddlewareContext) {
+        let inner = &*self.inner;
         self.count(&inner.metrics.allowed_requests, 1);
         self.count(&inner.metrics.waited_requests, 1);
         self.count(
             &inner.metrics.wait_time_ms,
-            u64::try_from(decision.wait.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
         );
         if inner.metrics_config.enabled {
-            inner.metrics.wait_histogram.record(decision.wait);
+            inner.metrics.wait_histogram.record(wait);
         }
-        context.record_metric(
-            "rate_limit_waited_ms".to_string(),
-            decision.wait.as_secs_f64() * 1e3,
-        );
-        Verdict::admitted(decision)
+        context.record_metric("rate_limit_waited_ms".to_string(), wait.as_secs_f64() * 1e3);
     }
 
     /// The cost of `request` in units.

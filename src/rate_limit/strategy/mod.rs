@@ -393,7 +393,7 @@ impl Policy {
 /// strategy is known from the [`Policy`], so no tag is stored (16 bytes
 /// instead of 24 keep a registry slot within one cache line's size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct PackedState([u64; 2]);
+pub(crate) struct PackedState(pub(crate) [u64; 2]);
 
 impl Policy {
     /// The state held in `packed`, read as this policy's kind.
