@@ -233,11 +233,12 @@ pub(crate) fn http_key(
 
 /// The session id of a request, if it carries one.
 pub(crate) fn session_id(parts: &Parts) -> Option<String> {
-    parts
-        .headers
-        .get(SESSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    session_header(&parts.headers).map(str::to_owned)
+}
+
+/// The `mcp-session-id` header of a request or response, if readable.
+pub(crate) fn session_header(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
 }
 
 /// The JSON-RPC content of a POST body.

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -11,19 +11,17 @@ use bytes::Bytes;
 use http::{HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pmcp::ErrorCode;
-use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
-use pmcp::types::JSONRPCResponse;
-use pmcp::types::jsonrpc::ResponsePayload;
-use serde_json::Value;
+use pmcp::shared::MiddlewareContext;
 use tower::{Layer, Service};
 
 use crate::circuit_breaker::CircuitBreakerMiddleware;
 use crate::error::ConfigError;
 use crate::rate_limit::RateLimitMiddleware;
-use crate::scope::{SESSION_ID_METADATA, ScopeKey};
 
+use super::calls::{CallSet, OwnedOutcome, Pending};
 use super::keys::{self, BodyError, ProxyTrust, RequestKey};
 use super::signals::{self, HeaderNames, Usage};
+use super::sse::{self, AnswerSink};
 
 /// The default bound on a request body read by the layer: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
@@ -31,6 +29,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 struct Settings {
     limiter: Option<RateLimitMiddleware>,
     breaker: Option<CircuitBreakerMiddleware>,
+    /// The breaker's calls waiting for their answers.
+    pending: Option<Arc<Pending>>,
     key: RequestKey,
     proxy: Option<ProxyTrust>,
     max_body_bytes: usize,
@@ -202,6 +202,10 @@ impl ResilienceLayerBuilder {
         Ok(ResilienceLayer {
             settings: Arc::new(Settings {
                 limiter: self.limiter,
+                pending: self
+                    .breaker
+                    .as_ref()
+                    .map(|b| Arc::new(Pending::new(b.call_timeout()))),
                 breaker: self.breaker,
                 key: self.key,
                 proxy: self.proxy,
@@ -263,81 +267,6 @@ where
     }
 }
 
-/// Calls admitted by the breaker and not yet recorded; released (not
-/// counted) if the request is dropped before it is answered.
-struct BreakerCalls {
-    breaker: CircuitBreakerMiddleware,
-    calls: Vec<(Value, MiddlewareContext)>,
-}
-
-impl BreakerCalls {
-    /// Records the answer of every call, from the HTTP status and (for JSON
-    /// bodies) the JSON-RPC responses.
-    async fn record(mut self, status: http::StatusCode, body: Option<&[u8]>) {
-        let calls = std::mem::take(&mut self.calls);
-        if !status.is_success() {
-            let error = pmcp::Error::Transport(pmcp::error::TransportError::Request(format!(
-                "Request failed with status: {status}"
-            )));
-            for (_, context) in &calls {
-                if let Some(id) = &context.request_id {
-                    self.breaker.report_send_error(id, &error);
-                }
-            }
-            return;
-        }
-        let responses: Vec<JSONRPCResponse> = match body {
-            Some(bytes) => match serde_json::from_slice::<Value>(bytes) {
-                Ok(Value::Array(items)) => items
-                    .into_iter()
-                    .filter_map(|v| serde_json::from_value(v).ok())
-                    .collect(),
-                Ok(v) => serde_json::from_value(v).ok().into_iter().collect(),
-                Err(_) => Vec::new(),
-            },
-            None => Vec::new(),
-        };
-        for (id, context) in calls {
-            let found = responses
-                .iter()
-                .find(|r| serde_json::to_value(&r.id).ok().as_ref() == Some(&id));
-            let mut response = match found {
-                Some(r) => r.clone(),
-                // Answered over SSE or not at all in the body: the status says success.
-                None => JSONRPCResponse {
-                    jsonrpc: "2.0".into(),
-                    id: serde_json::from_value(id).unwrap_or(pmcp::types::RequestId::from(0i64)),
-                    payload: ResponsePayload::Result(Value::Null),
-                },
-            };
-            let _ = self
-                .breaker
-                .on_response_with_context(&mut response, &context)
-                .await;
-        }
-    }
-}
-
-impl Drop for BreakerCalls {
-    fn drop(&mut self) {
-        if self.calls.is_empty() {
-            return;
-        }
-        let calls = std::mem::take(&mut self.calls);
-        let breaker = self.breaker.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let error = pmcp::Error::internal("request abandoned before it was answered");
-                for (_, context) in calls {
-                    let _ = breaker.on_error(&error, &context).await;
-                }
-            });
-        }
-    }
-}
-
-static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
-
 async fn handle<S>(
     settings: Arc<Settings>,
     mut inner: S,
@@ -346,9 +275,12 @@ async fn handle<S>(
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
+    if request.method() == Method::GET {
+        return stream(&settings, inner, request).await;
+    }
     if request.method() != Method::POST {
-        // GET (the SSE stream) and DELETE (ending a session) carry no
-        // JSON-RPC request: they pass, uncounted.
+        // DELETE (ending a session) carries no JSON-RPC request: it passes,
+        // uncounted.
         return inner.call(request).await;
     }
     let max = settings.max_body_bytes;
@@ -448,69 +380,45 @@ where
         }
     }
 
-    let mut tracked = None;
-    if let Some(breaker) = &settings.breaker
+    let mut calls = None;
+    if let (Some(breaker), Some(pending)) = (&settings.breaker, &settings.pending)
         && !message.calls.is_empty()
     {
-        let mut calls = BreakerCalls {
-            breaker: breaker.clone(),
-            calls: Vec::with_capacity(message.calls.len()),
-        };
+        let mut permits = Vec::with_capacity(message.calls.len());
         for call in &message.calls {
-            let n = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
-            let context = MiddlewareContext::with_request_id(format!("pmcp-resilience-server-{n}"));
-            if let Some(s) = &session {
-                context.set_metadata(SESSION_ID_METADATA.to_string(), s.clone());
+            let key = breaker
+                .key_scope()
+                .key_with(call, || None, || session.clone());
+            match breaker.acquire(key.as_str()).await {
+                Ok(permit) => {
+                    let id = serde_json::to_string(&call.id).unwrap_or_default();
+                    permits.push((id, permit));
+                }
+                // The permits taken before are dropped: those calls end neutral.
+                Err(refused) => {
+                    let retry = refused
+                        .retry_after
+                        .unwrap_or_else(|| breaker.policy().timeout);
+                    return Ok(settings.refusal(signals::circuit_open(
+                        message.reply_id,
+                        Some(retry),
+                        breaker.key_scope().label(),
+                        &refused.key,
+                    )));
+                }
             }
-            let mut request = call.clone();
-            if breaker
-                .on_request_with_context(&mut request, &context)
-                .await
-                .is_err()
-            {
-                let key: ScopeKey = breaker
-                    .key_scope()
-                    .key_with(call, || None, || session.clone());
-                let retry = breaker.retry_after(key.as_str());
-                // `calls` is dropped here: the calls admitted before are released.
-                return Ok(settings.refusal(signals::circuit_open(
-                    message.reply_id,
-                    retry,
-                    breaker.key_scope().label(),
-                    &key,
-                )));
-            }
-            let id = serde_json::to_value(&call.id).unwrap_or(Value::Null);
-            calls.calls.push((id, context));
         }
-        tracked = Some(calls);
+        calls = Some(pending.open(session.as_deref(), permits));
     }
 
     let mut response = inner
         .call(Request::from_parts(parts, Body::from(bytes)))
         .await?;
-    if let Some(calls) = tracked {
-        let is_json = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if is_json && response.status().is_success() {
-            let (head, body) = response.into_parts();
-            match body.collect().await {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    calls.record(head.status, Some(&bytes)).await;
-                    response = Response::from_parts(head, Body::from(bytes));
-                }
-                Err(e) => {
-                    calls.record(http::StatusCode::BAD_GATEWAY, None).await;
-                    return Ok(signals::upstream_failed(&e.to_string()));
-                }
-            }
-        } else {
-            calls.record(response.status(), None).await;
-        }
+    if let Some(calls) = calls {
+        response = match settle(calls, response).await {
+            Ok(r) => r,
+            Err(e) => return Ok(signals::upstream_failed(&e.to_string())),
+        };
     }
     if settings.usage_headers
         && let Some(usage) = tightest
@@ -518,4 +426,77 @@ where
         usage.write(&settings.names, response.headers_mut());
     }
     Ok(response)
+}
+
+/// Whether `headers` declare the content type `kind`.
+fn content_type_is(headers: &http::HeaderMap, kind: &str) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with(kind))
+}
+
+/// Ends the calls of a POST by its answer: an HTTP status, the JSON-RPC
+/// responses of a JSON body (read whole), those of an event stream (read as
+/// it passes), or on the session's stream after a 202.
+async fn settle(calls: CallSet, response: Response<Body>) -> Result<Response<Body>, axum::Error> {
+    let status = response.status();
+    if status == http::StatusCode::ACCEPTED {
+        calls.park();
+        return Ok(response);
+    }
+    if !status.is_success() {
+        calls.end_all(&OwnedOutcome::HttpStatus(status));
+        return Ok(response);
+    }
+    if content_type_is(response.headers(), "text/event-stream") {
+        let (head, body) = response.into_parts();
+        return Ok(Response::from_parts(head, sse::watch(body, calls)));
+    }
+    if content_type_is(response.headers(), "application/json") {
+        let (head, body) = response.into_parts();
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                calls.end_all(&OwnedOutcome::HttpStatus(http::StatusCode::BAD_GATEWAY));
+                return Err(e);
+            }
+        };
+        let mut calls = calls;
+        for (id, answer) in sse::answers(&bytes) {
+            calls.answered(&id, answer);
+        }
+        return Ok(Response::from_parts(head, Body::from(bytes)));
+    }
+    // Any other body holds no answer the layer can read: `calls` is dropped
+    // and its calls end neutral.
+    Ok(response)
+}
+
+/// A GET: the session's event stream. With a breaker, the answers pmcp
+/// sends on it (after answering POSTs with 202) end their calls.
+async fn stream<S>(
+    settings: &Settings,
+    mut inner: S,
+    request: Request<Body>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    let watch = match (&settings.pending, keys::session_header(request.headers())) {
+        (Some(pending), Some(session)) => Some(pending.watch_stream(session)),
+        _ => None,
+    };
+    let response = inner.call(request).await?;
+    match watch {
+        Some(watch)
+            if response.status().is_success()
+                && content_type_is(response.headers(), "text/event-stream") =>
+        {
+            let (head, body) = response.into_parts();
+            Ok(Response::from_parts(head, sse::watch(body, watch)))
+        }
+        // Not a stream after all: `watch` is dropped unused.
+        _ => Ok(response),
+    }
 }

@@ -79,9 +79,11 @@
 //! - a request abandoned before the answer (the client went away) is
 //!   released without being counted.
 
+mod calls;
 pub mod keys;
 mod layer;
 pub mod signals;
+mod sse;
 pub mod tool;
 
 pub use keys::{HttpKeyFn, ProxyHeader, ProxyTrust, RequestKey, SESSION_HEADER};
