@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use crate::circuit_breaker::{Outcome, Permit};
 
 use super::sse::{Answer, AnswerSink};
+use super::tools::is_not_found;
 
 /// Most calls the table holds; past it a new call is not followed (it ends
 /// neutral) until parked calls past their deadline are swept out.
@@ -65,8 +66,19 @@ impl OwnedOutcome {
     }
 }
 
+/// A call admitted by the breaker, to file.
+pub(crate) struct Admitted {
+    /// The JSON-RPC id, as JSON text.
+    pub(crate) id: String,
+    pub(crate) permit: Permit,
+    /// The tool of a `tools/call` the layer could not check: pmcp's "not
+    /// found" answer to it is the caller's mistake.
+    pub(crate) unchecked_tool: Option<String>,
+}
+
 struct Waiting {
     permit: Permit,
+    unchecked_tool: Option<String>,
     /// Answered 202: the response is expected on the session's stream.
     parked: bool,
     since: Instant,
@@ -125,13 +137,9 @@ impl Pending {
         }
     }
 
-    /// Files `calls` (JSON-RPC id as JSON text, permit) under `session`, or
-    /// under an owner of their own without one.
-    pub(crate) fn open(
-        self: &Arc<Self>,
-        session: Option<&str>,
-        calls: Vec<(String, Permit)>,
-    ) -> CallSet {
+    /// Files `calls` under `session`, or under an owner of their own
+    /// without one.
+    pub(crate) fn open(self: &Arc<Self>, session: Option<&str>, calls: Vec<Admitted>) -> CallSet {
         let owner: Arc<str> = match session {
             Some(s) => Arc::from(s),
             // A NUL never appears in a header value, so never in a session id.
@@ -148,13 +156,19 @@ impl Pending {
                 table.sweep(self.deadline, &mut dropped);
             }
             let now = Instant::now();
-            for (id, permit) in calls {
+            for Admitted {
+                id,
+                permit,
+                unchecked_tool,
+            } in calls
+            {
                 if table.len >= MAX_CALLS {
                     dropped.push(permit);
                     continue;
                 }
                 let waiting = Waiting {
                     permit,
+                    unchecked_tool,
                     parked: false,
                     since: now,
                 };
@@ -194,10 +208,17 @@ impl Pending {
     }
 
     fn end(&self, owner: &str, id: &str, outcome: OwnedOutcome) {
-        let waiting = self.table.lock().take(owner, id);
-        if let Some(w) = waiting {
-            record(w.permit, outcome);
+        let Some(waiting) = self.table.lock().take(owner, id) else {
+            return;
+        };
+        if let (Some(tool), OwnedOutcome::Answer(Answer::Error { code, message })) =
+            (&waiting.unchecked_tool, &outcome)
+            && is_not_found(tool, *code, message)
+        {
+            // Dropped: the call ends neutral.
+            return;
         }
+        record(waiting.permit, outcome);
     }
 }
 

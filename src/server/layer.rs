@@ -18,10 +18,11 @@ use crate::circuit_breaker::CircuitBreakerMiddleware;
 use crate::error::ConfigError;
 use crate::rate_limit::RateLimitMiddleware;
 
-use super::calls::{CallSet, OwnedOutcome, Pending};
+use super::calls::{Admitted, CallSet, OwnedOutcome, Pending};
 use super::keys::{self, BodyError, ProxyTrust, RequestKey};
 use super::signals::{self, HeaderNames, Usage};
 use super::sse::{self, AnswerSink};
+use super::tools::{self, ToolCall, ToolCatalog};
 
 /// The default bound on a request body read by the layer: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
@@ -31,6 +32,7 @@ struct Settings {
     breaker: Option<CircuitBreakerMiddleware>,
     /// The breaker's calls waiting for their answers.
     pending: Option<Arc<Pending>>,
+    tools: Option<ToolCatalog>,
     key: RequestKey,
     proxy: Option<ProxyTrust>,
     max_body_bytes: usize,
@@ -86,6 +88,7 @@ impl ResilienceLayer {
 pub struct ResilienceLayerBuilder {
     limiter: Option<RateLimitMiddleware>,
     breaker: Option<CircuitBreakerMiddleware>,
+    tools: Option<ToolCatalog>,
     key: RequestKey,
     proxy: Option<ProxyTrust>,
     max_body_bytes: Option<usize>,
@@ -105,6 +108,31 @@ impl ResilienceLayerBuilder {
     /// The circuit breaker (a handle, sharing state with the others).
     pub fn circuit_breaker(mut self, breaker: CircuitBreakerMiddleware) -> Self {
         self.breaker = Some(breaker);
+        self
+    }
+
+    /// The server's tools, by name. A call of any other tool is keyed
+    /// `tool:<unknown>` (under [`Scope::PerTool`](crate::Scope::PerTool);
+    /// the limiter's and the breaker's keys alike) and judged the caller's
+    /// mistake (neutral), so invented names neither cost a key each nor open
+    /// a breaker. Without a list (and without
+    /// [`tools_of`](Self::tools_of)), every name is its own key, and pmcp's
+    /// `Tool '<name>' not found` answer is judged neutral.
+    pub fn tools<I, T>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let names = names.into_iter().map(Into::into).collect();
+        self.tools = Some(ToolCatalog::Names(Arc::new(names)));
+        self
+    }
+
+    /// Learn the tools from pmcp's server itself (the one given to
+    /// `pmcp::axum::concurrent_router`), as [`tools`](Self::tools) does from
+    /// a list. Only tools registered on the builder are seen.
+    pub fn tools_of(mut self, server: Arc<pmcp::Server>) -> Self {
+        self.tools = Some(ToolCatalog::Server(server));
         self
     }
 
@@ -207,6 +235,7 @@ impl ResilienceLayerBuilder {
                     .as_ref()
                     .map(|b| Arc::new(Pending::new(b.call_timeout()))),
                 breaker: self.breaker,
+                tools: self.tools,
                 key: self.key,
                 proxy: self.proxy,
                 max_body_bytes,
@@ -345,7 +374,12 @@ where
         for call in &message.calls {
             let key = match &http_key {
                 Some(k) => k.clone(),
-                None => limiter.scope().key_with(call, || None, || session.clone()),
+                None => {
+                    let (keyed, _) = tools::classify(call, settings.tools.as_ref());
+                    limiter
+                        .scope()
+                        .key_with(&keyed, || None, || session.clone())
+                }
             };
             let cost = limiter.cost_of(call);
             let verdict = limiter.admit_key(key.clone(), cost, call, &context).await;
@@ -386,14 +420,22 @@ where
     {
         let mut permits = Vec::with_capacity(message.calls.len());
         for call in &message.calls {
+            let (keyed, tool) = tools::classify(call, settings.tools.as_ref());
             let key = breaker
                 .key_scope()
-                .key_with(call, || None, || session.clone());
+                .key_with(&keyed, || None, || session.clone());
             match breaker.acquire(key.as_str()).await {
-                Ok(permit) => {
-                    let id = serde_json::to_string(&call.id).unwrap_or_default();
-                    permits.push((id, permit));
-                }
+                // An unknown tool's call is the caller's mistake whatever
+                // pmcp answers: the permit is dropped, the call ends neutral.
+                Ok(_permit) if tool == ToolCall::Unknown => {}
+                Ok(permit) => permits.push(Admitted {
+                    id: serde_json::to_string(&call.id).unwrap_or_default(),
+                    permit,
+                    unchecked_tool: match tool {
+                        ToolCall::Unchecked(name) => Some(name),
+                        ToolCall::Plain | ToolCall::Unknown => None,
+                    },
+                }),
                 // The permits taken before are dropped: those calls end neutral.
                 Err(refused) => {
                     let retry = refused

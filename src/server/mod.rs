@@ -85,9 +85,11 @@ mod layer;
 pub mod signals;
 mod sse;
 pub mod tool;
+mod tools;
 
 pub use keys::{HttpKeyFn, ProxyHeader, ProxyTrust, RequestKey, SESSION_HEADER};
 pub use layer::{
     DEFAULT_MAX_BODY_BYTES, ResilienceLayer, ResilienceLayerBuilder, ResilienceService,
 };
 pub use tool::ToolRateLimit;
+pub use tools::UNKNOWN_TOOL;
