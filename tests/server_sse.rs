@@ -151,17 +151,9 @@ async fn a_pmcp_client_answered_on_its_get_stream_trips_the_breaker() {
 
 /// A service answering every request with the event stream fed by the
 /// returned sender.
-fn streaming_service() -> (
-    tokio::sync::mpsc::UnboundedSender<Bytes>,
-    impl tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = Infallible,
-        Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
-    > + Clone
-    + Send
-    + 'static,
-) {
+type Streaming = tower::util::BoxCloneService<Request<Body>, Response<Body>, Infallible>;
+
+fn streaming_service() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Streaming) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
     let rx = Arc::new(Mutex::new(Some(rx)));
     let service = tower::service_fn(move |_req: Request<Body>| {
@@ -182,7 +174,7 @@ fn streaming_service() -> (
             Ok::<_, Infallible>(response)
         }
     });
-    (tx, service)
+    (tx, Streaming::new(service))
 }
 
 fn raw_call(id: i64, tool: &str) -> Request<Body> {
