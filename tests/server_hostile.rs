@@ -3,14 +3,16 @@
 
 mod support;
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pmcp::server::streamable_http_server::StreamableHttpServerConfig;
 use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
 use pmcp_resilience::server::ResilienceLayer;
-use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState, RegistryLimits, Scope};
+use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState, ManualClock, RegistryLimits, Scope};
 use serde_json::json;
-use support::raw_http::{open_session, post, tool_call};
+use support::raw_http::{RawResponse, initialize_body, open_session, post, post_from, tool_call};
 use support::{TestServer, call, client, initialize, start_server_configured, transport};
 
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -158,4 +160,104 @@ async fn a_503_names_the_open_key_and_always_says_when_to_retry() {
         "pmcp's own answer: {answer}"
     );
     assert_eq!(server.behaviour.calls("echo"), 0);
+}
+
+/// A limiter of 5 calls per minute per session, on a manual clock.
+fn five_per_session() -> RateLimitMiddleware {
+    RateLimitMiddleware::builder()
+        .scope(Scope::PerSession)
+        .strategy(RateLimitStrategy::FixedWindow {
+            max_requests: 5,
+            window: Duration::from_secs(60),
+        })
+        .clock(Arc::new(ManualClock::new()))
+        .build()
+        .expect("valid limiter")
+}
+
+fn loopback(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// Whether an answer is the limiter's refusal (429, or 200 with -32005).
+fn rate_limited(response: &RawResponse) -> bool {
+    let answer = support::sse::answer(response.header("content-type"), &response.body);
+    answer["error"]["code"] == -32005
+}
+
+#[tokio::test]
+async fn ten_clients_connect_under_a_per_session_limit_and_a_flooder_is_refused_alone() {
+    let limiter = five_per_session();
+    let layer = ResilienceLayer::builder()
+        .rate_limit(limiter.clone())
+        .build()
+        .expect("valid layer");
+    let server = sse_server_behind(layer).await;
+    let mut sessions = Vec::new();
+    for n in 2..=11 {
+        let answer = post_from(loopback(n), server.addr, &initialize_body(1), &[]).await;
+        assert_eq!(answer.status, 200, "client {n}: {answer:?}");
+        let session = answer.header("mcp-session-id").map(str::to_owned);
+        sessions.push(session.unwrap_or_else(|| panic!("client {n} got no session")));
+    }
+    // One client initializing 20 more times: 4 more fit its budget of 5.
+    let mut refused = 0;
+    for _ in 0..20 {
+        let answer = post_from(loopback(2), server.addr, &initialize_body(1), &[]).await;
+        if rate_limited(&answer) {
+            refused += 1;
+            assert_eq!(answer.json()["error"]["data"]["key"], "client:127.0.0.2");
+        }
+    }
+    assert_eq!(refused, 16);
+    // ...for itself only: the others still connect, and their sessions work.
+    let again = post_from(loopback(3), server.addr, &initialize_body(1), &[]).await;
+    assert_eq!(again.status, 200);
+    assert!(again.header("mcp-session-id").is_some());
+    let s = [("mcp-session-id", sessions[2].as_str())];
+    let echo = post_from(loopback(4), server.addr, &tool_call(5, "echo"), &s).await;
+    assert!(!rate_limited(&echo));
+    assert_eq!(server.behaviour.calls("echo"), 1);
+    // The flooder's own session too has its own budget.
+    let s = [("mcp-session-id", sessions[0].as_str())];
+    let echo = post_from(loopback(2), server.addr, &tool_call(6, "echo"), &s).await;
+    assert!(!rate_limited(&echo));
+}
+
+#[tokio::test]
+async fn forged_session_ids_share_the_clients_budget() {
+    let limiter = five_per_session();
+    let layer = ResilienceLayer::builder()
+        .rate_limit(limiter.clone())
+        .build()
+        .expect("valid layer");
+    let server = sse_server_behind(layer).await;
+    let session = open_session(server.addr).await;
+    let mut admitted = 0;
+    for n in 0..1_000 {
+        let forged = format!("forged-{n}");
+        let answer = post(
+            server.addr,
+            &tool_call(n, "echo"),
+            &[("mcp-session-id", &forged)],
+        )
+        .await;
+        if !rate_limited(&answer) {
+            admitted += 1;
+        }
+    }
+    // initialize took one unit of the client's budget.
+    assert_eq!(admitted, 4);
+    let snapshot = limiter.snapshot();
+    assert!(snapshot.registry.keys <= 2, "{:?}", snapshot.registry);
+    assert_eq!(
+        server.behaviour.calls("echo"),
+        0,
+        "pmcp refuses unknown sessions"
+    );
+    // The session the server issued keeps its own budget.
+    let s = [("mcp-session-id", session.as_str())];
+    let echo = post(server.addr, &tool_call(9, "echo"), &s).await;
+    assert!(!rate_limited(&echo), "{echo:?}");
+    assert_eq!(server.behaviour.calls("echo"), 1);
 }

@@ -82,14 +82,16 @@
 mod calls;
 pub mod keys;
 mod layer;
+mod service;
 pub mod signals;
 mod sse;
 pub mod tool;
 mod tools;
+mod trust;
 
 pub use keys::{HttpKeyFn, ProxyHeader, ProxyTrust, RequestKey, SESSION_HEADER};
-pub use layer::{
-    DEFAULT_MAX_BODY_BYTES, ResilienceLayer, ResilienceLayerBuilder, ResilienceService,
-};
+pub use layer::{DEFAULT_MAX_BODY_BYTES, ResilienceLayer, ResilienceLayerBuilder};
+pub use service::ResilienceService;
 pub use tool::ToolRateLimit;
 pub use tools::UNKNOWN_TOOL;
+pub use trust::DEFAULT_MAX_SESSIONS;
