@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
-use http::{HeaderName, Response};
+use http::{HeaderMap, HeaderName, Response};
 use tower::Layer;
 
 use crate::circuit_breaker::CircuitBreakerMiddleware;
@@ -12,9 +12,10 @@ use crate::error::ConfigError;
 use crate::rate_limit::RateLimitMiddleware;
 
 use super::calls::Pending;
+use super::cors::CorsOrigins;
 use super::keys::{self, ProxyTrust, RequestKey};
 use super::service::ResilienceService;
-use super::signals::HeaderNames;
+use super::signals::{HeaderNames, Refusals};
 use super::tools::ToolCatalog;
 use super::trust::{Caller, DEFAULT_MAX_SESSIONS, IssuedSessions};
 
@@ -31,7 +32,8 @@ pub(crate) struct Settings {
     pub(crate) proxy: Option<ProxyTrust>,
     pub(crate) max_body_bytes: usize,
     pub(crate) usage_headers: bool,
-    pub(crate) refusals_as_200: bool,
+    pub(crate) refusals: Refusals,
+    pub(crate) cors: CorsOrigins,
     pub(crate) names: HeaderNames,
     pub(crate) warned_no_address: AtomicBool,
     /// Session ids the server issued.
@@ -81,11 +83,24 @@ impl Settings {
         }
     }
 
-    /// A refusal with the status the settings ask for.
-    pub(crate) fn refusal(&self, mut response: Response<Body>) -> Response<Body> {
-        if self.refusals_as_200 {
+    /// A refusal, with the status the settings ask for, as an answer of
+    /// the layer's own to a request with headers `request`.
+    pub(crate) fn refusal(
+        &self,
+        mut response: Response<Body>,
+        request: &HeaderMap,
+    ) -> Response<Body> {
+        if self.refusals == Refusals::JsonRpcError {
             *response.status_mut() = http::StatusCode::OK;
         }
+        self.own(response, request)
+    }
+
+    /// An answer of the layer's own, with the CORS and caching headers
+    /// pmcp's router puts on its answers.
+    pub(crate) fn own(&self, mut response: Response<Body>, request: &HeaderMap) -> Response<Body> {
+        self.cors
+            .write(request, &self.names, response.headers_mut());
         response
     }
 }
@@ -109,7 +124,8 @@ impl std::fmt::Debug for ResilienceLayer {
             .field("proxy", &s.proxy)
             .field("max_body_bytes", &s.max_body_bytes)
             .field("usage_headers", &s.usage_headers)
-            .field("refusals_as_200", &s.refusals_as_200)
+            .field("refusals", &s.refusals)
+            .field("cors", &s.cors)
             .finish()
     }
 }
@@ -132,7 +148,8 @@ pub struct ResilienceLayerBuilder {
     max_body_bytes: Option<usize>,
     max_sessions: Option<usize>,
     usage_headers: bool,
-    refusals_as_200: bool,
+    refusals: Refusals,
+    cors: CorsOrigins,
     policy_name: Option<String>,
 }
 
@@ -208,19 +225,31 @@ impl ResilienceLayerBuilder {
         self
     }
 
-    /// Answer refusals (rate limit, open breaker) with HTTP 200 instead of
-    /// 429/503, keeping every header and the JSON-RPC error body (default
-    /// `false`).
-    ///
-    /// For clients that read JSON-RPC errors only from 2xx answers: pmcp
-    /// 2.23's streamable-HTTP client (2025 protocol era) turns any non-2xx
-    /// answer into `Error::Transport(Request("Request failed with status:
-    /// 429 Too Many Requests"))` and drops the body, so the retry hint is
-    /// lost; with this setting it gets `Error::Protocol { code: -32005,
-    /// data: {"retryAfterMs", ..} }`. Plain HTTP clients and gateways then
-    /// lose the status code, so turn it on only for such fleets.
+    /// How refusals (rate limit, open breaker, a limiter whose store
+    /// failed) are answered: [`Refusals::JsonRpcError`] (HTTP 200 with the
+    /// JSON-RPC error, the default) or [`Refusals::HttpStatus`] (429/503);
+    /// [`Refusals`] says which clients each serves.
+    pub fn refusals(mut self, refusals: Refusals) -> Self {
+        self.refusals = refusals;
+        self
+    }
+
+    /// `true`: [`Refusals::JsonRpcError`] (the default); `false`:
+    /// [`Refusals::HttpStatus`].
     pub fn answer_refusals_with_200(mut self, on: bool) -> Self {
-        self.refusals_as_200 = on;
+        self.refusals = if on {
+            Refusals::JsonRpcError
+        } else {
+            Refusals::HttpStatus
+        };
+        self
+    }
+
+    /// The browser origins allowed to read the layer's own answers
+    /// (default [`CorsOrigins::Localhost`], as pmcp's router): set it as
+    /// pmcp's `RouterConfig::allowed_origins`.
+    pub fn cors_origins(mut self, origins: CorsOrigins) -> Self {
+        self.cors = origins;
         self
     }
 
@@ -294,7 +323,8 @@ impl ResilienceLayerBuilder {
                 proxy: self.proxy,
                 max_body_bytes,
                 usage_headers: self.usage_headers,
-                refusals_as_200: self.refusals_as_200,
+                refusals: self.refusals,
+                cors: self.cors,
                 names: HeaderNames { reset, policy_name },
                 warned_no_address: AtomicBool::new(false),
                 sessions: IssuedSessions::new(max_sessions),

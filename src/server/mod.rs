@@ -80,6 +80,7 @@
 //!   released without being counted.
 
 mod calls;
+mod cors;
 pub mod keys;
 mod layer;
 mod service;
@@ -89,9 +90,11 @@ pub mod tool;
 mod tools;
 mod trust;
 
+pub use cors::CorsOrigins;
 pub use keys::{HttpKeyFn, ProxyHeader, ProxyTrust, RequestKey, SESSION_HEADER};
 pub use layer::{DEFAULT_MAX_BODY_BYTES, ResilienceLayer, ResilienceLayerBuilder};
 pub use service::ResilienceService;
+pub use signals::Refusals;
 pub use tool::ToolRateLimit;
 pub use tools::UNKNOWN_TOOL;
 pub use trust::DEFAULT_MAX_SESSIONS;

@@ -15,6 +15,7 @@ use pmcp::shared::MiddlewareContext;
 use tower::Service;
 
 use super::calls::{Admitted, CallSet, OwnedOutcome};
+use super::cors::CorsOrigins;
 use super::keys::{self, BodyError};
 use super::layer::Settings;
 use super::signals::{self, Usage};
@@ -95,33 +96,33 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return Ok(signals::too_large(max));
+        return Ok(settings.own(signals::too_large(max), &parts.headers));
     }
     let bytes: Bytes = match Limited::new(body, max).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(signals::too_large(max));
+            return Ok(settings.own(signals::too_large(max), &parts.headers));
         }
         Err(e) => {
-            return Ok(signals::bad_request(
+            let answer = signals::bad_request(
                 ErrorCode::PARSE_ERROR.as_i32(),
                 &format!("could not read the request body: {e}"),
-            ));
+            );
+            return Ok(settings.own(answer, &parts.headers));
         }
     };
     let message = match keys::parse_message(&bytes) {
         Ok(m) => m,
         Err(BodyError::Parse(e)) => {
-            return Ok(signals::bad_request(
+            let answer = signals::bad_request(
                 ErrorCode::PARSE_ERROR.as_i32(),
                 &format!("parse error: {e}"),
-            ));
+            );
+            return Ok(settings.own(answer, &parts.headers));
         }
         Err(BodyError::Invalid(why)) => {
-            return Ok(signals::bad_request(
-                ErrorCode::INVALID_REQUEST.as_i32(),
-                why,
-            ));
+            let answer = signals::bad_request(ErrorCode::INVALID_REQUEST.as_i32(), why);
+            return Ok(settings.own(answer, &parts.headers));
         }
     };
     let caller = settings.caller(&parts);
@@ -165,15 +166,19 @@ where
                         now,
                         window,
                     };
-                    return Ok(settings.refusal(signals::rate_limited(
+                    let answer = signals::rate_limited(
                         message.reply_id,
                         &usage,
                         &settings.names,
                         limiter.scope().label(),
                         &key,
-                    )));
+                    );
+                    return Ok(settings.refusal(answer, &parts.headers));
                 }
-                (Err(e), None) => return Ok(signals::limiter_failed(message.reply_id, &e)),
+                (Err(e), None) => {
+                    let answer = signals::limiter_failed(message.reply_id, &e);
+                    return Ok(settings.refusal(answer, &parts.headers));
+                }
             }
         }
     }
@@ -203,18 +208,24 @@ where
                     let retry = refused
                         .retry_after
                         .unwrap_or_else(|| breaker.policy().timeout);
-                    return Ok(settings.refusal(signals::circuit_open(
+                    let answer = signals::circuit_open(
                         message.reply_id,
                         Some(retry),
                         breaker.key_scope().label(),
                         &refused.key,
-                    )));
+                    );
+                    return Ok(settings.refusal(answer, &parts.headers));
                 }
             }
         }
         calls = Some(pending.open(caller.session(), permits));
     }
 
+    // Kept for an answer of the layer's own after the request has gone on.
+    let mut origin = http::HeaderMap::new();
+    if let Some(o) = parts.headers.get(http::header::ORIGIN) {
+        origin.insert(http::header::ORIGIN, o.clone());
+    }
     let mut response = inner
         .call(Request::from_parts(parts, Body::from(bytes)))
         .await?;
@@ -222,13 +233,17 @@ where
     if let Some(calls) = calls {
         response = match settle(calls, response).await {
             Ok(r) => r,
-            Err(e) => return Ok(signals::upstream_failed(&e.to_string())),
+            Err(e) => {
+                let answer = signals::upstream_failed(&e.to_string());
+                return Ok(settings.own(answer, &origin));
+            }
         };
     }
     if settings.usage_headers
         && let Some(usage) = tightest
     {
         usage.write(&settings.names, response.headers_mut());
+        CorsOrigins::expose_usage(&settings.names, response.headers_mut());
     }
     Ok(response)
 }

@@ -57,6 +57,29 @@ pub const RATE_LIMITED: i32 = -32005;
 /// JSON-RPC code of an open breaker (pmcp's `CIRCUIT_BREAKER_OPEN`).
 pub const CIRCUIT_BREAKER_OPEN: i32 = -32006;
 
+/// How the layer answers a refusal (rate limit, open breaker, a limiter
+/// whose store failed). Both carry the same headers (`Retry-After`, the
+/// usage fields) and the same JSON-RPC error body.
+///
+/// | client | `JsonRpcError` (HTTP 200) | `HttpStatus` (429/503) |
+/// |---|---|---|
+/// | pmcp 2.23 | `Error::Protocol { code, data }`: the retry hint | `Error::Transport("Request failed with status: 429 ..")`: no hint |
+/// | Python `mcp` 2.x | the JSON-RPC error with its `data` | an error with code -32005/-32006 and the `data` |
+/// | Python `mcp` 1.x | the JSON-RPC error with its `data` | `HTTPStatusError` raised out of the transport: the session is lost |
+/// | TypeScript SDK 1.x | the JSON-RPC error with its `data` | `StreamableHTTPError` with the status only |
+/// | gateways, curl, load balancers | a 200 (only the headers tell) | a 429/503 they understand |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusals {
+    /// HTTP 200 with the JSON-RPC error (the default): every MCP client
+    /// known reads it and keeps its session.
+    #[default]
+    JsonRpcError,
+    /// HTTP 429 (rate limit) or 503 (open breaker, store failure): for
+    /// deployments where gateways or plain HTTP clients act on the status.
+    HttpStatus,
+}
+
 /// Whole seconds, rounded up.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
