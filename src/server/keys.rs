@@ -27,9 +27,20 @@
 //!
 //! # Rules
 //!
-//! - **Session**: the `mcp-session-id` header, as sent. Requests without it
-//!   (the `initialize` that opens a session) get the key part
-//!   [`NO_SESSION`](crate::scope::NO_SESSION) under [`Scope::PerSession`](crate::Scope::PerSession).
+//! - **Session**: the `mcp-session-id` header, but only an id the layer saw
+//!   the server issue (on its answer to `initialize`; the layer remembers up
+//!   to [`max_sessions`](super::ResilienceLayerBuilder::max_sessions) of
+//!   them, and forgets one on a successful `DELETE` or a 404 from the
+//!   server). Under [`Scope::PerSession`](crate::Scope::PerSession), a
+//!   request without a session (`initialize`, `server/discover`) or with
+//!   an id the server did not issue is keyed by the client's address,
+//!   `client:<ip>`: each client has a budget of its own for opening
+//!   sessions, and rotating forged ids buys nothing. On a stateless server
+//!   (no session ids issued) every request is keyed that way.
+//! - **Tool**: with the server's tools known
+//!   ([`tools`](super::ResilienceLayerBuilder::tools),
+//!   [`tools_of`](super::ResilienceLayerBuilder::tools_of)), a call of any
+//!   other tool has the tool part [`UNKNOWN_TOOL`](super::UNKNOWN_TOOL).
 //! - **Server URL**: none on the server side; scopes that use one
 //!   (`PerServer`, `PerEndpoint`) get the part
 //!   [`UNKNOWN_SERVER`](crate::scope::UNKNOWN_SERVER), so they act as
