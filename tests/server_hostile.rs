@@ -164,8 +164,13 @@ async fn a_503_names_the_open_key_and_always_says_when_to_retry() {
 
 /// A limiter of 5 calls per minute per session, on a manual clock.
 fn five_per_session() -> RateLimitMiddleware {
+    five_per(Scope::PerSession)
+}
+
+/// A limiter of 5 calls per minute per key of `scope`, on a manual clock.
+fn five_per(scope: Scope) -> RateLimitMiddleware {
     RateLimitMiddleware::builder()
-        .scope(Scope::PerSession)
+        .scope(scope)
         .strategy(RateLimitStrategy::FixedWindow {
             max_requests: 5,
             window: Duration::from_secs(60),
@@ -187,7 +192,16 @@ fn rate_limited(response: &RawResponse) -> bool {
 
 #[tokio::test]
 async fn ten_clients_connect_under_a_per_session_limit_and_a_flooder_is_refused_alone() {
-    let limiter = five_per_session();
+    ten_clients_and_a_flooder(Scope::PerSession).await;
+}
+
+#[tokio::test]
+async fn ten_clients_connect_under_a_per_method_limit_and_a_flooder_is_refused_alone() {
+    ten_clients_and_a_flooder(Scope::PerMethod).await;
+}
+
+async fn ten_clients_and_a_flooder(scope: Scope) {
+    let limiter = five_per(scope);
     let layer = ResilienceLayer::builder()
         .rate_limit(limiter.clone())
         .build()

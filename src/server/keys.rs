@@ -36,7 +36,10 @@
 //!   an id the server did not issue is keyed by the client's address,
 //!   `client:<ip>`: each client has a budget of its own for opening
 //!   sessions, and rotating forged ids buys nothing. On a stateless server
-//!   (no session ids issued) every request is keyed that way.
+//!   (no session ids issued) every request is keyed that way. Under
+//!   `PerMethod` and `PerTool` scopes, a request opening a session
+//!   (`initialize`, `server/discover`) without one is keyed by the client's
+//!   address too; `Global` and `Custom` scopes are left as chosen.
 //! - **Tool**: with the server's tools known
 //!   ([`tools`](super::ResilienceLayerBuilder::tools),
 //!   [`tools_of`](super::ResilienceLayerBuilder::tools_of)), a call of any

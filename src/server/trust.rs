@@ -33,15 +33,29 @@ impl Caller {
         }
     }
 
-    /// The key of `call` under `scope`: the scope's own, except that a
-    /// per-session scope keys a caller without a trusted session by its
-    /// address.
+    /// The key of `call` under `scope`: the scope's own, except for a
+    /// caller without a trusted session, keyed by its address under a
+    /// per-session scope, and for opening a session under a per-method or
+    /// per-tool scope (so one client's flood of `initialize` cannot keep
+    /// the others from connecting; a global or custom scope is left as
+    /// chosen).
     pub(crate) fn key(&self, scope: &Scope, call: &JSONRPCRequest) -> ScopeKey {
         match (self, scope) {
             (Caller::Client(address), Scope::PerSession) => ScopeKey::new(address),
+            (Caller::Client(address), Scope::PerMethod | Scope::PerTool | Scope::PerEndpoint)
+                if opens_session(&call.method) =>
+            {
+                ScopeKey::new(address)
+            }
             _ => scope.key_with(call, || None, || self.session().map(str::to_owned)),
         }
     }
+}
+
+/// The methods a client sends before it has a session: `initialize`, and
+/// the `server/discover` that newer clients try first.
+pub(crate) fn opens_session(method: &str) -> bool {
+    matches!(method, "initialize" | "server/discover")
 }
 
 /// Session ids seen on the server's answers to `initialize`, oldest
@@ -146,7 +160,20 @@ mod tests {
         );
         assert_eq!(
             stranger.key(&Scope::PerMethod, &call).as_str(),
-            "method:initialize"
+            "client:127.0.0.2"
+        );
+        assert_eq!(
+            stranger.key(&Scope::PerTool, &call).as_str(),
+            "client:127.0.0.2"
+        );
+        assert_eq!(stranger.key(&Scope::Global, &call).as_str(), "global");
+        let list = JSONRPCRequest {
+            method: "tools/list".into(),
+            ..call
+        };
+        assert_eq!(
+            stranger.key(&Scope::PerMethod, &list).as_str(),
+            "method:tools/list"
         );
     }
 }
