@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use http::request::Parts;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pmcp::ErrorCode;
@@ -16,11 +17,12 @@ use tower::Service;
 
 use super::calls::{Admitted, CallSet, OwnedOutcome};
 use super::cors::CorsOrigins;
-use super::keys::{self, BodyError};
+use super::keys::{self, BodyError, Message};
 use super::layer::Settings;
 use super::signals::{self, Usage};
 use super::sse::{self, AnswerSink};
 use super::tools::{self, ToolCall};
+use super::trust::Caller;
 
 /// The service made by [`ResilienceLayer`].
 #[derive(Clone)]
@@ -128,98 +130,14 @@ where
     let caller = settings.caller(&parts);
     let opens_session = message.calls.iter().any(|c| c.method == "initialize");
 
-    let mut tightest: Option<Usage> = None;
-    if let Some(limiter) = &settings.limiter {
-        let http_key = keys::http_key(&settings.key, &parts, settings.proxy.as_ref());
-        let window = limiter.window();
-        // The limiter's hooks note metrics in a pmcp context that nothing
-        // reads here: one per HTTP request, not one per call of a batch.
-        let context = MiddlewareContext::default();
-        for call in &message.calls {
-            let key = match &http_key {
-                Some(k) => k.clone(),
-                None => {
-                    let (keyed, _) = tools::classify(call, settings.tools.as_ref());
-                    caller.key(limiter.scope(), &keyed)
-                }
-            };
-            if key.as_str() == keys::UNKNOWN_CLIENT {
-                settings.warn_no_address();
-            }
-            let cost = limiter.cost_of(call);
-            let verdict = limiter.admit_key(key.clone(), cost, call, &context).await;
-            let now = limiter.now();
-            match (verdict.result, verdict.decision) {
-                (Ok(()), Some(decision)) => {
-                    if tightest.is_none_or(|t| decision.remaining < t.decision.remaining) {
-                        tightest = Some(Usage {
-                            decision,
-                            now,
-                            window,
-                        });
-                    }
-                }
-                (Ok(()), None) => {}
-                (Err(_), Some(decision)) => {
-                    let usage = Usage {
-                        decision,
-                        now,
-                        window,
-                    };
-                    let answer = signals::rate_limited(
-                        message.reply_id,
-                        &usage,
-                        &settings.names,
-                        limiter.scope().label(),
-                        &key,
-                    );
-                    return Ok(settings.refusal(answer, &parts.headers));
-                }
-                (Err(e), None) => {
-                    let answer = signals::limiter_failed(message.reply_id, &e);
-                    return Ok(settings.refusal(answer, &parts.headers));
-                }
-            }
-        }
-    }
-
-    let mut calls = None;
-    if let (Some(breaker), Some(pending)) = (&settings.breaker, &settings.pending)
-        && !message.calls.is_empty()
-    {
-        let mut permits = Vec::with_capacity(message.calls.len());
-        for call in &message.calls {
-            let (keyed, tool) = tools::classify(call, settings.tools.as_ref());
-            let key = caller.key(breaker.key_scope(), &keyed);
-            match breaker.acquire(key.as_str()).await {
-                // An unknown tool's call is the caller's mistake whatever
-                // pmcp answers: the permit is dropped, the call ends neutral.
-                Ok(_permit) if tool == ToolCall::Unknown => {}
-                Ok(permit) => permits.push(Admitted {
-                    id: serde_json::to_string(&call.id).unwrap_or_default(),
-                    permit,
-                    unchecked_tool: match tool {
-                        ToolCall::Unchecked(name) => Some(name),
-                        ToolCall::Plain | ToolCall::Unknown => None,
-                    },
-                }),
-                // The permits taken before are dropped: those calls end neutral.
-                Err(refused) => {
-                    let retry = refused
-                        .retry_after
-                        .unwrap_or_else(|| breaker.policy().timeout);
-                    let answer = signals::circuit_open(
-                        message.reply_id,
-                        Some(retry),
-                        breaker.key_scope().label(),
-                        &refused.key,
-                    );
-                    return Ok(settings.refusal(answer, &parts.headers));
-                }
-            }
-        }
-        calls = Some(pending.open(caller.session(), permits));
-    }
+    let tightest = match limit(&settings, &caller, &parts, &message).await {
+        Ok(usage) => usage,
+        Err(refusal) => return Ok(refusal),
+    };
+    let calls = match admit(&settings, &caller, &parts, &message).await {
+        Ok(calls) => calls,
+        Err(refusal) => return Ok(refusal),
+    };
 
     // Kept for an answer of the layer's own after the request has gone on.
     let mut origin = http::HeaderMap::new();
@@ -246,6 +164,120 @@ where
         CorsOrigins::expose_usage(&settings.names, response.headers_mut());
     }
     Ok(response)
+}
+
+/// Asks the limiter about every call of the request: the usage that left
+/// the fewest units, or the refusal to answer with.
+async fn limit(
+    settings: &Settings,
+    caller: &Caller,
+    parts: &Parts,
+    message: &Message,
+) -> Result<Option<Usage>, Response<Body>> {
+    let Some(limiter) = &settings.limiter else {
+        return Ok(None);
+    };
+    let mut tightest: Option<Usage> = None;
+    let http_key = keys::http_key(&settings.key, parts, settings.proxy.as_ref());
+    let window = limiter.window();
+    // The limiter's hooks note metrics in a pmcp context that nothing
+    // reads here: one per HTTP request, not one per call of a batch.
+    let context = MiddlewareContext::default();
+    for call in &message.calls {
+        let key = match &http_key {
+            Some(k) => k.clone(),
+            None => {
+                let (keyed, _) = tools::classify(call, settings.tools.as_ref());
+                caller.key(limiter.scope(), &keyed)
+            }
+        };
+        if key.as_str() == keys::UNKNOWN_CLIENT {
+            settings.warn_no_address();
+        }
+        let cost = limiter.cost_of(call);
+        let verdict = limiter.admit_key(key.clone(), cost, call, &context).await;
+        let now = limiter.now();
+        match (verdict.result, verdict.decision) {
+            (Ok(()), Some(decision)) => {
+                if tightest.is_none_or(|t| decision.remaining < t.decision.remaining) {
+                    tightest = Some(Usage {
+                        decision,
+                        now,
+                        window,
+                    });
+                }
+            }
+            (Ok(()), None) => {}
+            (Err(_), Some(decision)) => {
+                let usage = Usage {
+                    decision,
+                    now,
+                    window,
+                };
+                let answer = signals::rate_limited(
+                    message.reply_id.clone(),
+                    &usage,
+                    &settings.names,
+                    limiter.scope().label(),
+                    &key,
+                );
+                return Err(settings.refusal(answer, &parts.headers));
+            }
+            (Err(e), None) => {
+                let answer = signals::limiter_failed(message.reply_id.clone(), &e);
+                return Err(settings.refusal(answer, &parts.headers));
+            }
+        }
+    }
+    Ok(tightest)
+}
+
+/// Asks the breaker about every call of the request: the admitted calls,
+/// filed to wait for their answers, or the refusal to answer with.
+async fn admit(
+    settings: &Settings,
+    caller: &Caller,
+    parts: &Parts,
+    message: &Message,
+) -> Result<Option<CallSet>, Response<Body>> {
+    let (Some(breaker), Some(pending)) = (&settings.breaker, &settings.pending) else {
+        return Ok(None);
+    };
+    if message.calls.is_empty() {
+        return Ok(None);
+    }
+    let mut permits = Vec::with_capacity(message.calls.len());
+    for call in &message.calls {
+        let (keyed, tool) = tools::classify(call, settings.tools.as_ref());
+        let key = caller.key(breaker.key_scope(), &keyed);
+        match breaker.acquire(key.as_str()).await {
+            // An unknown tool's call is the caller's mistake whatever pmcp
+            // answers: the permit is dropped, the call ends neutral.
+            Ok(_permit) if tool == ToolCall::Unknown => {}
+            Ok(permit) => permits.push(Admitted {
+                id: serde_json::to_string(&call.id).unwrap_or_default(),
+                permit,
+                unchecked_tool: match tool {
+                    ToolCall::Unchecked(name) => Some(name),
+                    ToolCall::Plain | ToolCall::Unknown => None,
+                },
+            }),
+            // The permits taken before are dropped: those calls end neutral.
+            Err(refused) => {
+                let retry = refused
+                    .retry_after
+                    .unwrap_or_else(|| breaker.policy().timeout);
+                let answer = signals::circuit_open(
+                    message.reply_id.clone(),
+                    Some(retry),
+                    breaker.key_scope().label(),
+                    &refused.key,
+                );
+                return Err(settings.refusal(answer, &parts.headers));
+            }
+        }
+    }
+    Ok(Some(pending.open(caller.session(), permits)))
 }
 
 /// Whether `headers` declare the content type `kind`.
