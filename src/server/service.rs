@@ -24,7 +24,7 @@ use super::sse::{self, AnswerSink};
 use super::tools::{self, ToolCall};
 use super::trust::Caller;
 
-/// The service made by [`ResilienceLayer`].
+/// The service made by [`ResilienceLayer`](super::ResilienceLayer).
 #[derive(Clone)]
 pub struct ResilienceService<S> {
     inner: S,
