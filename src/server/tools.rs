@@ -122,6 +122,16 @@ mod tests {
             "Resource not found: Tool 'x7f3' not found"
         ));
         assert!(!is_not_found("x7f3", -32603, "database down"));
+
+        let server = pmcp::Server::builder()
+            .name("t")
+            .version("1")
+            .tool("search", pmcp::SyncTool::new("search", |_| Ok(json!({}))))
+            .build()
+            .expect("a server");
+        let of_server = ToolCatalog::Server(Arc::new(server));
+        assert_eq!(classify(&known, Some(&of_server)).1, ToolCall::Plain);
+        assert_eq!(classify(&junk, Some(&of_server)).1, ToolCall::Unknown);
         assert!(!is_not_found("x7f3", -32602, "Tool 'x7f3' not found"));
     }
 }
