@@ -149,6 +149,47 @@ async fn a_pmcp_client_answered_on_its_get_stream_trips_the_breaker() {
     assert_eq!(snapshot.in_flight, 0, "every call ended");
 }
 
+#[tokio::test]
+async fn raw_http_answers_on_the_get_stream_open_the_breaker() {
+    let clock = ManualClock::new();
+    let breaker = per_tool_breaker(&clock);
+    let layer = ResilienceLayer::builder()
+        .circuit_breaker(breaker.clone())
+        .build()
+        .expect("valid layer");
+    let server = sse_server_behind(layer, Arc::default()).await;
+    let session = open_session(server.addr).await;
+    let s = [("mcp-session-id", session.as_str())];
+    let mut stream = support::stream::EventStream::open(server.addr, &session).await;
+    for id in 1..=2 {
+        let accepted = post(server.addr, &tool_call(id, "fail"), &s).await;
+        assert_eq!(accepted.status, 202, "pmcp answers on the GET stream");
+        let (event, text) = stream.next_event().await;
+        assert_eq!(event["id"], id);
+        assert_eq!(event["error"]["code"], -32603);
+        assert!(text.contains("event: message\n"), "{text:?}");
+    }
+    assert_eq!(breaker.state_of("tool:fail"), Some(CircuitState::Open));
+    let refused = post(server.addr, &tool_call(3, "fail"), &s).await;
+    assert_eq!(refused.json()["error"]["code"], -32006);
+    assert_eq!(server.behaviour.calls("fail"), 2, "not run while open");
+    let accepted = post(server.addr, &tool_call(4, "echo"), &s).await;
+    assert_eq!(accepted.status, 202);
+    let (event, _) = stream.next_event().await;
+    assert_eq!(event["id"], 4);
+    assert!(event["result"].is_object(), "{event}");
+    let snapshot = breaker.snapshot();
+    assert_eq!(snapshot.failed_requests, 2);
+    assert_eq!(snapshot.in_flight, 0);
+    // What the client read is what pmcp wrote: events only, in its framing.
+    let body = String::from_utf8_lossy(&stream.body).into_owned();
+    assert_eq!(
+        support::sse::events(stream.body.as_slice()).len(),
+        3,
+        "{body}"
+    );
+}
+
 /// A service answering every request with the event stream fed by the
 /// returned sender.
 type Streaming = tower::util::BoxCloneService<Request<Body>, Response<Body>, Infallible>;

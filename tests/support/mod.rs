@@ -310,3 +310,4 @@ pub mod raw_http;
 pub mod redis;
 pub mod scrape;
 pub mod sse;
+pub mod stream;
