@@ -53,7 +53,7 @@
 //!   responses sent by the client pass free.
 //! - **Batches** (a JSON array): every request in it is decided on its own,
 //!   under its own key and cost, in order. If one is refused, the whole batch
-//!   is answered 429 (the units taken by the elements before it are not given
+//!   is refused (the units taken by the elements before it are not given
 //!   back, as they would not be had they been sent one by one). pmcp 2.23
 //!   itself answers batches with 400; counting them anyway means a batch
 //!   never slips past the limit on a server that accepts them.
