@@ -259,6 +259,10 @@ impl CallSet {
 }
 
 impl AnswerSink for CallSet {
+    fn waiting(&self) -> bool {
+        !self.ids.is_empty()
+    }
+
     fn answered(&mut self, id: &str, answer: Answer) {
         if let Some(n) = self.ids.iter().position(|i| i == id) {
             self.ids.swap_remove(n);
@@ -294,6 +298,10 @@ pub(crate) struct StreamWatch {
 }
 
 impl AnswerSink for StreamWatch {
+    fn waiting(&self) -> bool {
+        self.pending.table.lock().owners.contains_key(&self.session)
+    }
+
     fn answered(&mut self, id: &str, answer: Answer) {
         self.pending
             .end(&self.session, id, OwnedOutcome::Answer(answer));

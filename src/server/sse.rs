@@ -127,6 +127,10 @@ impl EventReader {
 
 /// Told about the answers found in a watched body.
 pub(crate) trait AnswerSink: Send + 'static {
+    /// Whether any call still waits for its answer (when none does, events
+    /// pass without being parsed).
+    fn waiting(&self) -> bool;
+
     /// The response with JSON-RPC id `id` (as JSON text) passed.
     fn answered(&mut self, id: &str, answer: Answer);
 }
@@ -142,8 +146,10 @@ pub(crate) fn watch<S: AnswerSink>(body: Body, mut sink: S) -> Body {
         if let Some(data) = frame.data_ref() {
             let sink = &mut sink;
             reader.feed(data, |event| {
-                for (id, answer) in answers(event) {
-                    sink.answered(&id, answer);
+                if sink.waiting() {
+                    for (id, answer) in answers(event) {
+                        sink.answered(&id, answer);
+                    }
                 }
             });
         }
