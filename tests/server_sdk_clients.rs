@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use pmcp::server::streamable_http_server::StreamableHttpServerConfig;
 use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
-use pmcp_resilience::server::ResilienceLayer;
+use pmcp_resilience::server::{Refusals, ResilienceLayer};
 use pmcp_resilience::{CircuitBreakerMiddleware, ManualClock, Scope};
 use serde_json::Value;
 use support::{TestServer, start_server_configured};
@@ -47,7 +47,7 @@ fn installed(path: PathBuf, what: &str) -> Option<PathBuf> {
 
 /// The server: a per-session limit of 10 calls a minute (on a clock the test
 /// moves) and a per-tool breaker that opens at the first failure.
-async fn server(clock: &ManualClock) -> TestServer {
+async fn server(clock: &ManualClock, refusals: Refusals) -> TestServer {
     let limiter = RateLimitMiddleware::builder()
         .scope(Scope::PerSession)
         .strategy(RateLimitStrategy::FixedWindow {
@@ -67,6 +67,7 @@ async fn server(clock: &ManualClock) -> TestServer {
         .rate_limit(limiter)
         .circuit_breaker(breaker)
         .tools(["echo", "fail", "flaky", "slow", "strict"])
+        .refusals(refusals)
         .build()
         .expect("valid layer");
     let config = StreamableHttpServerConfig {
@@ -77,10 +78,18 @@ async fn server(clock: &ManualClock) -> TestServer {
 }
 
 /// Runs `command` (a client script taking the URL) against a fresh server
-/// and returns the steps it printed, keyed by name.
-async fn run(mut command: Command) -> Vec<Value> {
+/// and returns the steps it printed; the client must succeed.
+async fn run(command: Command) -> Vec<Value> {
+    let (steps, succeeded) = run_with(command, Refusals::JsonRpcError).await;
+    assert!(succeeded, "the client failed: {steps:#?}");
+    steps
+}
+
+/// Runs `command` against a fresh server refusing as `refusals` says: the
+/// steps it printed, and whether it exited successfully.
+async fn run_with(mut command: Command, refusals: Refusals) -> (Vec<Value>, bool) {
     let clock = ManualClock::new();
-    let server = server(&clock).await;
+    let server = server(&clock, refusals).await;
     let mut child = command
         .arg(&server.url)
         .stdin(Stdio::piped())
@@ -111,13 +120,12 @@ async fn run(mut command: Command) -> Vec<Value> {
         .await
         .expect("the client exits")
         .expect("an exit status");
-    assert!(status.success(), "the client failed: {steps:#?}");
     assert_eq!(
         server.behaviour.calls("fail"),
         1,
         "the open breaker kept it from running"
     );
-    steps
+    (steps, status.success())
 }
 
 fn step<'a>(steps: &'a [Value], name: &str) -> &'a Value {
@@ -192,4 +200,39 @@ async fn the_typescript_sdk_keeps_its_session_through_refusals() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sdk_client.cjs"))
         .env("TS_SDK_NODE_MODULES", modules);
     check(&run(command).await);
+}
+
+/// Why refusals are 200 by default: answered 503, Python `mcp` 1.x raises
+/// out of its transport and the session is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_mcp_1_loses_its_session_to_a_503() {
+    let Some(command) = python("py-mcp1") else {
+        return;
+    };
+    let (steps, succeeded) = run_with(command, Refusals::HttpStatus).await;
+    assert!(!succeeded, "{steps:#?}");
+    assert!(
+        !steps.iter().any(|s| s["step"] == "after-breaker"),
+        "{steps:#?}"
+    );
+}
+
+/// Answered 503, the TypeScript SDK sees the status but no JSON-RPC code
+/// or retry hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_sdk_gets_no_retry_hint_from_a_503() {
+    let Some(modules) = installed(sdk_dir().join("ts/node_modules"), "the TypeScript SDK") else {
+        return;
+    };
+    let mut command = Command::new("node");
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sdk_client.cjs"))
+        .env("TS_SDK_NODE_MODULES", modules);
+    let (steps, _) = run_with(command, Refusals::HttpStatus).await;
+    let breaker = step(&steps, "breaker");
+    assert_eq!(
+        breaker["code"], 503,
+        "the HTTP status, not -32006: {breaker}"
+    );
+    assert!(breaker["retryAfterMs"].is_null(), "{breaker}");
 }
