@@ -32,28 +32,59 @@ fn per_tool_breaker(clock: &ManualClock) -> CircuitBreakerMiddleware {
         .expect("valid breaker")
 }
 
+/// The bytes of every response body pmcp wrote, in the order the responses
+/// were made, as they left pmcp (before the layer).
+type Tap = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// A pmcp server with its default (SSE) configuration behind `layer`, with
 /// the status of every POST it answered noted in `statuses`.
 async fn sse_server_behind(layer: ResilienceLayer, statuses: Arc<Mutex<Vec<u16>>>) -> TestServer {
+    sse_server_tapped(layer, statuses, Tap::default()).await
+}
+
+/// [`sse_server_behind`], with what pmcp wrote noted in `tap`.
+async fn sse_server_tapped(
+    layer: ResilienceLayer,
+    statuses: Arc<Mutex<Vec<u16>>>,
+    tap: Tap,
+) -> TestServer {
+    let tapping =
+        axum::middleware::from_fn(move |req: Request<Body>, next: axum::middleware::Next| {
+            let tap = tap.clone();
+            async move {
+                let response = next.run(req).await;
+                let n = {
+                    let mut tap = tap.lock();
+                    tap.push(Vec::new());
+                    tap.len() - 1
+                };
+                let (head, body) = response.into_parts();
+                let body = body.map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        tap.lock()[n].extend_from_slice(data);
+                    }
+                    frame
+                });
+                Response::from_parts(head, Body::new(body))
+            }
+        });
+    let noting =
+        axum::middleware::from_fn(move |req: Request<Body>, next: axum::middleware::Next| {
+            let statuses = statuses.clone();
+            async move {
+                let post = req.method() == http::Method::POST;
+                let response = next.run(req).await;
+                if post {
+                    statuses.lock().push(response.status().as_u16());
+                }
+                response
+            }
+        });
     start_server_configured(
         "sse",
         StreamableHttpServerConfig::default(),
         |b| b,
-        move |router| {
-            router.layer(layer).layer(axum::middleware::from_fn(
-                move |req: Request<Body>, next: axum::middleware::Next| {
-                    let statuses = statuses.clone();
-                    async move {
-                        let post = req.method() == http::Method::POST;
-                        let response = next.run(req).await;
-                        if post {
-                            statuses.lock().push(response.status().as_u16());
-                        }
-                        response
-                    }
-                },
-            ))
-        },
+        move |router| router.layer(tapping).layer(layer).layer(noting),
     )
     .await
 }
@@ -66,13 +97,16 @@ async fn raw_http_answers_in_post_event_streams_open_the_per_tool_breaker() {
         .circuit_breaker(breaker.clone())
         .build()
         .expect("valid layer");
-    let server = sse_server_behind(layer, Arc::default()).await;
+    let tap = Tap::default();
+    let server = sse_server_tapped(layer, Arc::default(), tap.clone()).await;
     let session = open_session(server.addr).await;
     let s = [("mcp-session-id", session.as_str())];
     for id in 1..=2 {
         let failed = post(server.addr, &tool_call(id, "fail"), &s).await;
         assert_eq!(failed.status, 200);
         assert_eq!(failed.header("content-type"), Some("text/event-stream"));
+        let written = tap.lock().last().cloned().unwrap_or_default();
+        assert_eq!(failed.body, written, "the client read what pmcp wrote");
         let events = support::sse::events(&failed.body);
         assert_eq!(
             events.len(),
@@ -157,10 +191,12 @@ async fn raw_http_answers_on_the_get_stream_open_the_breaker() {
         .circuit_breaker(breaker.clone())
         .build()
         .expect("valid layer");
-    let server = sse_server_behind(layer, Arc::default()).await;
+    let tap = Tap::default();
+    let server = sse_server_tapped(layer, Arc::default(), tap.clone()).await;
     let session = open_session(server.addr).await;
     let s = [("mcp-session-id", session.as_str())];
     let mut stream = support::stream::EventStream::open(server.addr, &session).await;
+    let get = tap.lock().len() - 1;
     for id in 1..=2 {
         let accepted = post(server.addr, &tool_call(id, "fail"), &s).await;
         assert_eq!(accepted.status, 202, "pmcp answers on the GET stream");
@@ -181,13 +217,15 @@ async fn raw_http_answers_on_the_get_stream_open_the_breaker() {
     let snapshot = breaker.snapshot();
     assert_eq!(snapshot.failed_requests, 2);
     assert_eq!(snapshot.in_flight, 0);
-    // What the client read is what pmcp wrote: events only, in its framing.
-    let body = String::from_utf8_lossy(&stream.body).into_owned();
-    assert_eq!(
-        support::sse::events(stream.body.as_slice()).len(),
-        3,
-        "{body}"
+    // What the client read is what pmcp wrote on the stream.
+    let written = tap.lock()[get].clone();
+    assert!(
+        !stream.body.is_empty() && written.starts_with(&stream.body),
+        "read {:?}, pmcp wrote {:?}",
+        String::from_utf8_lossy(&stream.body),
+        String::from_utf8_lossy(&written)
     );
+    assert_eq!(support::sse::events(stream.body.as_slice()).len(), 3);
 }
 
 /// A service answering every request with the event stream fed by the
