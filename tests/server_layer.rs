@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pmcp::shared::{AdvancedMiddleware, EnhancedMiddlewareChain};
 use pmcp_resilience::rate_limit::{BackpressureConfig, RateLimitMiddleware, RateLimitStrategy};
-use pmcp_resilience::server::{ProxyTrust, RequestKey, ResilienceLayer, ToolRateLimit};
+use pmcp_resilience::server::{ProxyTrust, Refusals, RequestKey, ResilienceLayer, ToolRateLimit};
 use pmcp_resilience::{CircuitBreakerMiddleware, ConfigError, ManualClock, Scope, Timestamp};
 use serde_json::{Value, json};
 use support::raw_http::{open_session, post, send, tool_call};
@@ -44,6 +44,7 @@ async fn breaker_behind(
         .build()
         .expect("valid breaker");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .circuit_breaker(breaker.clone())
         .build()
         .expect("valid layer");
@@ -58,6 +59,7 @@ async fn behind(layer: ResilienceLayer) -> TestServer {
 async fn a_raw_client_sees_429_with_every_header_and_a_jsonrpc_body() {
     let (limiter, _clock) = per_tool_window(2);
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .with_usage_headers(true)
         .build()
@@ -145,6 +147,7 @@ async fn the_reset_header_follows_backpressure_header() {
         .build()
         .expect("valid limiter");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .policy_name("calls")
         .build()
@@ -175,10 +178,11 @@ async fn the_reset_header_follows_backpressure_header() {
 }
 
 #[tokio::test]
-async fn a_pmcp_client_sees_only_the_429_status_by_default() {
+async fn a_pmcp_client_sees_only_the_429_status_with_http_status_refusals() {
     let (limiter, _clock) = per_tool_window(1);
     let layer = ResilienceLayer::builder()
         .rate_limit(limiter)
+        .refusals(Refusals::HttpStatus)
         .build()
         .expect("valid layer");
     let server = behind(layer).await;
@@ -199,11 +203,10 @@ async fn a_pmcp_client_sees_only_the_429_status_by_default() {
 }
 
 #[tokio::test]
-async fn a_pmcp_client_gets_the_retry_hint_from_a_200_refusal() {
+async fn a_pmcp_client_gets_the_retry_hint_from_a_200_refusal_by_default() {
     let (limiter, _clock) = per_tool_window(1);
     let layer = ResilienceLayer::builder()
         .rate_limit(limiter)
-        .answer_refusals_with_200(true)
         .build()
         .expect("valid layer");
     let server = behind(layer).await;
@@ -241,6 +244,7 @@ async fn two_sessions_have_independent_budgets() {
         .build()
         .expect("valid limiter");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .build()
         .expect("valid layer");
@@ -271,6 +275,7 @@ async fn two_sessions_have_independent_budgets() {
 async fn malformed_oversized_and_batch_bodies_get_clear_answers() {
     let (limiter, _clock) = per_tool_window(2);
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .max_body_bytes(4096)
         .build()
@@ -335,6 +340,7 @@ async fn waiting_for_capacity_smooths_a_burst() {
         .build()
         .expect("valid limiter");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .build()
         .expect("valid layer");
@@ -377,6 +383,7 @@ async fn a_wait_beyond_max_wait_is_refused_at_once() {
         .build()
         .expect("valid limiter");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .build()
         .expect("valid layer");
@@ -488,6 +495,7 @@ async fn client_address_keys_trust_proxies_only_when_told() {
         .build()
         .expect("valid limiter");
     let layer = ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
         .rate_limit(limiter)
         .key(RequestKey::ClientAddress)
         .trust_proxy(ProxyTrust::x_forwarded_for(1))

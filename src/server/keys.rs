@@ -27,9 +27,23 @@
 //!
 //! # Rules
 //!
-//! - **Session**: the `mcp-session-id` header, as sent. Requests without it
-//!   (the `initialize` that opens a session) get the key part
-//!   [`NO_SESSION`](crate::scope::NO_SESSION) under [`Scope::PerSession`](crate::Scope::PerSession).
+//! - **Session**: the `mcp-session-id` header, but only an id the layer saw
+//!   the server issue (on its answer to `initialize`; the layer remembers up
+//!   to [`max_sessions`](super::ResilienceLayerBuilder::max_sessions) of
+//!   them, and forgets one on a successful `DELETE` or a 404 from the
+//!   server). Under [`Scope::PerSession`](crate::Scope::PerSession), a
+//!   request without a session (`initialize`, `server/discover`) or with
+//!   an id the server did not issue is keyed by the client's address,
+//!   `client:<ip>`: each client has a budget of its own for opening
+//!   sessions, and rotating forged ids buys nothing. On a stateless server
+//!   (no session ids issued) every request is keyed that way. Under
+//!   `PerMethod` and `PerTool` scopes, a request opening a session
+//!   (`initialize`, `server/discover`) without one is keyed by the client's
+//!   address too; `Global` and `Custom` scopes are left as chosen.
+//! - **Tool**: with the server's tools known
+//!   ([`tools`](super::ResilienceLayerBuilder::tools),
+//!   [`tools_of`](super::ResilienceLayerBuilder::tools_of)), a call of any
+//!   other tool has the tool part [`UNKNOWN_TOOL`](super::UNKNOWN_TOOL).
 //! - **Server URL**: none on the server side; scopes that use one
 //!   (`PerServer`, `PerEndpoint`) get the part
 //!   [`UNKNOWN_SERVER`](crate::scope::UNKNOWN_SERVER), so they act as
@@ -39,7 +53,7 @@
 //!   responses sent by the client pass free.
 //! - **Batches** (a JSON array): every request in it is decided on its own,
 //!   under its own key and cost, in order. If one is refused, the whole batch
-//!   is answered 429 (the units taken by the elements before it are not given
+//!   is refused (the units taken by the elements before it are not given
 //!   back, as they would not be had they been sent one by one). pmcp 2.23
 //!   itself answers batches with 400; counting them anyway means a batch
 //!   never slips past the limit on a server that accepts them.
@@ -121,15 +135,19 @@ pub enum ProxyHeader {
     Forwarded,
 }
 
-/// Trust in the proxies in front of the server: how many of them append to
+/// Trust in the proxies in front of the server: which of them append to
 /// the forwarding header. Off unless configured, since any client can send
 /// these headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyTrust {
     /// The header the proxies append to.
     pub header: ProxyHeader,
-    /// How many trusted proxies append to it (at least 1).
+    /// How many trusted proxies append to it (used when `proxies` is empty).
     pub trusted_hops: usize,
+    /// The proxies' own addresses. When set, the header is read only on
+    /// connections from one of them, and the client is the right-most
+    /// entry that is not one of them.
+    pub proxies: Vec<IpAddr>,
 }
 
 impl ProxyTrust {
@@ -138,6 +156,7 @@ impl ProxyTrust {
         ProxyTrust {
             header: ProxyHeader::XForwardedFor,
             trusted_hops: hops,
+            proxies: Vec::new(),
         }
     }
 
@@ -146,14 +165,33 @@ impl ProxyTrust {
         ProxyTrust {
             header: ProxyHeader::Forwarded,
             trusted_hops: hops,
+            proxies: Vec::new(),
         }
     }
 
+    /// Trust only the proxies at these addresses (the safer choice: a
+    /// client reaching the server past the proxies cannot choose its
+    /// address by sending the header itself).
+    ///
+    /// ```
+    /// use pmcp_resilience::server::ProxyTrust;
+    /// use std::net::IpAddr;
+    ///
+    /// let lb: IpAddr = "10.0.0.5".parse().unwrap();
+    /// let trust = ProxyTrust::x_forwarded_for(1).only_from([lb]);
+    /// assert_eq!(trust.proxies, vec![lb]);
+    /// ```
+    pub fn only_from(mut self, proxies: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.proxies = proxies.into_iter().collect();
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.trusted_hops == 0 {
+        if self.trusted_hops == 0 && self.proxies.is_empty() {
             return Err(ConfigError::invalid(
                 "trust_proxy",
-                "trusted_hops must be at least 1 (or do not configure proxy trust)",
+                "trusted_hops must be at least 1, or name the proxies with `only_from` \
+                 (or do not configure proxy trust)",
             ));
         }
         Ok(())
@@ -193,6 +231,22 @@ pub(crate) fn client_address(parts: &Parts, trust: Option<&ProxyTrust>) -> Optio
             })
             .collect(),
     };
+    if !trust.proxies.is_empty() {
+        if !peer.is_some_and(|p| trust.proxies.contains(&p)) {
+            return peer;
+        }
+        let mut client = peer;
+        for entry in entries.iter().rev() {
+            let Some(ip) = parse_ip(entry) else {
+                return client;
+            };
+            client = Some(ip);
+            if !trust.proxies.contains(&ip) {
+                break;
+            }
+        }
+        return client;
+    }
     if entries.len() < trust.trusted_hops {
         return peer;
     }
@@ -231,13 +285,9 @@ pub(crate) fn http_key(
     }
 }
 
-/// The session id of a request, if it carries one.
-pub(crate) fn session_id(parts: &Parts) -> Option<String> {
-    parts
-        .headers
-        .get(SESSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+/// The `mcp-session-id` header of a request or response, if readable.
+pub(crate) fn session_header(headers: &http::HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
 }
 
 /// The JSON-RPC content of a POST body.
@@ -355,6 +405,34 @@ mod tests {
         assert_eq!(
             client_address(&f, Some(&ProxyTrust::forwarded(1))),
             "2001:db8::1".parse().ok()
+        );
+    }
+
+    #[test]
+    fn named_proxies_are_the_only_ones_believed() {
+        let lb: IpAddr = "10.0.0.5".parse().unwrap();
+        let trust = ProxyTrust::x_forwarded_for(1).only_from([lb]);
+        let via_lb = parts(
+            &[("x-forwarded-for", "6.6.6.6, 2.2.2.2, 10.0.0.5")],
+            Some("10.0.0.5:5000"),
+        );
+        assert_eq!(
+            client_address(&via_lb, Some(&trust)),
+            "2.2.2.2".parse().ok()
+        );
+        let direct = parts(&[("x-forwarded-for", "2.2.2.2")], Some("7.7.7.7:5000"));
+        assert_eq!(
+            client_address(&direct, Some(&trust)),
+            "7.7.7.7".parse().ok()
+        );
+        let junk = parts(&[("x-forwarded-for", "nonsense")], Some("10.0.0.5:1"));
+        assert_eq!(client_address(&junk, Some(&trust)), Some(lb));
+        assert!(ProxyTrust::x_forwarded_for(0).validate().is_err());
+        assert!(
+            ProxyTrust::x_forwarded_for(0)
+                .only_from([lb])
+                .validate()
+                .is_ok()
         );
     }
 

@@ -1,51 +1,106 @@
 //! The tower layer in front of a pmcp streamable-HTTP router.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
-use bytes::Bytes;
-use http::{HeaderName, Method, Request, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use pmcp::ErrorCode;
-use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
-use pmcp::types::JSONRPCResponse;
-use pmcp::types::jsonrpc::ResponsePayload;
-use serde_json::Value;
-use tower::{Layer, Service};
+use http::{HeaderMap, HeaderName, Response};
+use tower::Layer;
 
 use crate::circuit_breaker::CircuitBreakerMiddleware;
 use crate::error::ConfigError;
 use crate::rate_limit::RateLimitMiddleware;
-use crate::scope::{SESSION_ID_METADATA, ScopeKey};
 
-use super::keys::{self, BodyError, ProxyTrust, RequestKey};
-use super::signals::{self, HeaderNames, Usage};
+use super::calls::Pending;
+use super::cors::CorsOrigins;
+use super::keys::{self, ProxyTrust, RequestKey};
+use super::service::ResilienceService;
+use super::signals::{HeaderNames, Refusals};
+use super::tools::ToolCatalog;
+use super::trust::{Caller, DEFAULT_MAX_SESSIONS, IssuedSessions};
 
 /// The default bound on a request body read by the layer: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
-struct Settings {
-    limiter: Option<RateLimitMiddleware>,
-    breaker: Option<CircuitBreakerMiddleware>,
-    key: RequestKey,
-    proxy: Option<ProxyTrust>,
-    max_body_bytes: usize,
-    usage_headers: bool,
-    refusals_as_200: bool,
-    names: HeaderNames,
-    warned_no_address: AtomicBool,
+pub(crate) struct Settings {
+    pub(crate) limiter: Option<RateLimitMiddleware>,
+    pub(crate) breaker: Option<CircuitBreakerMiddleware>,
+    /// The breaker's calls waiting for their answers.
+    pub(crate) pending: Option<Arc<Pending>>,
+    pub(crate) tools: Option<ToolCatalog>,
+    pub(crate) key: RequestKey,
+    pub(crate) proxy: Option<ProxyTrust>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) usage_headers: bool,
+    pub(crate) refusals: Refusals,
+    pub(crate) cors: CorsOrigins,
+    pub(crate) names: HeaderNames,
+    pub(crate) warned_no_address: AtomicBool,
+    /// Session ids the server issued.
+    pub(crate) sessions: IssuedSessions,
 }
 
 impl Settings {
-    /// A refusal with the status the settings ask for.
-    fn refusal(&self, mut response: Response<Body>) -> Response<Body> {
-        if self.refusals_as_200 {
+    /// Who sent a request: a session the server issued, or a client address.
+    pub(crate) fn caller(&self, parts: &http::request::Parts) -> Caller {
+        if let Some(id) = keys::session_header(&parts.headers)
+            && self.sessions.contains(id)
+        {
+            return Caller::Session(id.to_owned());
+        }
+        let label = match keys::client_address(parts, self.proxy.as_ref()) {
+            Some(ip) => format!("client:{ip}"),
+            None => keys::UNKNOWN_CLIENT.to_owned(),
+        };
+        Caller::Client(label)
+    }
+
+    /// Warns once that client addresses are unknown.
+    pub(crate) fn warn_no_address(&self) {
+        if !self.warned_no_address.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "a request is keyed by client address, but it carries no \
+                 ConnectInfo<SocketAddr>: serve with \
+                 `into_make_service_with_connect_info::<SocketAddr>()`; such requests \
+                 share the key `{}`",
+                keys::UNKNOWN_CLIENT
+            );
+        }
+    }
+
+    /// Notes the session id the server issued in answer to `initialize`,
+    /// and forgets one the server no longer knows.
+    pub(crate) fn learn(&self, caller: &Caller, opens_session: bool, response: &Response<Body>) {
+        let status = response.status();
+        match caller.session() {
+            None if opens_session && status.is_success() => {
+                if let Some(id) = keys::session_header(response.headers()) {
+                    self.sessions.issued(id);
+                }
+            }
+            Some(id) if status == http::StatusCode::NOT_FOUND => self.sessions.forget(id),
+            _ => {}
+        }
+    }
+
+    /// A refusal, with the status the settings ask for, as an answer of
+    /// the layer's own to a request with headers `request`.
+    pub(crate) fn refusal(
+        &self,
+        mut response: Response<Body>,
+        request: &HeaderMap,
+    ) -> Response<Body> {
+        if self.refusals == Refusals::JsonRpcError {
             *response.status_mut() = http::StatusCode::OK;
         }
+        self.own(response, request)
+    }
+
+    /// An answer of the layer's own, with the CORS and caching headers
+    /// pmcp's router puts on its answers.
+    pub(crate) fn own(&self, mut response: Response<Body>, request: &HeaderMap) -> Response<Body> {
+        self.cors
+            .write(request, &self.names, response.headers_mut());
         response
     }
 }
@@ -69,7 +124,8 @@ impl std::fmt::Debug for ResilienceLayer {
             .field("proxy", &s.proxy)
             .field("max_body_bytes", &s.max_body_bytes)
             .field("usage_headers", &s.usage_headers)
-            .field("refusals_as_200", &s.refusals_as_200)
+            .field("refusals", &s.refusals)
+            .field("cors", &s.cors)
             .finish()
     }
 }
@@ -86,11 +142,14 @@ impl ResilienceLayer {
 pub struct ResilienceLayerBuilder {
     limiter: Option<RateLimitMiddleware>,
     breaker: Option<CircuitBreakerMiddleware>,
+    tools: Option<ToolCatalog>,
     key: RequestKey,
     proxy: Option<ProxyTrust>,
     max_body_bytes: Option<usize>,
+    max_sessions: Option<usize>,
     usage_headers: bool,
-    refusals_as_200: bool,
+    refusals: Refusals,
+    cors: CorsOrigins,
     policy_name: Option<String>,
 }
 
@@ -105,6 +164,31 @@ impl ResilienceLayerBuilder {
     /// The circuit breaker (a handle, sharing state with the others).
     pub fn circuit_breaker(mut self, breaker: CircuitBreakerMiddleware) -> Self {
         self.breaker = Some(breaker);
+        self
+    }
+
+    /// The server's tools, by name. A call of any other tool is keyed
+    /// `tool:<unknown>` (under [`Scope::PerTool`](crate::Scope::PerTool);
+    /// the limiter's and the breaker's keys alike) and judged the caller's
+    /// mistake (neutral), so invented names neither cost a key each nor open
+    /// a breaker. Without a list (and without
+    /// [`tools_of`](Self::tools_of)), every name is its own key, and pmcp's
+    /// `Tool '<name>' not found` answer is judged neutral.
+    pub fn tools<I, T>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let names = names.into_iter().map(Into::into).collect();
+        self.tools = Some(ToolCatalog::Names(Arc::new(names)));
+        self
+    }
+
+    /// Learn the tools from pmcp's server itself (the one given to
+    /// `pmcp::axum::concurrent_router`), as [`tools`](Self::tools) does from
+    /// a list. Only tools registered on the builder are seen.
+    pub fn tools_of(mut self, server: Arc<pmcp::Server>) -> Self {
+        self.tools = Some(ToolCatalog::Server(server));
         self
     }
 
@@ -127,25 +211,45 @@ impl ResilienceLayerBuilder {
         self
     }
 
+    /// How many session ids (seen on the server's answers to `initialize`)
+    /// the layer remembers (default [`DEFAULT_MAX_SESSIONS`]); past it, the
+    /// oldest is forgotten and its requests are keyed by client address.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = Some(max);
+        self
+    }
+
     /// Put the usage headers on admitted responses too (default `false`).
     pub fn with_usage_headers(mut self, on: bool) -> Self {
         self.usage_headers = on;
         self
     }
 
-    /// Answer refusals (rate limit, open breaker) with HTTP 200 instead of
-    /// 429/503, keeping every header and the JSON-RPC error body (default
-    /// `false`).
-    ///
-    /// For clients that read JSON-RPC errors only from 2xx answers: pmcp
-    /// 2.23's streamable-HTTP client (2025 protocol era) turns any non-2xx
-    /// answer into `Error::Transport(Request("Request failed with status:
-    /// 429 Too Many Requests"))` and drops the body, so the retry hint is
-    /// lost; with this setting it gets `Error::Protocol { code: -32005,
-    /// data: {"retryAfterMs", ..} }`. Plain HTTP clients and gateways then
-    /// lose the status code, so turn it on only for such fleets.
+    /// How refusals (rate limit, open breaker, a limiter whose store
+    /// failed) are answered: [`Refusals::JsonRpcError`] (HTTP 200 with the
+    /// JSON-RPC error, the default) or [`Refusals::HttpStatus`] (429/503);
+    /// [`Refusals`] says which clients each serves.
+    pub fn refusals(mut self, refusals: Refusals) -> Self {
+        self.refusals = refusals;
+        self
+    }
+
+    /// `true`: [`Refusals::JsonRpcError`] (the default); `false`:
+    /// [`Refusals::HttpStatus`].
     pub fn answer_refusals_with_200(mut self, on: bool) -> Self {
-        self.refusals_as_200 = on;
+        self.refusals = if on {
+            Refusals::JsonRpcError
+        } else {
+            Refusals::HttpStatus
+        };
+        self
+    }
+
+    /// The browser origins allowed to read the layer's own answers
+    /// (default [`CorsOrigins::Localhost`], as pmcp's router): set it as
+    /// pmcp's `RouterConfig::allowed_origins`.
+    pub fn cors_origins(mut self, origins: CorsOrigins) -> Self {
+        self.cors = origins;
         self
     }
 
@@ -173,6 +277,13 @@ impl ResilienceLayerBuilder {
         }
         if let Some(trust) = &self.proxy {
             trust.validate()?;
+        }
+        let max_sessions = self.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
+        if max_sessions == 0 {
+            return Err(ConfigError::invalid(
+                "max_sessions",
+                "must be above zero: with no session remembered, every request is keyed by address",
+            ));
         }
         let (reset, default_name) = match &self.limiter {
             Some(l) => {
@@ -202,14 +313,21 @@ impl ResilienceLayerBuilder {
         Ok(ResilienceLayer {
             settings: Arc::new(Settings {
                 limiter: self.limiter,
+                pending: self
+                    .breaker
+                    .as_ref()
+                    .map(|b| Arc::new(Pending::new(b.call_timeout()))),
                 breaker: self.breaker,
+                tools: self.tools,
                 key: self.key,
                 proxy: self.proxy,
                 max_body_bytes,
                 usage_headers: self.usage_headers,
-                refusals_as_200: self.refusals_as_200,
+                refusals: self.refusals,
+                cors: self.cors,
                 names: HeaderNames { reset, policy_name },
                 warned_no_address: AtomicBool::new(false),
+                sessions: IssuedSessions::new(max_sessions),
             }),
         })
     }
@@ -219,303 +337,6 @@ impl<S> Layer<S> for ResilienceLayer {
     type Service = ResilienceService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ResilienceService {
-            inner,
-            settings: Arc::clone(&self.settings),
-        }
+        ResilienceService::new(inner, Arc::clone(&self.settings))
     }
-}
-
-/// The service made by [`ResilienceLayer`].
-#[derive(Clone)]
-pub struct ResilienceService<S> {
-    inner: S,
-    settings: Arc<Settings>,
-}
-
-impl<S: std::fmt::Debug> std::fmt::Debug for ResilienceService<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResilienceService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Service<Request<Body>> for ResilienceService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        // The clone may not be ready: keep the one that is.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let settings = Arc::clone(&self.settings);
-        Box::pin(handle(settings, inner, request))
-    }
-}
-
-/// Calls admitted by the breaker and not yet recorded; released (not
-/// counted) if the request is dropped before it is answered.
-struct BreakerCalls {
-    breaker: CircuitBreakerMiddleware,
-    calls: Vec<(Value, MiddlewareContext)>,
-}
-
-impl BreakerCalls {
-    /// Records the answer of every call, from the HTTP status and (for JSON
-    /// bodies) the JSON-RPC responses.
-    async fn record(mut self, status: http::StatusCode, body: Option<&[u8]>) {
-        let calls = std::mem::take(&mut self.calls);
-        if !status.is_success() {
-            let error = pmcp::Error::Transport(pmcp::error::TransportError::Request(format!(
-                "Request failed with status: {status}"
-            )));
-            for (_, context) in &calls {
-                if let Some(id) = &context.request_id {
-                    self.breaker.report_send_error(id, &error);
-                }
-            }
-            return;
-        }
-        let responses: Vec<JSONRPCResponse> = match body {
-            Some(bytes) => match serde_json::from_slice::<Value>(bytes) {
-                Ok(Value::Array(items)) => items
-                    .into_iter()
-                    .filter_map(|v| serde_json::from_value(v).ok())
-                    .collect(),
-                Ok(v) => serde_json::from_value(v).ok().into_iter().collect(),
-                Err(_) => Vec::new(),
-            },
-            None => Vec::new(),
-        };
-        for (id, context) in calls {
-            let found = responses
-                .iter()
-                .find(|r| serde_json::to_value(&r.id).ok().as_ref() == Some(&id));
-            let mut response = match found {
-                Some(r) => r.clone(),
-                // Answered over SSE or not at all in the body: the status says success.
-                None => JSONRPCResponse {
-                    jsonrpc: "2.0".into(),
-                    id: serde_json::from_value(id).unwrap_or(pmcp::types::RequestId::from(0i64)),
-                    payload: ResponsePayload::Result(Value::Null),
-                },
-            };
-            let _ = self
-                .breaker
-                .on_response_with_context(&mut response, &context)
-                .await;
-        }
-    }
-}
-
-impl Drop for BreakerCalls {
-    fn drop(&mut self) {
-        if self.calls.is_empty() {
-            return;
-        }
-        let calls = std::mem::take(&mut self.calls);
-        let breaker = self.breaker.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let error = pmcp::Error::internal("request abandoned before it was answered");
-                for (_, context) in calls {
-                    let _ = breaker.on_error(&error, &context).await;
-                }
-            });
-        }
-    }
-}
-
-static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
-
-async fn handle<S>(
-    settings: Arc<Settings>,
-    mut inner: S,
-    request: Request<Body>,
-) -> Result<Response<Body>, S::Error>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-{
-    if request.method() != Method::POST {
-        // GET (the SSE stream) and DELETE (ending a session) carry no
-        // JSON-RPC request: they pass, uncounted.
-        return inner.call(request).await;
-    }
-    let max = settings.max_body_bytes;
-    let (parts, body) = request.into_parts();
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Ok(signals::too_large(max));
-    }
-    let bytes: Bytes = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(signals::too_large(max));
-        }
-        Err(e) => {
-            return Ok(signals::bad_request(
-                ErrorCode::PARSE_ERROR.as_i32(),
-                &format!("could not read the request body: {e}"),
-            ));
-        }
-    };
-    let message = match keys::parse_message(&bytes) {
-        Ok(m) => m,
-        Err(BodyError::Parse(e)) => {
-            return Ok(signals::bad_request(
-                ErrorCode::PARSE_ERROR.as_i32(),
-                &format!("parse error: {e}"),
-            ));
-        }
-        Err(BodyError::Invalid(why)) => {
-            return Ok(signals::bad_request(
-                ErrorCode::INVALID_REQUEST.as_i32(),
-                why,
-            ));
-        }
-    };
-    let session = keys::session_id(&parts);
-
-    let mut tightest: Option<Usage> = None;
-    if let Some(limiter) = &settings.limiter {
-        let http_key = keys::http_key(&settings.key, &parts, settings.proxy.as_ref());
-        if http_key
-            .as_ref()
-            .is_some_and(|k| k.as_str() == keys::UNKNOWN_CLIENT)
-            && !settings.warned_no_address.swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(
-                "rate limit keyed by client address, but the request carries no \
-                 ConnectInfo<SocketAddr>: serve with \
-                 `into_make_service_with_connect_info::<SocketAddr>()`; such requests \
-                 share the key `{}`",
-                keys::UNKNOWN_CLIENT
-            );
-        }
-        let window = limiter.window();
-        // The limiter's hooks note metrics in a pmcp context that nothing
-        // reads here: one per HTTP request, not one per call of a batch.
-        let context = MiddlewareContext::default();
-        for call in &message.calls {
-            let key = match &http_key {
-                Some(k) => k.clone(),
-                None => limiter.scope().key_with(call, || None, || session.clone()),
-            };
-            let cost = limiter.cost_of(call);
-            let verdict = limiter.admit_key(key.clone(), cost, call, &context).await;
-            let now = limiter.now();
-            match (verdict.result, verdict.decision) {
-                (Ok(()), Some(decision)) => {
-                    if tightest.is_none_or(|t| decision.remaining < t.decision.remaining) {
-                        tightest = Some(Usage {
-                            decision,
-                            now,
-                            window,
-                        });
-                    }
-                }
-                (Ok(()), None) => {}
-                (Err(_), Some(decision)) => {
-                    let usage = Usage {
-                        decision,
-                        now,
-                        window,
-                    };
-                    return Ok(settings.refusal(signals::rate_limited(
-                        message.reply_id,
-                        &usage,
-                        &settings.names,
-                        limiter.scope().label(),
-                        &key,
-                    )));
-                }
-                (Err(e), None) => return Ok(signals::limiter_failed(message.reply_id, &e)),
-            }
-        }
-    }
-
-    let mut tracked = None;
-    if let Some(breaker) = &settings.breaker
-        && !message.calls.is_empty()
-    {
-        let mut calls = BreakerCalls {
-            breaker: breaker.clone(),
-            calls: Vec::with_capacity(message.calls.len()),
-        };
-        for call in &message.calls {
-            let n = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
-            let context = MiddlewareContext::with_request_id(format!("pmcp-resilience-server-{n}"));
-            if let Some(s) = &session {
-                context.set_metadata(SESSION_ID_METADATA.to_string(), s.clone());
-            }
-            let mut request = call.clone();
-            if breaker
-                .on_request_with_context(&mut request, &context)
-                .await
-                .is_err()
-            {
-                let key: ScopeKey = breaker
-                    .key_scope()
-                    .key_with(call, || None, || session.clone());
-                let retry = breaker.retry_after(key.as_str());
-                // `calls` is dropped here: the calls admitted before are released.
-                return Ok(settings.refusal(signals::circuit_open(
-                    message.reply_id,
-                    retry,
-                    breaker.key_scope().label(),
-                    &key,
-                )));
-            }
-            let id = serde_json::to_value(&call.id).unwrap_or(Value::Null);
-            calls.calls.push((id, context));
-        }
-        tracked = Some(calls);
-    }
-
-    let mut response = inner
-        .call(Request::from_parts(parts, Body::from(bytes)))
-        .await?;
-    if let Some(calls) = tracked {
-        let is_json = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if is_json && response.status().is_success() {
-            let (head, body) = response.into_parts();
-            match body.collect().await {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    calls.record(head.status, Some(&bytes)).await;
-                    response = Response::from_parts(head, Body::from(bytes));
-                }
-                Err(e) => {
-                    calls.record(http::StatusCode::BAD_GATEWAY, None).await;
-                    return Ok(signals::upstream_failed(&e.to_string()));
-                }
-            }
-        } else {
-            calls.record(response.status(), None).await;
-        }
-    }
-    if settings.usage_headers
-        && let Some(usage) = tightest
-    {
-        usage.write(&settings.names, response.headers_mut());
-    }
-    Ok(response)
 }

@@ -16,7 +16,7 @@
 //!
 //! | header | value |
 //! |---|---|
-//! | `Retry-After` (429 and 503 only) | seconds until a request of the same cost would be admitted (429), or until the breaker lets a probe through (503) |
+//! | `Retry-After` (refusals only) | seconds until a request of the same cost would be admitted (rate limit), or until the breaker lets a probe through (open breaker; the policy's open time for a breaker forced open) |
 //! | `X-RateLimit-Limit` | the key's limit (capacity, or units per window) |
 //! | `X-RateLimit-Remaining` | units left right after this decision |
 //! | the `backpressure_header` (default `X-RateLimit-Reset`) | seconds until the key is back at its full limit (a fixed window: until it ends); a *delta*, not a Unix time |
@@ -29,15 +29,19 @@
 //!
 //! # Bodies
 //!
-//! Refusals carry a JSON-RPC error whose `id` is the request's (`null` for a
-//! batch or an unreadable body):
-//! - 429: code -32005, `data: {"retryAfterMs", "limit", "remaining",
+//! Every answer of the layer's own carries a JSON-RPC error whose `id` is
+//! the request's (`null` for a batch or an unreadable body). Refusals come
+//! with HTTP 200 by default, or with the status in brackets under
+//! [`Refusals::HttpStatus`]:
+//! - rate limited (429): code -32005, `data: {"retryAfterMs", "limit", "remaining",
 //!   "resetAfterMs", "resetAtMs", "scope", "key"}` (`resetAtMs`: Unix
 //!   milliseconds, as in the client-side signal) (`retryAfterMs` is `null` when the
 //!   request costs more than the limit and no wait helps; there is then no
 //!   `Retry-After`);
-//! - 503 (breaker open): code -32006, `data: {"retryAfterMs", "scope", "key"}`;
-//! - 503 (the limiter's store failed): code -32603;
+//! - breaker open (503): code -32006, `data: {"retryAfterMs", "scope",
+//!   "key"}`, `key` being the open breaker's (`retryAfterMs` is never
+//!   `null` here, nor is `Retry-After` missing);
+//! - the limiter's store failed (503): code -32603;
 //! - 400: code -32700 (not JSON) or -32600 (not a JSON-RPC message);
 //! - 413: code -32600, body larger than the layer's bound.
 
@@ -56,6 +60,29 @@ use crate::scope::ScopeKey;
 pub const RATE_LIMITED: i32 = -32005;
 /// JSON-RPC code of an open breaker (pmcp's `CIRCUIT_BREAKER_OPEN`).
 pub const CIRCUIT_BREAKER_OPEN: i32 = -32006;
+
+/// How the layer answers a refusal (rate limit, open breaker, a limiter
+/// whose store failed). Both carry the same headers (`Retry-After`, the
+/// usage fields) and the same JSON-RPC error body.
+///
+/// | client | `JsonRpcError` (HTTP 200) | `HttpStatus` (429/503) |
+/// |---|---|---|
+/// | pmcp 2.23 | `Error::Protocol { code, data }`: the retry hint | `Error::Transport("Request failed with status: 429 ..")`: no hint |
+/// | Python `mcp` 2.x | the JSON-RPC error with its `data` | an error with code -32005/-32006 and the `data` |
+/// | Python `mcp` 1.x | the JSON-RPC error with its `data` | `HTTPStatusError` raised out of the transport: the session is lost |
+/// | TypeScript SDK 1.x | the JSON-RPC error with its `data` | `StreamableHTTPError` with the status only |
+/// | gateways, curl, load balancers | a 200 (only the headers tell) | a 429/503 they understand |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusals {
+    /// HTTP 200 with the JSON-RPC error (the default): every MCP client
+    /// known reads it and keeps its session.
+    #[default]
+    JsonRpcError,
+    /// HTTP 429 (rate limit) or 503 (open breaker, store failure): for
+    /// deployments where gateways or plain HTTP clients act on the status.
+    HttpStatus,
+}
 
 /// Whole seconds, rounded up.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {

@@ -155,6 +155,21 @@ pub async fn start_server_wrapped(
     customize: impl FnOnce(pmcp::server::ServerBuilder) -> pmcp::server::ServerBuilder,
     wrap: impl FnOnce(axum::Router) -> axum::Router,
 ) -> TestServer {
+    let config = StreamableHttpServerConfig {
+        enable_json_response: true,
+        ..Default::default()
+    };
+    start_server_configured(name, config, customize, wrap).await
+}
+
+/// Like [`start_server_wrapped`], with pmcp's server `config` (for example
+/// `Default::default()`: answers over SSE).
+pub async fn start_server_configured(
+    name: &str,
+    server_config: StreamableHttpServerConfig,
+    customize: impl FnOnce(pmcp::server::ServerBuilder) -> pmcp::server::ServerBuilder,
+    wrap: impl FnOnce(axum::Router) -> axum::Router,
+) -> TestServer {
     let behaviour = Arc::new(Behaviour::default());
     let mut builder = Server::builder()
         .name(name)
@@ -174,10 +189,7 @@ pub async fn start_server_wrapped(
         Err(e) => panic!("test server {name} failed to build: {e}"),
     };
     let config = pmcp::axum::RouterConfig {
-        server_config: StreamableHttpServerConfig {
-            enable_json_response: true,
-            ..Default::default()
-        },
+        server_config,
         ..Default::default()
     };
     let switch = behaviour.clone();
@@ -297,3 +309,5 @@ pub async fn call<T: pmcp::shared::Transport + 'static>(
 pub mod raw_http;
 pub mod redis;
 pub mod scrape;
+pub mod sse;
+pub mod stream;

@@ -41,6 +41,28 @@ pub async fn send(
     body: &[u8],
     extra: &[(&str, &str)],
 ) -> RawResponse {
+    send_from(None, addr, method, body, extra).await
+}
+
+/// POSTs `body` from the loopback address `source` (127.0.0.2, ...), as a
+/// client on another host would.
+pub async fn post_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> RawResponse {
+    send_from(Some(source), addr, "POST", body, extra).await
+}
+
+/// [`send`], from the address `source` if given.
+pub async fn send_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> RawResponse {
     let mut head = format!(
         "{method} / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
@@ -51,7 +73,20 @@ pub async fn send(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+    let connected = match source {
+        None => tokio::net::TcpStream::connect(addr).await,
+        Some(ip) => {
+            let socket = match tokio::net::TcpSocket::new_v4() {
+                Ok(s) => s,
+                Err(e) => panic!("no socket: {e}"),
+            };
+            if let Err(e) = socket.bind(SocketAddr::new(ip, 0)) {
+                panic!("cannot bind {ip}: {e}");
+            }
+            socket.connect(addr).await
+        }
+    };
+    let mut stream = match connected {
         Ok(s) => s,
         Err(e) => panic!("cannot connect to {addr}: {e}"),
     };
@@ -151,6 +186,20 @@ pub fn tool_call(id: i64, tool: &str) -> Vec<u8> {
     json!({
         "jsonrpc": "2.0", "id": id, "method": "tools/call",
         "params": {"name": tool, "arguments": {"message": "hi"}}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// An `initialize` request body.
+pub fn initialize_body(id: i64) -> Vec<u8> {
+    json!({
+        "jsonrpc": "2.0", "id": id, "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1.0.0"}
+        }
     })
     .to_string()
     .into_bytes()
