@@ -44,6 +44,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::clock::Timestamp;
 use crate::error::ConfigError;
 use crate::scope::ScopeKey;
 
@@ -166,8 +167,17 @@ pub(crate) struct WaitQueue {
 
 #[derive(Debug, Default)]
 struct Lines {
-    by_key: HashMap<ScopeKey, VecDeque<Place>, foldhash::fast::RandomState>,
+    by_key: HashMap<ScopeKey, Line, foldhash::fast::RandomState>,
     next_id: u64,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    places: VecDeque<Place>,
+    /// When the last head was admitted: the next one is decided no earlier,
+    /// so that a clock slower than the sleeps (a test's manual clock) still
+    /// sees time move along the line.
+    last_admitted: Timestamp,
 }
 
 #[derive(Debug)]
@@ -236,7 +246,7 @@ impl WaitQueue {
     ) -> Arrival {
         let mut lines = self.lines.lock();
         let decision = match lines.by_key.get(key) {
-            Some(line) => decide(&mut line.iter().map(|p| p.cost)),
+            Some(line) => decide(&mut line.places.iter().map(|p| p.cost)),
             None => {
                 let now = admit();
                 if now.allowed && now.wait.is_zero() {
@@ -267,6 +277,7 @@ impl WaitQueue {
             .by_key
             .entry(key.clone())
             .or_default()
+            .places
             .push_back(Place {
                 id,
                 cost,
@@ -278,6 +289,7 @@ impl WaitQueue {
             key: key.clone(),
             id,
             turn,
+            due: Timestamp::ZERO,
             left: false,
         })
     }
@@ -295,7 +307,7 @@ impl WaitQueue {
         }
         let lines = self.lines.lock();
         let line = lines.by_key.get(key)?;
-        Some(decide(&mut line.iter().map(|p| p.cost)))
+        Some(decide(&mut line.places.iter().map(|p| p.cost)))
     }
 
     /// Takes a place among the waiters without a line (for a limiter that
@@ -325,12 +337,12 @@ impl WaitQueue {
         let Some(line) = lines.by_key.get_mut(key) else {
             return;
         };
-        let Some(at) = line.iter().position(|p| p.id == id) else {
+        let Some(at) = line.places.iter().position(|p| p.id == id) else {
             return;
         };
-        line.remove(at);
+        line.places.remove(at);
         self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match line.front() {
+        match line.places.front() {
             Some(next) if at == 0 => next.turn.notify_one(),
             Some(_) => {}
             None => {
@@ -348,27 +360,38 @@ pub(crate) struct Ticket {
     key: ScopeKey,
     id: u64,
     turn: Arc<Notify>,
+    /// When the units this head slept for are due.
+    due: Timestamp,
     left: bool,
 }
 
 impl Ticket {
     /// If this request heads its line, asks `admit` (as in
-    /// [`WaitQueue::arrive`]) whether its units are available now; admitted,
-    /// it leaves the line.
-    pub(crate) fn turn(&mut self, admit: impl FnOnce() -> Decision) -> Turn {
+    /// [`WaitQueue::arrive`]) whether its units are available at `now`;
+    /// admitted, it leaves the line.
+    ///
+    /// The time asked about is never before the instant the head slept
+    /// until, nor before the previous head's admission: nothing else takes
+    /// units from a key while its line waits, so units due then are there
+    /// then, even with a clock slower than the sleeps.
+    pub(crate) fn turn(
+        &mut self,
+        now: Timestamp,
+        admit: impl FnOnce(Timestamp) -> Decision,
+    ) -> Turn {
         let decision = {
-            let lines = self.queue.lines.lock();
-            let head = lines
+            let mut lines = self.queue.lines.lock();
+            let Some(line) = lines
                 .by_key
-                .get(&self.key)
-                .and_then(|line| line.front())
-                .is_some_and(|p| p.id == self.id);
-            if !head {
+                .get_mut(&self.key)
+                .filter(|line| line.places.front().is_some_and(|p| p.id == self.id))
+            else {
                 return Turn::NotYet;
-            }
+            };
+            let at = now.max(self.due).max(line.last_admitted);
             // Decided under the lines' lock, so that no newcomer sees an
             // empty line and takes the units first.
-            let decision = admit();
+            let decision = admit(at);
             if !(decision.allowed && decision.wait.is_zero()) {
                 let wait = match decision.retry_after {
                     Some(_) if decision.allowed => decision.wait,
@@ -377,8 +400,10 @@ impl Ticket {
                     // check again later rather than spin.
                     None => Duration::from_millis(1),
                 };
+                self.due = at.saturating_add(wait);
                 return Turn::Sleep(wait);
             }
+            line.last_admitted = at;
             decision
         };
         self.leave();

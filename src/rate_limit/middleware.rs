@@ -420,14 +420,16 @@ impl RateLimitMiddleware {
             }
             Arrival::Queued(ticket) => ticket,
         };
+        let waiting_since = tokio::time::Instant::now();
         let mut decision = loop {
-            match ticket.turn(|| limiter.admit_now(key.as_str(), cost, inner.clock.now())) {
+            let now = inner.clock.now();
+            match ticket.turn(now, |at| limiter.admit_now(key.as_str(), cost, at)) {
                 Turn::NotYet => ticket.woken().await,
                 Turn::Sleep(wait) => tokio::time::sleep(wait).await,
                 Turn::Admitted(decision) => break decision,
             }
         };
-        decision.wait = inner.clock.now().saturating_since(arrived);
+        decision.wait = waiting_since.elapsed();
         self.waited(decision.wait, context);
         Verdict::admitted(decision)
     }
