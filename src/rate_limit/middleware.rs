@@ -17,11 +17,12 @@ use crate::metrics::MetricsConfig;
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
 
-use super::backpressure::{Arrival, BackpressureConfig, Turn, WaitGuard, WaitQueue};
+use super::backpressure::BackpressureConfig;
 use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
 use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
 use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
 use super::strategy::{Decision, Policy};
+use super::waiting::{Arrival, Turn, WaitGuard, WaitQueue};
 
 /// A decision with its outcome, for callers that need the numbers
 /// (the server layer's headers).
