@@ -30,11 +30,10 @@
 //!   Sharing errs on the safe side: a flood of new keys is limited together
 //!   instead of each getting a fresh budget.
 //!
-//! Those rules live in [`KeyMap`], which holds any [`Record`]: the
-//! [`Registry`] holds a key, a last-seen time and a typed state per key; the
-//! rate limiter holds its state words and the key text in one allocation (a
-//! token-bucket key of 44 bytes costs about 96 bytes in all), and calls a key
-//! idle once it has been back at full capacity for `idle_after`.
+//! A rate limiter keeps each key's state words and text in one allocation
+//! (a token-bucket key of 44 bytes costs about 96 bytes in all, the map
+//! included), and calls a key idle once it has been back at full capacity
+//! for `idle_after`.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -581,6 +581,62 @@ async fn a_heavy_waiter_is_not_starved_and_frees_its_whole_cost_when_it_gives_up
     assert_eq!(served, expected);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_request_leaving_the_leaky_buckets_queue_moves_the_others_up() {
+    // 4 requests at once into a leaky bucket letting one out every 100 ms:
+    // they would pass at 0, 100, 200 and 300 ms; the second gives up at
+    // 50 ms, so the last two pass at 100 and 200 ms.
+    let rl = RateLimitMiddleware::builder()
+        .strategy(RateLimitStrategy::LeakyBucket {
+            capacity: 4,
+            leak_rate: 10,
+        })
+        .cost_fn(by_params())
+        .clock(Arc::new(TokioClock::new()))
+        .build()
+        .unwrap();
+    let waiters: Vec<Waiter> = (0..4)
+        .map(|i| Waiter {
+            arrives: Duration::from_micros(i),
+            cost: 1,
+            gives_up: (i == 1).then_some(ms(50)),
+        })
+        .collect();
+    let served = run_line(&rl, &waiters).await;
+    let expected: Served = [(0, Some(0)), (2, Some(100)), (3, Some(200)), (1, None)]
+        .map(|(i, t)| (i, t.map(ms)))
+        .to_vec();
+    assert_eq!(served, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_line_moves_on_a_clock_that_does_not() {
+    // A manual clock that nobody advances, while Tokio's time runs: each
+    // head is admitted at the instant its units were due, so the line still
+    // moves, one every 100 ms of Tokio's time.
+    let rl = waiting_bucket(1, 10, Duration::from_secs(1))
+        .clock(Arc::new(ManualClock::new()))
+        .build()
+        .unwrap();
+    let waiters: Vec<Waiter> = (0..4)
+        .map(|i| Waiter {
+            arrives: Duration::from_micros(i),
+            cost: 1,
+            gives_up: None,
+        })
+        .collect();
+    let served = run_line(&rl, &waiters).await;
+    // Tokio's timer rounds each sleep up to the next millisecond.
+    for (n, &(i, at)) in served.iter().enumerate() {
+        let at = at.unwrap_or(Duration::MAX);
+        assert_eq!(i, n, "{served:?}");
+        assert!(
+            at >= ms(100 * n as u64) && at <= ms(100 * n as u64 + 2),
+            "{served:?}"
+        );
+    }
+}
+
 /// The most units a token bucket of `capacity` refilled every `interval`
 /// may admit in a span of `span`.
 fn bucket_bound(capacity: u32, interval: Duration, span: Duration) -> u64 {

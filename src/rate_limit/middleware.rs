@@ -17,11 +17,12 @@ use crate::metrics::MetricsConfig;
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
 
-use super::backpressure::{Arrival, BackpressureConfig, Turn, WaitGuard, WaitQueue};
+use super::backpressure::BackpressureConfig;
 use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
 use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
 use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
 use super::strategy::{Decision, Policy};
+use super::waiting::{Arrival, Turn, WaitGuard, WaitQueue};
 
 /// A decision with its outcome, for callers that need the numbers
 /// (the server layer's headers).
@@ -420,14 +421,16 @@ impl RateLimitMiddleware {
             }
             Arrival::Queued(ticket) => ticket,
         };
+        let waiting_since = tokio::time::Instant::now();
         let mut decision = loop {
-            match ticket.turn(|| limiter.admit_now(key.as_str(), cost, inner.clock.now())) {
+            let now = inner.clock.now();
+            match ticket.turn(now, |at| limiter.admit_now(key.as_str(), cost, at)) {
                 Turn::NotYet => ticket.woken().await,
                 Turn::Sleep(wait) => tokio::time::sleep(wait).await,
                 Turn::Admitted(decision) => break decision,
             }
         };
-        decision.wait = inner.clock.now().saturating_since(arrived);
+        decision.wait = waiting_since.elapsed();
         self.waited(decision.wait, context);
         Verdict::admitted(decision)
     }

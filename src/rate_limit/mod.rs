@@ -89,6 +89,7 @@ mod metrics;
 mod middleware;
 pub mod report;
 pub mod strategy;
+mod waiting;
 
 pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
 pub use config::{CostFn, RateLimitBuilder, RequestCost};

@@ -450,6 +450,11 @@ pub enum LimiterState {
 
 /// A slot held by a waiting request, so that it can be given back.
 ///
+/// Used with limiters shared beyond this process (a custom
+/// [`RateLimiter`](super::RateLimiter), the Redis store); the built-in
+/// limiter in memory queues its waiters instead and reserves nothing (see
+/// [`BackpressureConfig`](super::BackpressureConfig)).
+///
 /// A waiter reserves its slot at once (the state moves forward), then sleeps.
 /// If its future is dropped before the sleep ends, the slot is given back
 /// **only if no later request has reserved since**: later waiters were
