@@ -305,6 +305,7 @@ impl RateLimitBuilder {
                         key_prefix,
                         self.strategy,
                         self.redis_options,
+                        self.registry_limits,
                     )?;
                     break 'engine Engine::Custom(limiter);
                 }

@@ -18,7 +18,6 @@ use crate::rate_limit::strategy::{
 use crate::rate_limit::{
     Admission, Decision, KeyedRateLimiter, RateLimitStrategy, RateLimiter, Reservation,
 };
-use crate::registry::RegistryLimits;
 
 /// The largest product the scripts multiply, kept exact in Lua's doubles
 /// (2^51: sums of up to three such terms stay below 2^53).
@@ -202,10 +201,10 @@ impl RedisRateLimiter {
             Policy::TokenBucket { capacity, interval } => (3, u64::from(capacity), interval),
             Policy::LeakyBucket { capacity, interval } => (4, u64::from(capacity), interval),
         };
-        let local = KeyedRateLimiter::new(strategy, RegistryLimits::default(), default_clock())?;
+        let local = KeyedRateLimiter::new(strategy, options.local_limits, default_clock())?;
         Ok(RedisRateLimiter {
             denials: DenialCache::new(options.denial_cache_capacity),
-            link: Link::new(client, options),
+            link: Link::new(client, options, "limiter"),
             strategy,
             micros,
             kind,
@@ -220,6 +219,24 @@ impl RedisRateLimiter {
     /// The strategy this limiter applies.
     pub fn strategy(&self) -> RateLimitStrategy {
         self.strategy
+    }
+
+    /// Checks that Redis answers and holds the limiter script (loading it),
+    /// within the connect timeout plus the call timeout.
+    pub async fn verify(&self) -> Result<(), ConfigError> {
+        self.link.verify(&[&self.script]).await
+    }
+
+    /// [`verify`](Self::verify) for synchronous code (the builders' `build()`
+    /// with [`RedisOptions::verify_on_build`]): blocks the calling thread.
+    pub fn verify_blocking(&self) -> Result<(), ConfigError> {
+        self.link.verify_blocking(&[&self.script])
+    }
+
+    /// Keys held by the local fallback limiter (bounded by
+    /// [`RedisOptions::local_limits`]).
+    pub fn local_keys(&self) -> usize {
+        self.local.registry_stats().keys
     }
 
     /// The mode (normal or the failure policy's) and the counters, for metrics.
@@ -347,9 +364,7 @@ impl RedisRateLimiter {
     }
 
     fn degraded(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
-        self.link
-            .degraded
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.link.count_degraded();
         let limit = self.micros.limit();
         let decision = match self.link.options.failure_policy {
             FailurePolicy::FailOpen => Decision::allow(limit, limit, now.as_nanos(), 0),

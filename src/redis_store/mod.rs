@@ -92,6 +92,7 @@ use crate::circuit_breaker::CircuitBreakerStateStore;
 use crate::circuit_breaker::state::BreakerPolicy;
 use crate::error::ConfigError;
 use crate::rate_limit::{RateLimitStrategy, RateLimiter};
+use crate::registry::RegistryLimits;
 
 /// A Redis breaker store for the builders: `key_prefix` overrides the one in
 /// `options`, and `policy` is checked against what the store supports.
@@ -102,20 +103,31 @@ pub(crate) fn breaker_store_for(
     policy: &BreakerPolicy,
     options: RedisOptions,
 ) -> Result<Arc<dyn CircuitBreakerStateStore>, ConfigError> {
-    RedisBreakerStore::supports(policy)?;
+    let verify = options.verify_on_build;
     let store = RedisBreakerStore::new(client, options.key_prefix(key_prefix))?;
+    store.check(policy)?;
+    if verify {
+        store.verify_blocking()?;
+    }
     Ok(Arc::new(store))
 }
 
 /// A Redis rate limiter for the builders: `key_prefix` overrides the one in
-/// `options`.
+/// `options`, and `local_limits` (the builder's registry limits) bound the
+/// local fallback.
 #[allow(dead_code)]
 pub(crate) fn rate_limiter_for(
     client: redis::Client,
     key_prefix: &str,
     strategy: RateLimitStrategy,
     options: RedisOptions,
+    local_limits: RegistryLimits,
 ) -> Result<Arc<dyn RateLimiter>, ConfigError> {
-    let limiter = RedisRateLimiter::new(client, strategy, options.key_prefix(key_prefix))?;
+    let verify = options.verify_on_build;
+    let options = options.key_prefix(key_prefix).local_limits(local_limits);
+    let limiter = RedisRateLimiter::new(client, strategy, options)?;
+    if verify {
+        limiter.verify_blocking()?;
+    }
     Ok(Arc::new(limiter))
 }
