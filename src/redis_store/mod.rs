@@ -66,10 +66,16 @@
 //!
 //! Every call has a timeout ([`RedisOptions::call_timeout`]); the connection
 //! is a `redis::aio::ConnectionManager` that reconnects by itself. On an
-//! error the [`FailurePolicy`] decides, and for
-//! [`RedisOptions::retry_interval`] the store does not wait on Redis again;
-//! the first call after that tries Redis, and a success puts the store back
-//! in [`StoreMode::Normal`]. [`RedisHealth`] shows the mode and counters.
+//! error the [`FailurePolicy`] decides (see there for what each policy means
+//! for limits and breakers), and for [`RedisOptions::retry_interval`] the
+//! store does not wait on Redis again; the first call after that tries
+//! Redis, and a success puts the store back in [`StoreMode::Normal`]. Each
+//! change to a degraded mode is one `tracing` warning with the error, each
+//! return one info line. [`RedisHealth`] shows the mode and counters, and
+//! the metrics export them (`mcp_resilience_store_mode`,
+//! `mcp_resilience_store_degraded_decisions_total`).
+//! [`RedisOptions::verify_on_build`] makes the builders check that Redis
+//! answers before `build()` succeeds.
 
 mod breaker;
 mod denial;

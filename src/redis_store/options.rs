@@ -7,6 +7,12 @@ use crate::registry::RegistryLimits;
 
 /// What a Redis store does while Redis cannot be reached or does not answer
 /// within [`RedisOptions::call_timeout`].
+///
+/// Slow (one call timed out) and down (refused, dropped, hung) are decided
+/// alike; after a failure, Redis is not tried again for
+/// [`RedisOptions::retry_interval`], so a hung Redis costs one waiting call
+/// per interval. When Redis answers again, its state decides again from
+/// that answer on (what one process decided alone is not merged back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailurePolicy {
