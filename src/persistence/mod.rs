@@ -43,6 +43,8 @@ pub use file::{
 };
 
 /// Where a middleware keeps its per-key state.
+// A configuration value, built once per middleware: its size does not matter.
+#[cfg_attr(feature = "redis-cluster", allow(clippy::large_enum_variant))]
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum StatePersistence {
@@ -63,6 +65,19 @@ pub enum StatePersistence {
         /// Prepended to every key (at most 64 bytes; no braces).
         key_prefix: String,
     },
+    /// In a Redis Cluster (cargo feature `redis-cluster`): like
+    /// [`StatePersistence::Redis`], each decision one script call on the
+    /// slot of its key (the keys of one scope key share a hash tag), with
+    /// `MOVED`/`ASK` redirections followed and scripts loaded again after a
+    /// failover. `rediss://` node URLs need the feature `redis-tls`.
+    #[cfg(feature = "redis-cluster")]
+    RedisCluster {
+        /// The cluster client (for example
+        /// `redis::cluster::ClusterClient::new(vec!["redis://10.0.0.1:6379/"])?`).
+        client: redis::cluster::ClusterClient,
+        /// Prepended to every key (at most 64 bytes; no braces).
+        key_prefix: String,
+    },
     /// In a store of your own (circuit breakers only; a rate limiter takes a
     /// limiter of your own through `RateLimitMiddleware::builder().limiter(..)`).
     Custom(Arc<dyn CircuitBreakerStateStore>),
@@ -77,6 +92,11 @@ impl fmt::Debug for StatePersistence {
             #[cfg(feature = "redis")]
             StatePersistence::Redis { key_prefix, .. } => f
                 .debug_struct("Redis")
+                .field("key_prefix", key_prefix)
+                .finish_non_exhaustive(),
+            #[cfg(feature = "redis-cluster")]
+            StatePersistence::RedisCluster { key_prefix, .. } => f
+                .debug_struct("RedisCluster")
                 .field("key_prefix", key_prefix)
                 .finish_non_exhaustive(),
         }

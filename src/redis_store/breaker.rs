@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::conn::Target;
 use super::keys;
 use super::link::Link;
 use super::options::{FailurePolicy, RedisHealth, RedisOptions};
@@ -192,9 +193,25 @@ impl RedisBreakerStore {
     /// A store in the Redis behind `client`. Nothing is connected yet: the
     /// first call connects.
     pub fn new(client: redis::Client, options: RedisOptions) -> Result<Self, ConfigError> {
+        Self::on(Target::Single(client), options)
+    }
+
+    /// A store in a Redis Cluster (cargo feature `redis-cluster`): each
+    /// decision is one script call on its key's slot, `MOVED`/`ASK` are
+    /// followed and a script lost in a failover is loaded again. Nothing is
+    /// connected yet: the first call connects.
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster(
+        client: redis::cluster::ClusterClient,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
+        Self::on(Target::Cluster(Box::new(client)), options)
+    }
+
+    pub(crate) fn on(target: Target, options: RedisOptions) -> Result<Self, ConfigError> {
         options.validate()?;
         Ok(RedisBreakerStore {
-            link: Link::new(client, options, "breaker"),
+            link: Link::new(target, options, "breaker"),
             script: redis::Script::new(scripts::BREAKER),
         })
     }
@@ -422,6 +439,12 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
     }
 
     async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError> {
+        if self.link.target.is_cluster() {
+            // A SCAN walks one node; the breakers' own reports cover a cluster.
+            return Err(StoreError::Other(
+                "listing every breaker key is not supported on Redis Cluster".into(),
+            ));
+        }
         let prefix = &self.link.options.key_prefix;
         let mut pattern = String::new();
         for c in prefix.chars() {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::conn::Target;
 use super::denial::DenialCache;
 use super::keys;
 use super::link::Link;
@@ -193,6 +194,27 @@ impl RedisRateLimiter {
         strategy: RateLimitStrategy,
         options: RedisOptions,
     ) -> Result<Self, ConfigError> {
+        Self::on(Target::Single(client), strategy, options)
+    }
+
+    /// A limiter whose keys live in a Redis Cluster (cargo feature
+    /// `redis-cluster`): each decision is one script call on its key's slot,
+    /// `MOVED`/`ASK` are followed and a script lost in a failover is loaded
+    /// again. Nothing is connected yet: the first request connects.
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster(
+        client: redis::cluster::ClusterClient,
+        strategy: RateLimitStrategy,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
+        Self::on(Target::Cluster(Box::new(client)), strategy, options)
+    }
+
+    pub(crate) fn on(
+        target: Target,
+        strategy: RateLimitStrategy,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
         options.validate()?;
         let micros = micro_policy(&strategy)?;
         let (kind, p1, p2) = match micros {
@@ -204,7 +226,7 @@ impl RedisRateLimiter {
         let local = KeyedRateLimiter::new(strategy, options.local_limits, default_clock())?;
         Ok(RedisRateLimiter {
             denials: DenialCache::new(options.denial_cache_capacity),
-            link: Link::new(client, options, "limiter"),
+            link: Link::new(target, options, "limiter"),
             strategy,
             micros,
             kind,
@@ -255,9 +277,20 @@ impl RedisRateLimiter {
         self.micros
     }
 
+    /// Removes the expiry of `scope_key`'s Redis key (for the parity tests,
+    /// whose injected time runs ahead of real time).
     #[cfg(test)]
-    pub(crate) fn link_client(&self) -> redis::Client {
-        self.link.client.clone()
+    pub(crate) async fn persist(&self, scope_key: &str) {
+        let key = self.redis_key(scope_key);
+        let _ = self
+            .link
+            .call(|mut conn| async move {
+                redis::cmd("PERSIST")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
     }
 
     /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in tests.

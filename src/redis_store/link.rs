@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::conn::{Conn, Target};
 use super::options::{RedisHealth, RedisOptions, StoreMode};
 use crate::clock::duration_nanos;
 use crate::error::{ConfigError, StoreError};
@@ -15,8 +15,8 @@ use crate::observe::{DurationHistogram, StoreReport};
 
 /// One lazily created, self-reconnecting connection plus the store's health.
 pub(crate) struct Link {
-    pub(crate) client: redis::Client,
-    conn: Mutex<Option<ConnectionManager>>,
+    pub(crate) target: Target,
+    conn: Mutex<Option<Conn>>,
     pub(crate) options: RedisOptions,
     /// `"limiter"` or `"breaker"`, for the log lines.
     store: &'static str,
@@ -33,9 +33,9 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(client: redis::Client, options: RedisOptions, store: &'static str) -> Self {
+    pub(crate) fn new(target: Target, options: RedisOptions, store: &'static str) -> Self {
         Link {
-            client,
+            target,
             conn: Mutex::new(None),
             options,
             store,
@@ -82,17 +82,15 @@ impl Link {
     }
 
     /// The connection, created on first use without waiting for it.
-    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    fn connection(&self) -> Result<Conn, StoreError> {
         let mut slot = self.conn.lock();
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.options.connect_timeout))
-            .set_response_timeout(Some(self.options.call_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(self.options.retry_interval);
-        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+        let o = &self.options;
+        let conn = self
+            .target
+            .connect_lazily(o.connect_timeout, o.call_timeout, o.retry_interval)
             .map_err(|e| StoreError::Unavailable(format!("redis connection: {e}")))?;
         *slot = Some(conn.clone());
         Ok(conn)
@@ -103,7 +101,7 @@ impl Link {
     /// failure), fails at once without a round trip.
     pub(crate) async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if self.elapsed() < self.down_until.load(Ordering::Relaxed) {
@@ -166,6 +164,12 @@ impl Link {
                 "redis failed: deciding under the failure policy until it answers again"
             );
         }
+        if unreachable && self.target.is_cluster() {
+            // A cluster connection retries a dead master with a growing
+            // backoff of its own; a fresh one finds a restarted master at
+            // once (made at most once per retry interval).
+            *self.conn.lock() = None;
+        }
         if unreachable {
             let until = self
                 .elapsed()
@@ -179,7 +183,7 @@ impl Link {
     pub(crate) async fn verify(&self, scripts: &[&redis::Script]) -> Result<(), ConfigError> {
         let budget = self.options.connect_timeout + self.options.call_timeout;
         let check = async {
-            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            let mut conn = self.target.connect_now().await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             for script in scripts {
                 script.load_async(&mut conn).await?;
@@ -197,19 +201,10 @@ impl Link {
     /// [`Link::verify`] for a synchronous `build()`: blocks this thread for
     /// at most the connect timeout plus twice the call timeout.
     pub(crate) fn verify_blocking(&self, scripts: &[&redis::Script]) -> Result<(), ConfigError> {
-        let run = || -> redis::RedisResult<()> {
-            let mut conn = self
-                .client
-                .get_connection_with_timeout(self.options.connect_timeout)?;
-            conn.set_read_timeout(Some(self.options.call_timeout))?;
-            conn.set_write_timeout(Some(self.options.call_timeout))?;
-            redis::cmd("PING").query::<()>(&mut conn)?;
-            for script in scripts {
-                script.load(&mut conn)?;
-            }
-            Ok(())
-        };
-        run().map_err(|e| self.unverified(e.to_string()))
+        let o = &self.options;
+        self.target
+            .check_blocking(scripts, o.connect_timeout, o.call_timeout)
+            .map_err(|e| self.unverified(e.to_string()))
     }
 
     fn unverified(&self, why: String) -> ConfigError {

@@ -29,14 +29,6 @@ fn options() -> RedisOptions {
     RedisOptions::default().call_timeout(Duration::from_secs(5))
 }
 
-async fn persist(client: &redis::Client, key: &str) {
-    // The scripts set TTLs from the injected time; keep keys from expiring
-    // in real time while the injected clock has not moved.
-    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-        let _: redis::RedisResult<i64> = redis::cmd("PERSIST").arg(key).query_async(&mut c).await;
-    }
-}
-
 fn as_array(kind: u8, s: &LimiterState) -> [u64; 3] {
     match (kind, s) {
         (_, LimiterState::FixedWindow(s)) => [s.window_start, s.count, 0],
@@ -92,7 +84,6 @@ async fn limiter_scripts_match_the_rust_strategies() {
         for seed in 0..6u64 {
             let mut rng = fastrand::Rng::with_seed(seed * 100 + n as u64);
             let key = format!("parity:{n}:{seed}");
-            let redis_key = limiter.redis_key(&key);
             let mut state = policy.initial_state();
             let mut now = START_US + rng.i64(0..1_000_000);
             let mut last: Option<Reservation> = None;
@@ -121,7 +112,7 @@ async fn limiter_scripts_match_the_rust_strategies() {
                         Some(rust),
                         "{strategy:?} seed {seed} step {step}: cancel"
                     );
-                    persist(&limiter.link_client(), &redis_key).await;
+                    limiter.persist(&key).await;
                     continue;
                 }
                 let cost = rng.u32(0..=policy.limit() + 1);
@@ -135,7 +126,7 @@ async fn limiter_scripts_match_the_rust_strategies() {
                     Ok(r) => r,
                     Err(e) => panic!("script: {e}"),
                 };
-                persist(&limiter.link_client(), &redis_key).await;
+                limiter.persist(&key).await;
                 let ctx = format!(
                     "{strategy:?} seed {seed} step {step} cost {cost} now {now} wait {max_wait_us} rust {before:?} -> {state:?} {rust:?} lua {lua:?}"
                 );
