@@ -57,7 +57,8 @@ pub enum StatePersistence {
     /// In Redis, shared by every process pointed at the same server and
     /// prefix: each decision is one Lua script using the server's clock.
     /// Tune timeouts and the failure policy with the builders'
-    /// `redis_options(..)`.
+    /// `redis_options(..)`. `rediss://` URLs (TLS) need the cargo feature
+    /// `redis-tls`; a private CA is given with `redis::Client::build_with_tls`.
     #[cfg(feature = "redis")]
     Redis {
         /// The Redis client (for example `redis::Client::open("redis://127.0.0.1/")?`).

@@ -23,6 +23,16 @@ pub(crate) enum Conn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+/// `rediss://` needs a rustls crypto provider: ring, unless the program
+/// installed one of its own first.
+fn tls_provider() {
+    #[cfg(feature = "redis-tls")]
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 impl Target {
     /// A connection made in the background: nothing waits for it here.
     pub(crate) fn connect_lazily(
@@ -31,6 +41,7 @@ impl Target {
         call_timeout: Duration,
         retry_interval: Duration,
     ) -> redis::RedisResult<Conn> {
+        tls_provider();
         match self {
             Target::Single(client) => {
                 let config = ConnectionManagerConfig::new()
@@ -54,6 +65,7 @@ impl Target {
 
     /// A fresh connection, waited for (for checks).
     pub(crate) async fn connect_now(&self) -> redis::RedisResult<Conn> {
+        tls_provider();
         match self {
             Target::Single(client) => ConnectionManager::new(client.clone())
                 .await
@@ -71,6 +83,7 @@ impl Target {
         connect_timeout: Duration,
         call_timeout: Duration,
     ) -> redis::RedisResult<()> {
+        tls_provider();
         match self {
             Target::Single(client) => {
                 let mut conn = client.get_connection_with_timeout(connect_timeout)?;
