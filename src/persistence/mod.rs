@@ -44,7 +44,7 @@ pub use file::{
 
 /// Where a middleware keeps its per-key state.
 // A configuration value, built once per middleware: its size does not matter.
-#[cfg_attr(feature = "redis-cluster", allow(clippy::large_enum_variant))]
+#[cfg_attr(feature = "redis", allow(clippy::large_enum_variant))]
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum StatePersistence {

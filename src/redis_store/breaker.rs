@@ -205,7 +205,7 @@ impl RedisBreakerStore {
         client: redis::cluster::ClusterClient,
         options: RedisOptions,
     ) -> Result<Self, ConfigError> {
-        Self::on(Target::Cluster(Box::new(client)), options)
+        Self::on(Target::Cluster(client), options)
     }
 
     pub(crate) fn on(target: Target, options: RedisOptions) -> Result<Self, ConfigError> {

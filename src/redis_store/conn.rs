@@ -6,13 +6,15 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 /// The server (or cluster) a store talks to.
+// Made once per store: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub(crate) enum Target {
     /// One node (or a Sentinel-managed master behind one URL).
     Single(redis::Client),
     /// A Redis Cluster: each script runs on its key's slot.
     #[cfg(feature = "redis-cluster")]
-    Cluster(Box<redis::cluster::ClusterClient>),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 /// A self-reconnecting connection to a [`Target`]; cloning is cheap.

@@ -207,7 +207,7 @@ impl RedisRateLimiter {
         strategy: RateLimitStrategy,
         options: RedisOptions,
     ) -> Result<Self, ConfigError> {
-        Self::on(Target::Cluster(Box::new(client)), strategy, options)
+        Self::on(Target::Cluster(client), strategy, options)
     }
 
     pub(crate) fn on(

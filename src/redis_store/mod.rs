@@ -113,7 +113,7 @@ fn target_of(persistence: &StatePersistence) -> Option<(Target, &str)> {
         }
         #[cfg(feature = "redis-cluster")]
         StatePersistence::RedisCluster { client, key_prefix } => {
-            Some((Target::Cluster(Box::new(client.clone())), key_prefix))
+            Some((Target::Cluster(client.clone()), key_prefix))
         }
         _ => None,
     }
