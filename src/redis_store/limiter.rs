@@ -277,22 +277,6 @@ impl RedisRateLimiter {
         self.micros
     }
 
-    /// Removes the expiry of `scope_key`'s Redis key (for the parity tests,
-    /// whose injected time runs ahead of real time).
-    #[cfg(test)]
-    pub(crate) async fn persist(&self, scope_key: &str) {
-        let key = self.redis_key(scope_key);
-        let _ = self
-            .link
-            .call(|mut conn| async move {
-                redis::cmd("PERSIST")
-                    .arg(key)
-                    .query_async::<i64>(&mut conn)
-                    .await
-            })
-            .await;
-    }
-
     /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in tests.
     pub(crate) async fn script_acquire(
         &self,
