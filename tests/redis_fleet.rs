@@ -120,6 +120,14 @@ async fn child_half_open_callers() {
         cb.store_errors()
     );
     let _ = std::io::stdout().flush();
+    // Hold the probes until every process has made its calls: a probe
+    // given back earlier would rightly be given to a later caller.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    })
+    .await;
+    drop(permits);
 }
 
 fn field(text: &str, name: &str) -> u64 {
@@ -175,6 +183,9 @@ async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_l
                 }
                 all.push_str(&line);
                 all.push('\n');
+                if line.contains("ADMITTED=") {
+                    let _ = out_tx.send(all.clone());
+                }
             }
             let _ = out_tx.send(all);
         });
@@ -227,17 +238,23 @@ async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_l
     }
     let mut admitted = 0;
     let mut report = String::new();
-    for (child, out) in children.iter_mut().zip(outputs) {
+    // Every process's count first, while all of them still hold their probes.
+    for out in &outputs {
         let text = out
             .recv_timeout(Duration::from_secs(300))
             .unwrap_or_default();
+        admitted += field(&text, "ADMITTED");
+        report.push_str(&text);
+    }
+    for child in &mut children {
+        if let Some(stdin) = child.stdin.as_mut() {
+            let _ = writeln!(stdin, "DONE");
+        }
         let status = child.wait();
         assert!(
             matches!(status, Ok(s) if s.success()),
-            "child failed: {text}"
+            "child failed: {report}"
         );
-        admitted += field(&text, "ADMITTED");
-        report.push_str(&text);
     }
     let stored = other.get_state(KEY).await;
     assert_eq!(
