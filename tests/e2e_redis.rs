@@ -18,6 +18,11 @@ use serde_json::json;
 use support::redis::RedisServer;
 use support::*;
 
+/// Generous: these tests are about what is decided, not how fast.
+fn patient() -> pmcp_resilience::redis_store::RedisOptions {
+    pmcp_resilience::redis_store::RedisOptions::default().call_timeout(Duration::from_secs(5))
+}
+
 fn redis_persistence(server: &RedisServer, prefix: &str) -> StatePersistence {
     let client = match ::redis::Client::open(server.url()) {
         Ok(c) => c,
@@ -40,6 +45,7 @@ async fn two_instances_share_one_limit_through_redis() {
             window: Duration::from_secs(60),
         })
         .persistence(redis_persistence(&redis, "e2e:"))
+        .redis_options(patient())
         .build()
     {
         Ok(rl) => rl,
@@ -80,6 +86,7 @@ async fn failures_seen_by_one_instance_open_the_breaker_for_the_other() {
         .failure_threshold(3)
         .timeout(Duration::from_secs(60))
         .persistence(redis_persistence(&redis, "e2e:"))
+        .redis_options(patient())
         .build()
     {
         Ok(cb) => cb,
@@ -169,7 +176,7 @@ async fn the_store_mode_shows_in_the_metrics_and_recovers_with_redis() {
         })
         .persistence(redis_persistence(&redis, "mode:"))
         .redis_options(
-            pmcp_resilience::redis_store::RedisOptions::default()
+            patient()
                 .failure_policy(pmcp_resilience::redis_store::FailurePolicy::LocalFallback)
                 .retry_interval(Duration::from_millis(100)),
         )
@@ -206,10 +213,17 @@ async fn the_store_mode_shows_in_the_metrics_and_recovers_with_redis() {
     assert_eq!(store_mode_line(&text, "normal"), Some(0.0));
 
     redis.restart();
-    // After the retry interval the store tries Redis again by itself.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(call(&c, "echo", json!({})).await.is_ok());
-    assert_eq!(store_mode_line(&metrics.render(), "normal"), Some(1.0));
+    // After the retry interval the store tries Redis again by itself (polled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store_mode_line(&metrics.render(), "normal") != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never back to normal: {}",
+            metrics.render()
+        );
+        assert!(call(&c, "echo", json!({})).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         metrics
             .render()

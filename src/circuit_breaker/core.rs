@@ -594,13 +594,15 @@ fn adopt(
             }
         }
         Admission::Rejected { retry_after } => {
-            if s.state == CircuitState::Closed {
+            // Half-open with every probe taken (by any process) is, for this
+            // process's view, open until a probe may be free again: its own
+            // probes must not add to the fleet's if the store fails.
+            if s.state != CircuitState::Open {
                 s.state = CircuitState::Open;
                 s.opened_at = now;
+                s.probes.clear();
             }
-            if s.state == CircuitState::Open {
-                s.open_until = now.saturating_add(retry_after);
-            }
+            s.open_until = now.saturating_add(retry_after);
         }
     }
 }

@@ -54,6 +54,17 @@ pub(crate) struct Options {
     pub(crate) redis: crate::redis_store::RedisOptions,
 }
 
+#[cfg(feature = "redis")]
+fn redis_backend(
+    persistence: &StatePersistence,
+    policy: &crate::circuit_breaker::BreakerPolicy,
+    options: crate::redis_store::RedisOptions,
+) -> Result<Backend, ConfigError> {
+    crate::redis_store::breaker_store_for(persistence, policy, options)?
+        .map(Backend::Shared)
+        .ok_or_else(|| ConfigError::invalid("persistence", "not a Redis persistence"))
+}
+
 /// Opens the backend chosen by `persistence`; each shared store is one arm
 /// returning [`Backend::Shared`].
 pub(crate) fn open(
@@ -66,14 +77,9 @@ pub(crate) fn open(
         StatePersistence::Memory => Backend::Memory,
         StatePersistence::Custom(store) => Backend::Shared(Arc::clone(store)),
         #[cfg(feature = "redis")]
-        StatePersistence::Redis { client, key_prefix } => {
-            Backend::Shared(crate::redis_store::breaker_store_for(
-                client.clone(),
-                key_prefix,
-                policy,
-                options.redis,
-            )?)
-        }
+        StatePersistence::Redis { .. } => redis_backend(persistence, policy, options.redis)?,
+        #[cfg(feature = "redis-cluster")]
+        StatePersistence::RedisCluster { .. } => redis_backend(persistence, policy, options.redis)?,
         StatePersistence::File(path) => {
             let options = options
                 .file

@@ -169,6 +169,12 @@ const SPECS: &[Spec] = &[
         &["kind", "mode"],
     ),
     spec(
+        "mcp_resilience_store_degraded_decisions_total",
+        "Decisions taken without the store (unreachable or slow) under its failure policy.",
+        MetricType::COUNTER,
+        &["kind"],
+    ),
+    spec(
         "mcp_resilience_store_latency_seconds",
         "Latency of state store operations.",
         MetricType::HISTOGRAM,
@@ -453,6 +459,13 @@ fn source_stats(
     }
     if !StoreReport::MODES.contains(&store.mode) {
         f.add("mcp_resilience_store_mode", &[store.kind, store.mode], 1.0);
+    }
+    if let Some(decisions) = store.degraded_decisions {
+        f.add(
+            "mcp_resilience_store_degraded_decisions_total",
+            &[store.kind],
+            decisions as f64,
+        );
     }
     if let Some(latency) = &store.latency {
         f.histogram(

@@ -78,6 +78,9 @@ pub struct StoreReport {
     pub mode: &'static str,
     /// Latency of store operations, for stores that measure it.
     pub latency: Option<HistogramSnapshot>,
+    /// Decisions taken without the store under its failure policy, for
+    /// stores that can fail (Redis).
+    pub degraded_decisions: Option<u64>,
 }
 
 impl StoreReport {
@@ -90,6 +93,7 @@ impl StoreReport {
             kind,
             mode,
             latency: None,
+            degraded_decisions: None,
         }
     }
 
@@ -101,6 +105,12 @@ impl StoreReport {
     /// Adds a latency histogram.
     pub fn with_latency(mut self, latency: HistogramSnapshot) -> Self {
         self.latency = Some(latency);
+        self
+    }
+
+    /// Adds the count of decisions taken without the store.
+    pub fn with_degraded_decisions(mut self, decisions: u64) -> Self {
+        self.degraded_decisions = Some(decisions);
         self
     }
 }

@@ -99,6 +99,7 @@ fn store_json(store: &StoreReport) -> Value {
     json!({
         "kind": store.kind,
         "mode": store.mode,
+        "degraded_decisions": store.degraded_decisions,
         "latency_seconds": store.latency.as_ref().map(HistogramSnapshot::to_json),
     })
 }

@@ -43,6 +43,8 @@ pub use file::{
 };
 
 /// Where a middleware keeps its per-key state.
+// A configuration value, built once per middleware: its size does not matter.
+#[cfg_attr(feature = "redis", allow(clippy::large_enum_variant))]
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum StatePersistence {
@@ -55,11 +57,25 @@ pub enum StatePersistence {
     /// In Redis, shared by every process pointed at the same server and
     /// prefix: each decision is one Lua script using the server's clock.
     /// Tune timeouts and the failure policy with the builders'
-    /// `redis_options(..)`.
+    /// `redis_options(..)`. `rediss://` URLs (TLS) need the cargo feature
+    /// `redis-tls`; a private CA is given with `redis::Client::build_with_tls`.
     #[cfg(feature = "redis")]
     Redis {
         /// The Redis client (for example `redis::Client::open("redis://127.0.0.1/")?`).
         client: redis::Client,
+        /// Prepended to every key (at most 64 bytes; no braces).
+        key_prefix: String,
+    },
+    /// In a Redis Cluster (cargo feature `redis-cluster`): like
+    /// [`StatePersistence::Redis`], each decision one script call on the
+    /// slot of its key (the keys of one scope key share a hash tag), with
+    /// `MOVED`/`ASK` redirections followed and scripts loaded again after a
+    /// failover. `rediss://` node URLs need the feature `redis-tls`.
+    #[cfg(feature = "redis-cluster")]
+    RedisCluster {
+        /// The cluster client (for example
+        /// `redis::cluster::ClusterClient::new(vec!["redis://10.0.0.1:6379/"])?`).
+        client: redis::cluster::ClusterClient,
         /// Prepended to every key (at most 64 bytes; no braces).
         key_prefix: String,
     },
@@ -77,6 +93,11 @@ impl fmt::Debug for StatePersistence {
             #[cfg(feature = "redis")]
             StatePersistence::Redis { key_prefix, .. } => f
                 .debug_struct("Redis")
+                .field("key_prefix", key_prefix)
+                .finish_non_exhaustive(),
+            #[cfg(feature = "redis-cluster")]
+            StatePersistence::RedisCluster { key_prefix, .. } => f
+                .debug_struct("RedisCluster")
                 .field("key_prefix", key_prefix)
                 .finish_non_exhaustive(),
         }

@@ -275,6 +275,8 @@ impl RateLimitBuilder {
                     StatePersistence::File(path) => Some(path.clone()),
                     #[cfg(feature = "redis")]
                     StatePersistence::Redis { .. } => None,
+                    #[cfg(feature = "redis-cluster")]
+                    StatePersistence::RedisCluster { .. } => None,
                     StatePersistence::Custom(_) => {
                         return Err(ConfigError::UnsupportedPersistence(
                             "StatePersistence::Custom holds a circuit breaker store; \
@@ -299,13 +301,12 @@ impl RateLimitBuilder {
                     ));
                 }
                 #[cfg(feature = "redis")]
-                if let StatePersistence::Redis { client, key_prefix } = &persistence {
-                    let limiter = crate::redis_store::rate_limiter_for(
-                        client.clone(),
-                        key_prefix,
-                        self.strategy,
-                        self.redis_options,
-                    )?;
+                if let Some(limiter) = crate::redis_store::rate_limiter_for(
+                    &persistence,
+                    self.strategy,
+                    self.redis_options,
+                    self.registry_limits,
+                )? {
                     break 'engine Engine::Custom(limiter);
                 }
                 let mut limiter = KeyedRateLimiter::from_policy(

@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::conn::Target;
 use super::keys;
 use super::link::Link;
 use super::options::{FailurePolicy, RedisHealth, RedisOptions};
@@ -16,7 +16,6 @@ use crate::circuit_breaker::state::{
     Admission, BreakerMode, BreakerPolicy, CircuitState, Probe, ProbeId, Transition,
     TransitionReason, Verdict,
 };
-use crate::circuit_breaker::store::InMemoryStateStore;
 use crate::circuit_breaker::{CircuitBreakerState, CircuitBreakerStateStore};
 use crate::clock::Timestamp;
 use crate::error::{ConfigError, StoreError};
@@ -34,8 +33,21 @@ const MAX_METRIC_KEYS: usize = 10_000;
 /// [`record`](CircuitBreakerStateStore::record) are each one Lua script
 /// mirroring [`state::acquire`](crate::circuit_breaker::state::acquire) and
 /// [`state::record`](crate::circuit_breaker::state::record), on Redis `TIME`
-/// in whole microseconds (the `now` argument is used only by the local
-/// fallback).
+/// in whole microseconds (the `now` and `jitter` arguments are not used).
+/// [`set_mode`](CircuitBreakerStateStore::set_mode) is one script call too,
+/// so a trip recorded by another process at the same moment is kept; a
+/// forced, disabled or metrics-only key does not expire until its mode is
+/// reset.
+///
+/// # When Redis fails
+///
+/// Under [`FailurePolicy::FailOpen`] a call is admitted (and nothing is
+/// counted), under [`FailurePolicy::FailClosed`] it is rejected with
+/// [`RedisOptions::retry_interval`] as the retry hint. Under
+/// [`FailurePolicy::LocalFallback`] the store returns the error, and the
+/// breaker decides from the last state Redis reported for the key, in its
+/// bounded key registry (see
+/// [`CircuitBreakerStateStore`]).
 ///
 /// # Supported policy
 ///
@@ -64,7 +76,6 @@ const MAX_METRIC_KEYS: usize = 10_000;
 pub struct RedisBreakerStore {
     link: Link,
     script: redis::Script,
-    local: InMemoryStateStore,
 }
 
 impl fmt::Debug for RedisBreakerStore {
@@ -182,12 +193,59 @@ impl RedisBreakerStore {
     /// A store in the Redis behind `client`. Nothing is connected yet: the
     /// first call connects.
     pub fn new(client: redis::Client, options: RedisOptions) -> Result<Self, ConfigError> {
+        Self::on(Target::Single(client), options)
+    }
+
+    /// A store in a Redis Cluster (cargo feature `redis-cluster`): each
+    /// decision is one script call on its key's slot, `MOVED`/`ASK` are
+    /// followed and a script lost in a failover is loaded again. Nothing is
+    /// connected yet: the first call connects.
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster(
+        client: redis::cluster::ClusterClient,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
+        Self::on(Target::Cluster(client), options)
+    }
+
+    pub(crate) fn on(target: Target, options: RedisOptions) -> Result<Self, ConfigError> {
         options.validate()?;
         Ok(RedisBreakerStore {
-            link: Link::new(client, options),
+            link: Link::new(target, options, "breaker"),
             script: redis::Script::new(scripts::BREAKER),
-            local: InMemoryStateStore::new(),
         })
+    }
+
+    /// Checks that Redis answers and holds the breaker script (loading it),
+    /// within the connect timeout plus the call timeout.
+    pub async fn verify(&self) -> Result<(), ConfigError> {
+        self.link.verify(&[&self.script]).await
+    }
+
+    /// [`verify`](Self::verify) for synchronous code (the builders' `build()`
+    /// with [`RedisOptions::verify_on_build`]): blocks the calling thread.
+    pub fn verify_blocking(&self) -> Result<(), ConfigError> {
+        self.link.verify_blocking(&[&self.script])
+    }
+
+    /// Whether this store can run `policy` with its options: the rules of
+    /// [`supports`](Self::supports), and a [`RedisOptions::breaker_ttl`] that
+    /// outlives the open time plus the probe deadline (a key that expired
+    /// while open would close the breaker early).
+    pub fn check(&self, policy: &BreakerPolicy) -> Result<(), ConfigError> {
+        Self::supports(policy)?;
+        let needed = policy.timeout.saturating_add(policy.probe_deadline);
+        if self.link.options.breaker_ttl < needed {
+            return Err(ConfigError::invalid(
+                "breaker_ttl",
+                format!(
+                    "the Redis breaker TTL ({:?}) must be at least the open time plus the probe \
+                     deadline ({needed:?}), or an open breaker could expire and close early",
+                    self.link.options.breaker_ttl
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this store can run `policy` (see "Supported policy" above).
@@ -310,8 +368,34 @@ impl RedisBreakerStore {
         Ok(transition(r[0], r[1], r[2]))
     }
 
+    /// [`state::set_mode`](crate::circuit_breaker::state::set_mode) in Redis.
+    pub(crate) async fn set_mode_at(
+        &self,
+        key: &str,
+        mode: BreakerMode,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.script.key(self.redis_key(key));
+        invocation
+            .arg(now_us)
+            .arg("m")
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(self.ttl_ms())
+            .arg(mode_code(mode))
+            .arg(-1);
+        self.link
+            .call(|mut conn| async move { invocation.invoke_async::<Vec<i64>>(&mut conn).await })
+            .await
+            .map(drop)
+    }
+
+    /// The failure policy, counting one decision taken without Redis.
     fn degraded(&self) -> FailurePolicy {
-        self.link.degraded.fetch_add(1, Ordering::Relaxed);
+        self.link.count_degraded();
         self.link.options.failure_policy
     }
 }
@@ -319,7 +403,7 @@ impl RedisBreakerStore {
 #[async_trait]
 impl CircuitBreakerStateStore for RedisBreakerStore {
     fn check_policy(&self, policy: &BreakerPolicy) -> Result<(), ConfigError> {
-        Self::supports(policy)
+        self.check(policy)
     }
 
     fn store_report(&self) -> crate::observe::StoreReport {
@@ -343,21 +427,24 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
     async fn set_state(&self, key: &str, state: CircuitBreakerState) -> Result<(), StoreError> {
         let redis_key = self.redis_key(key);
         let text = encode(&state);
-        let ttl = self.ttl_ms();
+        let mut set = redis::cmd("SET");
+        set.arg(redis_key).arg(text);
+        // An operator's mode lasts until it is reset, whatever the TTL.
+        if state.mode == BreakerMode::Normal {
+            set.arg("PX").arg(self.ttl_ms());
+        }
         self.link
-            .call(|mut conn| async move {
-                redis::cmd("SET")
-                    .arg(redis_key)
-                    .arg(text)
-                    .arg("PX")
-                    .arg(ttl)
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
+            .call(|mut conn| async move { set.query_async::<()>(&mut conn).await })
             .await
     }
 
     async fn get_metrics(&self) -> Result<HashMap<String, KeySnapshot>, StoreError> {
+        if self.link.target.is_cluster() {
+            // A SCAN walks one node; the breakers' own reports cover a cluster.
+            return Err(StoreError::Other(
+                "listing every breaker key is not supported on Redis Cluster".into(),
+            ));
+        }
         let prefix = &self.link.options.key_prefix;
         let mut pattern = String::new();
         for c in prefix.chars() {
@@ -429,13 +516,13 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
         &self,
         key: &str,
         policy: &BreakerPolicy,
-        now: Timestamp,
-        jitter: f64,
+        _now: Timestamp,
+        _jitter: f64,
     ) -> Result<(Admission, Option<Transition>), StoreError> {
         match self.acquire_at(key, policy, -1).await {
             Ok(v) => Ok(v),
             Err(StoreError::Other(e)) => Err(StoreError::Other(e)),
-            Err(_) => match self.degraded() {
+            Err(e) => match self.degraded() {
                 FailurePolicy::FailOpen => Ok((Admission::Allowed { probe: None }, None)),
                 FailurePolicy::FailClosed => Ok((
                     Admission::Rejected {
@@ -443,7 +530,8 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
                     },
                     None,
                 )),
-                FailurePolicy::LocalFallback => self.local.acquire(key, policy, now, jitter).await,
+                // The breaker decides from its own last view of the key.
+                _ => Err(e),
             },
         }
     }
@@ -452,23 +540,23 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
         &self,
         key: &str,
         policy: &BreakerPolicy,
-        now: Timestamp,
+        _now: Timestamp,
         result: Verdict,
-        elapsed: Duration,
+        _elapsed: Duration,
         probe: Option<ProbeId>,
-        jitter: f64,
+        _jitter: f64,
     ) -> Result<Option<Transition>, StoreError> {
         match self.record_at(key, policy, result, probe, -1).await {
             Ok(v) => Ok(v),
             Err(StoreError::Other(e)) => Err(StoreError::Other(e)),
-            Err(_) => match self.degraded() {
+            Err(e) => match self.link.options.failure_policy {
                 FailurePolicy::FailOpen | FailurePolicy::FailClosed => Ok(None),
-                FailurePolicy::LocalFallback => {
-                    self.local
-                        .record(key, policy, now, result, elapsed, probe, jitter)
-                        .await
-                }
+                _ => Err(e),
             },
         }
+    }
+
+    async fn set_mode(&self, key: &str, mode: BreakerMode) -> Result<(), StoreError> {
+        self.set_mode_at(key, mode, -1).await
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::conn::Target;
 use super::denial::DenialCache;
 use super::keys;
 use super::link::Link;
@@ -18,7 +19,6 @@ use crate::rate_limit::strategy::{
 use crate::rate_limit::{
     Admission, Decision, KeyedRateLimiter, RateLimitStrategy, RateLimiter, Reservation,
 };
-use crate::registry::RegistryLimits;
 
 /// The largest product the scripts multiply, kept exact in Lua's doubles
 /// (2^51: sums of up to three such terms stay below 2^53).
@@ -194,6 +194,27 @@ impl RedisRateLimiter {
         strategy: RateLimitStrategy,
         options: RedisOptions,
     ) -> Result<Self, ConfigError> {
+        Self::on(Target::Single(client), strategy, options)
+    }
+
+    /// A limiter whose keys live in a Redis Cluster (cargo feature
+    /// `redis-cluster`): each decision is one script call on its key's slot,
+    /// `MOVED`/`ASK` are followed and a script lost in a failover is loaded
+    /// again. Nothing is connected yet: the first request connects.
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster(
+        client: redis::cluster::ClusterClient,
+        strategy: RateLimitStrategy,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
+        Self::on(Target::Cluster(client), strategy, options)
+    }
+
+    pub(crate) fn on(
+        target: Target,
+        strategy: RateLimitStrategy,
+        options: RedisOptions,
+    ) -> Result<Self, ConfigError> {
         options.validate()?;
         let micros = micro_policy(&strategy)?;
         let (kind, p1, p2) = match micros {
@@ -202,10 +223,10 @@ impl RedisRateLimiter {
             Policy::TokenBucket { capacity, interval } => (3, u64::from(capacity), interval),
             Policy::LeakyBucket { capacity, interval } => (4, u64::from(capacity), interval),
         };
-        let local = KeyedRateLimiter::new(strategy, RegistryLimits::default(), default_clock())?;
+        let local = KeyedRateLimiter::new(strategy, options.local_limits, default_clock())?;
         Ok(RedisRateLimiter {
             denials: DenialCache::new(options.denial_cache_capacity),
-            link: Link::new(client, options),
+            link: Link::new(target, options, "limiter"),
             strategy,
             micros,
             kind,
@@ -222,6 +243,24 @@ impl RedisRateLimiter {
         self.strategy
     }
 
+    /// Checks that Redis answers and holds the limiter script (loading it),
+    /// within the connect timeout plus the call timeout.
+    pub async fn verify(&self) -> Result<(), ConfigError> {
+        self.link.verify(&[&self.script]).await
+    }
+
+    /// [`verify`](Self::verify) for synchronous code (the builders' `build()`
+    /// with [`RedisOptions::verify_on_build`]): blocks the calling thread.
+    pub fn verify_blocking(&self) -> Result<(), ConfigError> {
+        self.link.verify_blocking(&[&self.script])
+    }
+
+    /// Keys held by the local fallback limiter (bounded by
+    /// [`RedisOptions::local_limits`]).
+    pub fn local_keys(&self) -> usize {
+        self.local.registry_stats().keys
+    }
+
     /// The mode (normal or the failure policy's) and the counters, for metrics.
     pub fn health(&self) -> RedisHealth {
         self.link.health()
@@ -236,11 +275,6 @@ impl RedisRateLimiter {
     #[cfg(test)]
     pub(crate) fn micro(&self) -> Policy {
         self.micros
-    }
-
-    #[cfg(test)]
-    pub(crate) fn link_client(&self) -> redis::Client {
-        self.link.client.clone()
     }
 
     /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in tests.
@@ -347,9 +381,7 @@ impl RedisRateLimiter {
     }
 
     fn degraded(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
-        self.link
-            .degraded
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.link.count_degraded();
         let limit = self.micros.limit();
         let decision = match self.link.options.failure_policy {
             FailurePolicy::FailOpen => Decision::allow(limit, limit, now.as_nanos(), 0),

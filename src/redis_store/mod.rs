@@ -66,12 +66,19 @@
 //!
 //! Every call has a timeout ([`RedisOptions::call_timeout`]); the connection
 //! is a `redis::aio::ConnectionManager` that reconnects by itself. On an
-//! error the [`FailurePolicy`] decides, and for
-//! [`RedisOptions::retry_interval`] the store does not wait on Redis again;
-//! the first call after that tries Redis, and a success puts the store back
-//! in [`StoreMode::Normal`]. [`RedisHealth`] shows the mode and counters.
+//! error the [`FailurePolicy`] decides (see there for what each policy means
+//! for limits and breakers), and for [`RedisOptions::retry_interval`] the
+//! store does not wait on Redis again; the first call after that tries
+//! Redis, and a success puts the store back in [`StoreMode::Normal`]. Each
+//! change to a degraded mode is one `tracing` warning with the error, each
+//! return one info line. [`RedisHealth`] shows the mode and counters, and
+//! the metrics export them (`mcp_resilience_store_mode`,
+//! `mcp_resilience_store_degraded_decisions_total`).
+//! [`RedisOptions::verify_on_build`] makes the builders check that Redis
+//! answers before `build()` succeeds.
 
 mod breaker;
+mod conn;
 mod denial;
 mod keys;
 mod limiter;
@@ -88,34 +95,67 @@ pub use breaker::RedisBreakerStore;
 pub use limiter::RedisRateLimiter;
 pub use options::{FailurePolicy, RedisHealth, RedisOptions, StoreMode};
 
+use conn::Target;
+
 use crate::circuit_breaker::CircuitBreakerStateStore;
 use crate::circuit_breaker::state::BreakerPolicy;
 use crate::error::ConfigError;
+use crate::persistence::StatePersistence;
 use crate::rate_limit::{RateLimitStrategy, RateLimiter};
+use crate::registry::RegistryLimits;
 
-/// A Redis breaker store for the builders: `key_prefix` overrides the one in
-/// `options`, and `policy` is checked against what the store supports.
-#[allow(dead_code)]
-pub(crate) fn breaker_store_for(
-    client: redis::Client,
-    key_prefix: &str,
-    policy: &BreakerPolicy,
-    options: RedisOptions,
-) -> Result<Arc<dyn CircuitBreakerStateStore>, ConfigError> {
-    RedisBreakerStore::supports(policy)?;
-    let store = RedisBreakerStore::new(client, options.key_prefix(key_prefix))?;
-    Ok(Arc::new(store))
+/// The Redis behind `persistence`, with its key prefix; `None` for the
+/// other kinds of persistence.
+fn target_of(persistence: &StatePersistence) -> Option<(Target, &str)> {
+    match persistence {
+        StatePersistence::Redis { client, key_prefix } => {
+            Some((Target::Single(client.clone()), key_prefix))
+        }
+        #[cfg(feature = "redis-cluster")]
+        StatePersistence::RedisCluster { client, key_prefix } => {
+            Some((Target::Cluster(client.clone()), key_prefix))
+        }
+        _ => None,
+    }
 }
 
-/// A Redis rate limiter for the builders: `key_prefix` overrides the one in
-/// `options`.
-#[allow(dead_code)]
+/// The Redis breaker store of `persistence` for the builders (`None` if it
+/// is not Redis): its `key_prefix` overrides the one in `options`, and
+/// `policy` is checked against what the store supports.
+pub(crate) fn breaker_store_for(
+    persistence: &StatePersistence,
+    policy: &BreakerPolicy,
+    options: RedisOptions,
+) -> Result<Option<Arc<dyn CircuitBreakerStateStore>>, ConfigError> {
+    let Some((target, key_prefix)) = target_of(persistence) else {
+        return Ok(None);
+    };
+    let verify = options.verify_on_build;
+    let store = RedisBreakerStore::on(target, options.key_prefix(key_prefix))?;
+    store.check(policy)?;
+    if verify {
+        store.verify_blocking()?;
+    }
+    Ok(Some(Arc::new(store)))
+}
+
+/// The Redis rate limiter of `persistence` for the builders (`None` if it is
+/// not Redis): its `key_prefix` overrides the one in `options`, and
+/// `local_limits` (the builder's registry limits) bound the local fallback.
 pub(crate) fn rate_limiter_for(
-    client: redis::Client,
-    key_prefix: &str,
+    persistence: &StatePersistence,
     strategy: RateLimitStrategy,
     options: RedisOptions,
-) -> Result<Arc<dyn RateLimiter>, ConfigError> {
-    let limiter = RedisRateLimiter::new(client, strategy, options.key_prefix(key_prefix))?;
-    Ok(Arc::new(limiter))
+    local_limits: RegistryLimits,
+) -> Result<Option<Arc<dyn RateLimiter>>, ConfigError> {
+    let Some((target, key_prefix)) = target_of(persistence) else {
+        return Ok(None);
+    };
+    let verify = options.verify_on_build;
+    let options = options.key_prefix(key_prefix).local_limits(local_limits);
+    let limiter = RedisRateLimiter::on(target, strategy, options)?;
+    if verify {
+        limiter.verify_blocking()?;
+    }
+    Ok(Some(Arc::new(limiter)))
 }

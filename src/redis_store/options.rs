@@ -3,21 +3,33 @@
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::registry::RegistryLimits;
 
 /// What a Redis store does while Redis cannot be reached or does not answer
 /// within [`RedisOptions::call_timeout`].
+///
+/// Slow (one call timed out) and down (refused, dropped, hung) are decided
+/// alike; after a failure, Redis is not tried again for
+/// [`RedisOptions::retry_interval`], so a hung Redis costs one waiting call
+/// per interval. When Redis answers again, its state decides again from
+/// that answer on (what one process decided alone is not merged back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailurePolicy {
-    /// Admit every request (a limiter admits, a breaker lets calls through
-    /// and counts nothing): availability first.
+    /// Admit every request (a limiter admits with its full limit remaining,
+    /// a breaker lets calls through and counts nothing): availability first.
     FailOpen,
     /// Reject every request, with [`RedisOptions::retry_interval`] as the
-    /// time to retry: protection first.
+    /// retry hint: protection first.
     FailClosed,
-    /// Decide in this process, in memory, with the same strategy or breaker
-    /// policy, until Redis answers again (limits then hold per process, not
-    /// for the fleet).
+    /// Decide in this process, in memory, until Redis answers again.
+    ///
+    /// A limiter decides with the same strategy in a local limiter bounded
+    /// by [`RedisOptions::local_limits`] (limits then hold per process, not
+    /// for the fleet). A breaker store reports the failure to the breaker,
+    /// which decides from the last state Redis reported for the key: an
+    /// open breaker stays open until its open time ends, then half-opens
+    /// with the policy's probe limit in this process.
     #[default]
     LocalFallback,
 }
@@ -115,7 +127,10 @@ pub struct RedisOptions {
     /// Prepended to every key (default `pmcp:`); at most 64 bytes, no braces
     /// or control characters.
     pub key_prefix: String,
-    /// The longest a request waits for Redis, connection included (default 50 ms).
+    /// The longest a request waits for Redis, connection included (default
+    /// 250 ms: long enough for a loaded master and a burst of a thousand
+    /// calls on one connection; a call that times out is decided by the
+    /// failure policy, so a timeout too short turns load into degraded mode).
     pub call_timeout: Duration,
     /// The longest one connection attempt may take (default 1 s; a call
     /// still gives up after `call_timeout`).
@@ -130,20 +145,33 @@ pub struct RedisOptions {
     /// Keys remembered by the local denial cache (default 10 000; 0 turns
     /// the cache off).
     pub denial_cache_capacity: usize,
-    /// How long a breaker key lives without a change (default 24 h).
+    /// How long a breaker key lives without a change (default 24 h); at
+    /// least the policy's open time plus its probe deadline. A forced,
+    /// disabled or metrics-only key never expires until its mode is reset.
     pub breaker_ttl: Duration,
+    /// Keys the limiter's local fallback may hold and when they count as
+    /// idle (default [`RegistryLimits::default`]; the middleware builders
+    /// pass their own registry limits).
+    pub local_limits: RegistryLimits,
+    /// Whether the builders check at `build()` that Redis answers (a `PING`
+    /// and loading the scripts, within the connect and call timeouts), and
+    /// fail with a [`ConfigError`] if it does not (default `false`: build
+    /// never waits on Redis and the failure policy decides until it answers).
+    pub verify_on_build: bool,
 }
 
 impl Default for RedisOptions {
     fn default() -> Self {
         RedisOptions {
             key_prefix: "pmcp:".to_owned(),
-            call_timeout: Duration::from_millis(50),
+            call_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(1),
             failure_policy: FailurePolicy::default(),
             retry_interval: Duration::from_millis(250),
             denial_cache_capacity: 10_000,
             breaker_ttl: Duration::from_secs(24 * 3600),
+            local_limits: RegistryLimits::default(),
+            verify_on_build: false,
         }
     }
 }
@@ -191,6 +219,18 @@ impl RedisOptions {
         self
     }
 
+    /// Sets [`local_limits`](Self::local_limits).
+    pub fn local_limits(mut self, limits: RegistryLimits) -> Self {
+        self.local_limits = limits;
+        self
+    }
+
+    /// Sets [`verify_on_build`](Self::verify_on_build).
+    pub fn verify_on_build(mut self, verify: bool) -> Self {
+        self.verify_on_build = verify;
+        self
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.key_prefix.len() > 64 {
@@ -216,7 +256,7 @@ impl RedisOptions {
         if !ms(self.call_timeout, 1, 60_000) {
             return Err(ConfigError::invalid(
                 "call_timeout",
-                "the call timeout must be between 1 ms and 60 s (for example 50 ms)",
+                "the call timeout must be between 1 ms and 60 s (for example 250 ms)",
             ));
         }
         if !ms(self.connect_timeout, 1, 60_000) {
@@ -243,6 +283,7 @@ impl RedisOptions {
                 "breaker keys must live at least 1 s",
             ));
         }
+        self.local_limits.validate()?;
         Ok(())
     }
 }

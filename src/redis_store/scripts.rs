@@ -183,13 +183,18 @@ return {allowed, remaining, reset_at, retry, wait, b1, b2, b3, s[1], s[2], s[3]}
 /// (times in µs; state 0 closed, 1 open, 2 half-open; mode 0 normal,
 /// 1 forced open, 2 forced closed, 3 disabled, 4 metrics only).
 ///
-/// `ARGV`: 1 now, 2 op (`a` acquire, `r` record), 3 consecutive failures
-/// that trip, 4 probe successes that close, 5 open time (µs), 6 probes at
-/// once, 7 probe deadline (µs), 8 key TTL (ms), 9 result (0 success,
-/// 1 failure, 2 released), 10 probe id (-1: none).
+/// `ARGV`: 1 now, 2 op (`a` acquire, `r` record, `m` set mode), 3
+/// consecutive failures that trip, 4 probe successes that close, 5 open time
+/// (µs), 6 probes at once, 7 probe deadline (µs), 8 key TTL (ms), 9 result
+/// (0 success, 1 failure, 2 neutral) or, for `m`, the mode, 10 probe id (-1:
+/// none).
+///
+/// A key in a mode other than normal is written without expiry; resetting
+/// the mode writes it with the TTL again (or deletes it if quiet).
 ///
 /// Reply to `a`: `{allowed, probe (-1 none), retry_after (µs), from, to,
-/// reason}`; to `r`: `{from, to, reason}`; `from = -1` when nothing changed.
+/// reason}`; to `r`: `{from, to, reason}`, `from = -1` when nothing changed;
+/// to `m`: `{}`.
 /// Reasons: 0 consecutive failures, 1 probe failed, 2 probe deadline, 3 open
 /// time elapsed, 4 probes succeeded.
 pub(crate) const BREAKER: &str = r#"
@@ -257,9 +262,18 @@ local function save()
   if out == v then return end
   if st == 0 and mode == 0 and cf == 0 and hos == 0 and trips == 0 and next_probe == 0 then
     if v then redis.call('DEL', KEYS[1]) end
+  elseif mode ~= 0 then
+    -- An operator's mode lasts until it is reset, whatever the TTL.
+    redis.call('SET', KEYS[1], out)
   else
     redis.call('SET', KEYS[1], out, 'PX', ARGV[8])
   end
+end
+
+if ARGV[2] == 'm' then -- state::set_mode
+  mode = tonumber(ARGV[9])
+  save()
+  return {}
 end
 
 if ARGV[2] == 'a' then -- state::acquire

@@ -73,6 +73,31 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server without closing its sockets (SIGSTOP): clients
+    /// connect and send, and nothing answers until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let Some(child) = self.child.as_ref() else {
+            panic!("redis-server is not running");
+        };
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(child.id().to_string())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("kill {which} redis-server: {other:?}"),
+        }
+    }
+
     /// Starts the server again on the same port (after [`RedisServer::kill`]).
     pub fn restart(&mut self) {
         self.kill();
@@ -125,6 +150,13 @@ fn ping(port: u16) -> bool {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if let Some(child) = self.child.as_ref() {
+            // A paused server would not die of SIGKILL until continued.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+        }
         self.kill();
     }
 }
