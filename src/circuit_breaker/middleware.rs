@@ -66,7 +66,7 @@ static NEXT_BREAKER: AtomicU64 = AtomicU64::new(0);
 /// - [`shutdown`](Self::shutdown) writes everything and releases the file;
 ///   dropping the last handle does the same, best effort.
 /// - The file is for one breaker at a time (an OS lock): a second build on
-///   it fails with [`ConfigError::Store`].
+///   it fails with [`ConfigError::Store`](crate::ConfigError::Store).
 ///
 /// # A shared store ([`StatePersistence::Custom`](crate::persistence::StatePersistence::Custom))
 ///

@@ -22,7 +22,7 @@ use crate::clock::duration_nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlidingWindow {
-    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`] buckets, so the
+    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`](super::state::WINDOW_BUCKETS) buckets, so the
     /// oldest bucket's worth of calls leaves at once).
     Calls(u32),
     /// The calls of the last `duration` (with a resolution of
