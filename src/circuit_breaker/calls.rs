@@ -49,16 +49,37 @@ const SHARDS: usize = 16;
 /// without a random seed is enough.
 type TokenMap = HashMap<u64, Call, foldhash::fast::FixedState>;
 
+/// One shard: its calls and the source of its tokens, behind one lock.
+#[derive(Debug)]
+struct Shard {
+    calls: TokenMap,
+    next: u64,
+}
+
 /// The bounded table of calls in flight.
+///
+/// A thread files its calls in a shard of its own (threads take shards in
+/// turn), and a token names its shard, so two threads calling at once do
+/// not take turns on one lock or one counter: with a shared counter and
+/// shared locks, two threads on two cores took 2.8 us per request where one
+/// took 1.1 us (criterion, `breaker_request/ours_per_endpoint/2t/1`).
 #[derive(Debug)]
 pub(crate) struct Calls {
-    shards: Box<[Mutex<TokenMap>]>,
-    len: AtomicUsize,
-    capacity: usize,
-    next_token: AtomicU64,
+    shards: Box<[Mutex<Shard>]>,
+    /// Most calls one shard holds.
+    per_shard: usize,
     /// No call's deadline is earlier than this (nanoseconds): a sweep
     /// before it finds nothing.
     earliest: AtomicU64,
+}
+
+/// This thread's shard.
+fn home_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOME: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    HOME.with(|h| *h)
 }
 
 impl Calls {
@@ -66,53 +87,56 @@ impl Calls {
         Calls {
             shards: (0..SHARDS)
                 .map(|_| {
-                    Mutex::new(TokenMap::with_hasher(
-                        foldhash::fast::FixedState::with_seed(1),
-                    ))
+                    Mutex::new(Shard {
+                        calls: TokenMap::with_hasher(foldhash::fast::FixedState::with_seed(1)),
+                        next: 0,
+                    })
                 })
                 .collect(),
-            len: AtomicUsize::new(0),
-            capacity,
-            // Token 0 is never issued.
-            next_token: AtomicU64::new(1),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
             earliest: AtomicU64::new(u64::MAX),
         }
     }
 
     /// Calls held now.
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.shards.iter().map(|s| s.lock().calls.len()).sum()
     }
 
-    fn shard(&self, token: u64) -> &Mutex<TokenMap> {
+    fn shard(&self, token: u64) -> &Mutex<Shard> {
         &self.shards[(token % SHARDS as u64) as usize]
     }
 
-    /// Files `call` and returns its token, or hands it back when the table is full.
+    /// Files `call` in this thread's shard and returns its token (never 0),
+    /// or hands the call back when that shard is full.
     pub(crate) fn insert(&self, call: Call) -> Result<u64, Call> {
-        if self.len.fetch_add(1, Ordering::Relaxed) >= self.capacity {
-            self.len.fetch_sub(1, Ordering::Relaxed);
+        let home = home_shard();
+        let deadline = call.deadline.as_nanos();
+        let mut shard = self.shards[home].lock();
+        if shard.calls.len() >= self.per_shard {
             return Err(call);
         }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.earliest
-            .fetch_min(call.deadline.as_nanos(), Ordering::Relaxed);
-        self.shard(token).lock().insert(token, call);
+        shard.next += 1;
+        let token = shard.next * SHARDS as u64 + home as u64;
+        shard.calls.insert(token, call);
+        drop(shard);
+        // Deadlines mostly grow: write only when this one is earlier.
+        if deadline < self.earliest.load(Ordering::Relaxed) {
+            self.earliest.fetch_min(deadline, Ordering::Relaxed);
+        }
         Ok(token)
     }
 
     /// Takes the call filed under `token`, if it has not ended yet.
     pub(crate) fn take(&self, token: u64) -> Option<Call> {
-        let call = self.shard(token).lock().remove(&token)?;
-        self.len.fetch_sub(1, Ordering::Relaxed);
-        Some(call)
+        self.shard(token).lock().calls.remove(&token)
     }
 
     /// Takes the oldest call filed for the JSON-RPC id hashed to `request`.
     pub(crate) fn take_by_request(&self, request: u64) -> Option<Call> {
         let mut oldest: Option<(u64, Timestamp)> = None;
         for shard in self.shards.iter() {
-            for (token, call) in shard.lock().iter() {
+            for (token, call) in shard.lock().calls.iter() {
                 if call.request == request && oldest.is_none_or(|(_, start)| call.start < start) {
                     oldest = Some((*token, call.start));
                 }
@@ -138,14 +162,14 @@ impl Calls {
         for shard in self.shards.iter() {
             let mut map = shard.lock();
             expired.extend(
-                map.extract_if(|_, call| call.deadline <= now)
+                map.calls
+                    .extract_if(|_, call| call.deadline <= now)
                     .map(|(_, c)| c),
             );
-            for call in map.values() {
+            for call in map.calls.values() {
                 earliest = earliest.min(call.deadline.as_nanos());
             }
         }
-        self.len.fetch_sub(expired.len(), Ordering::Relaxed);
         self.earliest.fetch_min(earliest, Ordering::Relaxed);
         expired
     }
