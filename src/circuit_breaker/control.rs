@@ -36,6 +36,9 @@ impl CircuitBreakerMiddleware {
         let core = &self.core;
         let now = core.clock.now();
         core.end_expired(now);
+        core.metrics
+            .total_requests
+            .store(core.total_requests(), Ordering::Relaxed);
         if let Ok(mut map) = core.metrics.current_state.try_write() {
             map.clear();
             core.registry.for_each(|key, e| {
@@ -71,7 +74,7 @@ impl CircuitBreakerMiddleware {
         let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
             scope: core.scope.label(),
-            total_requests: read(&m.total_requests),
+            total_requests: core.total_requests(),
             successful_requests: read(&m.successful_requests),
             failed_requests: read(&m.failed_requests),
             rejected_requests: read(&m.rejected_requests),

@@ -90,6 +90,24 @@ impl KeyState for Entry {
     }
 }
 
+/// An admitted call: its token in the table of calls in flight (0: a call
+/// the breaker does not follow), its key, and whether it is a probe.
+pub(crate) struct Admitted {
+    pub(crate) token: u64,
+    pub(crate) key: ScopeKey,
+    pub(crate) probe: bool,
+}
+
+impl Admitted {
+    fn untracked(key: ScopeKey) -> Self {
+        Admitted {
+            token: 0,
+            key,
+            probe: false,
+        }
+    }
+}
+
 /// What `acquire` decided, before the call is filed.
 struct Decided {
     admission: Admission,
@@ -196,6 +214,20 @@ impl Core {
         self.calls.len()
     }
 
+    /// Every call that reached the breaker: each ended one once by how it
+    /// ended, plus those in flight (summed when read, so the request path
+    /// bumps one shared counter, not two).
+    pub(crate) fn total_requests(&self) -> u64 {
+        let m = &self.metrics;
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        read(&m.successful_requests)
+            + read(&m.failed_requests)
+            + read(&m.neutral_requests)
+            + read(&m.rejected_requests)
+            + read(&m.untracked_requests)
+            + self.calls_in_flight() as u64
+    }
+
     /// The breaker's verdict on `outcome`.
     pub(crate) fn verdict(&self, outcome: &Outcome<'_>) -> Verdict {
         matcher::verdict(&self.failures, &self.neutral, outcome)
@@ -207,7 +239,7 @@ impl Core {
         self: &Arc<Self>,
         key: ScopeKey,
         request: u64,
-    ) -> Result<Permit, Rejected> {
+    ) -> Result<Admitted, Rejected> {
         let now = self.clock.now();
         self.end_expired(now);
         self.maybe_evict(now);
@@ -276,7 +308,6 @@ impl Core {
                 None => file.mark_dirty(),
             }
         }
-        self.count(&self.metrics.total_requests);
         match decided.admission {
             Admission::Rejected { retry_after } => {
                 self.count(&self.metrics.rejected_requests);
@@ -290,7 +321,7 @@ impl Core {
             }
             Admission::Allowed { .. } if decided.mode == BreakerMode::Disabled || !followed => {
                 self.untracked(key.as_str());
-                Ok(self.permit(0, key, false))
+                Ok(Admitted::untracked(key))
             }
             Admission::Allowed { probe } => {
                 let call = Call {
@@ -302,7 +333,11 @@ impl Core {
                     request,
                 };
                 match self.calls.insert(call) {
-                    Ok(token) => Ok(self.permit(token, key, probe.is_some())),
+                    Ok(token) => Ok(Admitted {
+                        token,
+                        key,
+                        probe: probe.is_some(),
+                    }),
                     Err(call) if call.probe.is_some() => {
                         // No place to follow a probe: give its place back
                         // rather than hold it unanswerable until its deadline.
@@ -317,15 +352,21 @@ impl Core {
                     }
                     Err(_) => {
                         self.untracked(key.as_str());
-                        Ok(self.permit(0, key, false))
+                        Ok(Admitted::untracked(key))
                     }
                 }
             }
         }
     }
 
-    fn permit(self: &Arc<Self>, token: u64, key: ScopeKey, probe: bool) -> Permit {
-        Permit::new(Arc::clone(self), token, key, probe)
+    /// Like [`acquire`](Self::acquire), with the call held by a [`Permit`].
+    pub(crate) async fn acquire_permit(
+        self: &Arc<Self>,
+        key: ScopeKey,
+        request: u64,
+    ) -> Result<Permit, Rejected> {
+        let a = self.acquire(key, request).await?;
+        Ok(Permit::new(Arc::clone(self), a.token, a.key, a.probe))
     }
 
     /// Counts a call admitted and not followed, and undoes its place among

@@ -216,7 +216,7 @@ impl CircuitBreakerMiddleware {
     /// # }
     /// ```
     pub async fn acquire(&self, key: &str) -> Result<Permit, Rejected> {
-        self.core.acquire(ScopeKey::new(key), 0).await
+        self.core.acquire_permit(ScopeKey::new(key), 0).await
     }
 
     /// The key of `request` under this breaker's scope and target.
@@ -390,8 +390,8 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
             .as_deref()
             .map_or(0, |id| self.request_hash(id));
         match self.core.acquire(key, id).await {
-            Ok(permit) => {
-                let token = permit.into_token();
+            Ok(admitted) => {
+                let token = admitted.token;
                 if token != 0 {
                     context.set_metadata(self.shared.call_tag.clone(), token.to_string());
                 }

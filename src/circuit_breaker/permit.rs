@@ -112,12 +112,6 @@ impl Permit {
         let verdict = self.core.verdict(outcome);
         self.record(verdict).await;
     }
-
-    /// Gives up the permit without ending the call: the call stays in the
-    /// table until the call's end or its deadline ends it.
-    pub(crate) fn into_token(mut self) -> u64 {
-        std::mem::take(&mut self.token)
-    }
 }
 
 impl Drop for Permit {
