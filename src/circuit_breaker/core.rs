@@ -61,6 +61,15 @@ impl Admitted {
     };
 }
 
+/// A transition's state to write to the state file, and whose it is.
+type WriteThrough = (Arc<KeyBreaker>, CircuitBreakerState);
+
+/// An admission: the caller's answer, and what is left to write.
+struct Decision {
+    result: Result<Admitted, Rejected>,
+    write: Option<WriteThrough>,
+}
+
 /// What `acquire` decided, before the call is filed.
 struct Decided {
     admission: Admission,
@@ -195,21 +204,40 @@ impl Core {
         request: u64,
         filed_as: Option<CallId>,
     ) -> Result<Admitted, Rejected> {
+        let from_store = match &self.backend {
+            Backend::Shared(store) => {
+                let policy = self.policy();
+                match store
+                    .acquire(key, &policy, self.clock.now(), fastrand::f64())
+                    .await
+                {
+                    Ok(decided) => Some(decided),
+                    Err(error) => {
+                        self.store_failed(&error);
+                        None
+                    }
+                }
+            }
+            Backend::Memory | Backend::File(_) => None,
+        };
+        let decision = self.decide(key, request, filed_as, from_store);
+        self.write_through(decision.write).await;
+        decision.result
+    }
+
+    /// Decides on a call for `key` and files it: with a shared store's
+    /// decision (`from_store`) when there is one, else by the key's state
+    /// machine.
+    fn decide(
+        self: &Arc<Self>,
+        key: &str,
+        request: u64,
+        filed_as: Option<CallId>,
+        from_store: Option<(Admission, Option<Transition>)>,
+    ) -> Decision {
         let now = self.clock.now();
         self.end_expired(now);
         self.maybe_evict(now);
-        let policy = self.policy();
-        let jitter = fastrand::f64();
-        let from_store = match &self.backend {
-            Backend::Shared(store) => match store.acquire(key, &policy, now, jitter).await {
-                Ok(decided) => Some(decided),
-                Err(error) => {
-                    self.store_failed(&error);
-                    None
-                }
-            },
-            Backend::Memory | Backend::File(_) => None,
-        };
         let file = matches!(self.backend, Backend::File(_));
         let local = self.registry.with(key, now, |e| {
             let (admission, transition, decided_by) = match from_store {
@@ -218,7 +246,8 @@ impl Core {
                     (admission, transition, DecidedBy::Store)
                 }
                 None => {
-                    let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
+                    let policy = self.policy();
+                    let (a, t) = state::acquire(&mut e.state, &policy, now, fastrand::f64());
                     (a, t, DecidedBy::Local)
                 }
             };
@@ -240,7 +269,7 @@ impl Core {
         // (on a breaker of its own, outside the registry); without a store
         // the call is admitted and not followed, so that other keys'
         // failures can never refuse it.
-        let (breaker, decided) = match local {
+        let (breaker, mut decided) = match local {
             Some((breaker, decided)) => (Some(breaker), decided),
             None => (
                 from_store.map(|_| KeyBreaker::detached(key)),
@@ -256,12 +285,27 @@ impl Core {
         if let Some(t) = decided.transition {
             self.on_transition(key, t);
         }
-        if let Backend::File(file) = &self.backend {
-            match decided.saved {
-                Some(state) => file.note(file.write_through(key, state).await),
-                None => file.mark_dirty(),
-            }
+        let write = match (decided.saved.take(), &breaker) {
+            (Some(state), Some(breaker)) => Some((Arc::clone(breaker), state)),
+            _ => None,
+        };
+        Decision {
+            result: self.admit(key, request, filed_as, now, decided, breaker),
+            write,
         }
+    }
+
+    /// What an admission decided means for the call: refused, admitted and
+    /// filed, or admitted without being followed.
+    fn admit(
+        self: &Arc<Self>,
+        key: &str,
+        request: u64,
+        filed_as: Option<CallId>,
+        now: Timestamp,
+        decided: Decided,
+        breaker: Option<Arc<KeyBreaker>>,
+    ) -> Result<Admitted, Rejected> {
         match (decided.admission, breaker) {
             (Admission::Rejected { retry_after }, breaker) => {
                 self.count(&self.metrics.rejected_requests);
@@ -316,6 +360,19 @@ impl Core {
                         Ok(Admitted::UNTRACKED)
                     }
                 }
+            }
+        }
+    }
+
+    /// With a file: writes a transition's state through before the call
+    /// that caused it goes on, or marks the file dirty.
+    async fn write_through(&self, write: Option<WriteThrough>) {
+        if let Backend::File(file) = &self.backend {
+            match write {
+                Some((breaker, state)) => {
+                    file.note(file.write_through(breaker.key.as_str(), state).await);
+                }
+                None => file.mark_dirty(),
             }
         }
     }
@@ -426,7 +483,6 @@ impl Core {
         verdict: Verdict,
         now: Timestamp,
     ) -> Option<CircuitBreakerState> {
-        let policy = self.policy();
         let file = matches!(self.backend, Backend::File(_));
         let elapsed = now.saturating_since(call.start);
         let probe = match call.decided_by {
@@ -434,6 +490,7 @@ impl Core {
             DecidedBy::Store => None,
         };
         let (transition, saved) = {
+            let policy = self.policy();
             let mut e = call.breaker.entry.lock();
             let t = state::record(
                 &mut e.state,

@@ -375,16 +375,16 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         request: &mut JSONRPCRequest,
         context: &MiddlewareContext,
     ) -> pmcp::Result<()> {
-        let key = self.resolve(request, context);
         let id = context
             .request_id
             .as_deref()
             .map_or(0, |id| self.request_hash(id));
-        match self
+        let key = self.resolve(request, context);
+        let admitted = self
             .core
             .acquire(key.as_str(), id, Some(CallId::of_context(context)))
-            .await
-        {
+            .await;
+        match admitted {
             Ok(_) => Ok(()),
             Err(rejected) => {
                 crate::observe::mark_method(context, &request.method);
