@@ -25,12 +25,13 @@ mod cluster;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use criterion::{
     BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
 };
+use parking_lot::Mutex;
 use pmcp_resilience::circuit_breaker::state::BreakerPolicy;
 use pmcp_resilience::rate_limit::{KeyedRateLimiter, RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions, RedisRateLimiter};
@@ -48,13 +49,68 @@ const LIMITER_KEY: &str = "bench:limiter";
 const BREAKER_KEY: &str = "bench:breaker";
 const IN_FLIGHT: usize = 64;
 
-/// Polls every future on the current task until all are done: they are in
-/// flight together, with no task spawned per request.
+/// Wakes the joining task and files one future as ready to be polled.
+struct Wakes {
+    index: usize,
+    ready: Arc<Mutex<Vec<usize>>>,
+    task: Arc<Mutex<Option<Waker>>>,
+}
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.lock().push(self.index);
+        if let Some(task) = self.task.lock().as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Runs every future on the current task until all are done: they are in
+/// flight together, with no task spawned per request. Each future has a
+/// waker of its own and is polled again only when it was woken, as a task
+/// of its own would be (polling all of them on every wake would cost the
+/// deeper futures more than the shallow ones).
 async fn join_all<F: Future<Output = ()>>(futures: Vec<F>) {
-    let mut pending: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let n = futures.len();
+    let mut pending: Vec<Option<Pin<Box<F>>>> =
+        futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let ready = Arc::new(Mutex::new((0..n).collect::<Vec<_>>()));
+    let task = Arc::new(Mutex::new(None::<Waker>));
+    let wakers: Vec<Waker> = (0..n)
+        .map(|index| {
+            Waker::from(Arc::new(Wakes {
+                index,
+                ready: Arc::clone(&ready),
+                task: Arc::clone(&task),
+            }))
+        })
+        .collect();
+    let mut left = n;
     std::future::poll_fn(move |cx| {
-        pending.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if pending.is_empty() {
+        *task.lock() = Some(cx.waker().clone());
+        loop {
+            let batch = std::mem::take(&mut *ready.lock());
+            if batch.is_empty() {
+                break;
+            }
+            for i in batch {
+                let Some(f) = pending[i].as_mut() else {
+                    continue;
+                };
+                if f.as_mut()
+                    .poll(&mut Context::from_waker(&wakers[i]))
+                    .is_ready()
+                {
+                    pending[i] = None;
+                    left -= 1;
+                }
+            }
+        }
+        if left == 0 {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -464,3 +464,84 @@ async fn the_reset_header_holds_on_a_layer_clock_skewed_from_redis() {
         "reset {reset:?}, not an hour off"
     );
 }
+
+/// Calls per command since the server started (`INFO commandstats`),
+/// without the `INFO` calls that read them.
+async fn all_command_calls(url: &str) -> std::collections::BTreeMap<String, u64> {
+    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
+        panic!("connect")
+    };
+    let info: String = match redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => panic!("INFO: {e}"),
+    };
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(":calls=")?;
+            let calls = rest.split(',').next()?.parse().ok()?;
+            (name != "info").then(|| (name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// Once connected, each decision is one `EVALSHA` and nothing else: no
+/// script load, no `PING`, no read or write beside the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_decision_is_one_evalsha_round_trip() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 1_000,
+        refill_rate: 1_000,
+    };
+    let l = limiter(&url, strategy, patient());
+    let store = match RedisBreakerStore::new(client(&url), patient()) {
+        Ok(s) => s,
+        Err(e) => panic!("store: {e}"),
+    };
+    let policy = BreakerPolicy::default();
+    let key = ScopeKey::new("one-trip");
+    // Connects and loads both scripts.
+    assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+    assert!(store.acquire("one-trip", &policy, now(), 0.5).await.is_ok());
+
+    let before = all_command_calls(&url).await;
+    let trips = (l.health().round_trips, store.health().round_trips);
+    const N: u64 = 50;
+    for _ in 0..N {
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+        let acquired = store.acquire("one-trip", &policy, now(), 0.5).await;
+        assert!(acquired.is_ok(), "{acquired:?}");
+        let recorded = store
+            .record(
+                "one-trip",
+                &policy,
+                now(),
+                Verdict::Success,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
+            .await;
+        assert!(recorded.is_ok(), "{recorded:?}");
+    }
+    let after = all_command_calls(&url).await;
+    let mut made: std::collections::BTreeMap<String, u64> = after
+        .iter()
+        .map(|(name, calls)| (name.clone(), calls - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    assert_eq!(made.remove("evalsha"), Some(3 * N), "{made:?}");
+    // What the scripts run inside Redis counts too.
+    for inside in ["time", "get", "set", "del"] {
+        made.remove(inside);
+    }
+    assert!(made.is_empty(), "other commands sent: {made:?}");
+    assert_eq!(l.health().round_trips - trips.0, N);
+    assert_eq!(store.health().round_trips - trips.1, 2 * N);
+}
