@@ -90,24 +90,24 @@ async fn join_all<F: Future<Output = ()>>(futures: Vec<F>) {
         })
         .collect();
     let mut left = n;
-    std::future::poll_fn(move |cx| {
+    // Out of tokio's cooperative budget: a future that runs out of it is
+    // woken only when the runtime gets round to it (about a timer tick
+    // later), which would time the runtime, not Redis.
+    let joined = std::future::poll_fn(move |cx| {
         *task.lock() = Some(cx.waker().clone());
-        loop {
-            let batch = std::mem::take(&mut *ready.lock());
-            if batch.is_empty() {
-                break;
-            }
-            for i in batch {
-                let Some(f) = pending[i].as_mut() else {
-                    continue;
-                };
-                if f.as_mut()
-                    .poll(&mut Context::from_waker(&wakers[i]))
-                    .is_ready()
-                {
-                    pending[i] = None;
-                    left -= 1;
-                }
+        // One pass per poll: a future woken while it is polled is polled
+        // on the next one.
+        let batch = std::mem::take(&mut *ready.lock());
+        for i in batch {
+            let Some(f) = pending[i].as_mut() else {
+                continue;
+            };
+            if f.as_mut()
+                .poll(&mut Context::from_waker(&wakers[i]))
+                .is_ready()
+            {
+                pending[i] = None;
+                left -= 1;
             }
         }
         if left == 0 {
@@ -115,8 +115,8 @@ async fn join_all<F: Future<Output = ()>>(futures: Vec<F>) {
         } else {
             Poll::Pending
         }
-    })
-    .await
+    });
+    tokio::task::unconstrained(joined).await
 }
 
 /// `EVALSHA <sha of source> 1 <key>`, to which the arguments are added.
