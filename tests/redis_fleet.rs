@@ -8,7 +8,7 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pmcp_resilience::circuit_breaker::state::{BreakerPolicy, Verdict};
 use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions};
@@ -37,9 +37,30 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Child role: a breaker with the default Redis options; waits for `GO
-/// <unix ms>`, checks the breaker once, then at that instant starts its
-/// callers all at once and prints how many were admitted.
+/// Longer than the link's retry interval (250 ms by default): after a
+/// failure, the next call waits this long before trying Redis again.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// A generous bound on anything a loaded machine does before the burst.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn read_line() -> String {
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    line
+}
+
+async fn read_line_async() -> String {
+    tokio::task::spawn_blocking(read_line)
+        .await
+        .unwrap_or_default()
+}
+
+/// Child role: a breaker with the default Redis options. Warms up until
+/// Redis has answered it, says `READY`; on `SEE <until unix ms>` calls the
+/// breaker until Redis has told it the breaker is open and says `SEEN`; on
+/// `GO <unix ms>` starts its callers all at once at that instant and prints
+/// how many were admitted; holds the probes until `DONE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_half_open_callers() {
     let Ok(url) = std::env::var(URL_ENV) else {
@@ -61,33 +82,58 @@ async fn child_half_open_callers() {
         Ok(cb) => cb,
         Err(e) => panic!("breaker: {e}"),
     };
-    // Connect and load the script, as a process that has been serving would have.
-    for _ in 0..50 {
+    // Connect and load the script, as a process that has been serving
+    // would have: until one call has been answered by Redis.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let errors = cb.store_errors();
         if let Ok(p) = cb.acquire("warm-up").await {
             p.record(Verdict::Success).await;
         }
-        if cb.store_errors() == 0 {
+        if cb.store_errors() == errors && cb.store_report().mode == "normal" {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "Redis did not answer the warm-up within {PATIENCE:?}"
+        );
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
     println!("READY");
-    let line = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        let _ = std::io::stdin().read_line(&mut line);
-        line
-    })
-    .await
-    .unwrap_or_default();
+
+    let line = read_line_async().await;
+    let open_until: u64 = line
+        .trim()
+        .strip_prefix("SEE ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no open time in {line:?}"));
+    // This process learns from Redis that the breaker is open (a call
+    // refused), as a process serving traffic would have before the open
+    // time ends. An admitted call means Redis did not answer in time (the
+    // last view was closed): give it back and ask again.
+    loop {
+        let errors = cb.store_errors();
+        match cb.acquire(KEY).await {
+            Err(_) if cb.store_errors() == errors => break,
+            Err(_) => {}
+            Ok(p) => p.record(Verdict::Neutral).await,
+        }
+        assert!(
+            unix_ms() + RETRY_PAUSE.as_millis() as u64 * 2 < open_until,
+            "this process could not see the open breaker before its open time ended \
+             ({OPEN_TIME:?}); store errors: {}",
+            cb.store_errors()
+        );
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    println!("SEEN");
+
+    let line = read_line_async().await;
     let start: u64 = line
         .trim()
         .strip_prefix("GO ")
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no start time in {line:?}"));
-    // The breaker is open in Redis now: this process sees it once.
-    match cb.acquire(KEY).await {
-        Err(_) => {}
-        Ok(p) => p.record(Verdict::Neutral).await,
-    }
     tokio::time::sleep(Duration::from_millis(start.saturating_sub(unix_ms()))).await;
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
@@ -122,11 +168,7 @@ async fn child_half_open_callers() {
     let _ = std::io::stdout().flush();
     // Hold the probes until every process has made its calls: a probe
     // given back earlier would rightly be given to a later caller.
-    let _ = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        let _ = std::io::stdin().read_line(&mut line);
-    })
-    .await;
+    let _ = read_line_async().await;
     drop(permits);
 }
 
@@ -142,18 +184,20 @@ fn field(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("child printed no {name}: {text}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_limit() {
-    let server = RedisServer::start();
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => panic!("current_exe: {e}"),
-    };
-    let mut children = Vec::new();
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let mut outputs = Vec::new();
-    for callers in [334, 333, 333] {
-        let spawned = Command::new(&exe)
+/// A child process running [`child_half_open_callers`], and what it printed.
+struct Child {
+    process: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    printed: String,
+}
+
+impl Child {
+    fn spawn(url: &str, callers: usize) -> Self {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => panic!("current_exe: {e}"),
+        };
+        let spawned = Command::new(exe)
             .args([
                 "--exact",
                 "child_half_open_callers",
@@ -161,41 +205,88 @@ async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_l
                 "--test-threads",
                 "1",
             ])
-            .env(URL_ENV, server.url())
+            .env(URL_ENV, url)
             .env(CALLERS_ENV, callers.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn();
-        let mut child = match spawned {
+        let mut process = match spawned {
             Ok(c) => c,
             Err(e) => panic!("spawn child: {e}"),
         };
-        let Some(stdout) = child.stdout.take() else {
+        let Some(stdout) = process.stdout.take() else {
             panic!("child stdout")
         };
-        let ready = ready_tx.clone();
-        let (out_tx, out_rx) = mpsc::channel::<String>();
+        let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut all = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim_end().ends_with("READY") {
-                    let _ = ready.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-                if line.contains("ADMITTED=") {
-                    let _ = out_tx.send(all.clone());
+                if tx.send(line).is_err() {
+                    return;
                 }
             }
-            let _ = out_tx.send(all);
         });
-        outputs.push(out_rx);
-        children.push(child);
-    }
-    for _ in 0..3 {
-        if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
-            panic!("a child never became ready");
+        Child {
+            process,
+            lines,
+            printed: String::new(),
         }
+    }
+
+    /// Waits until the child prints a line containing `word`, within `within`.
+    fn wait_for(&mut self, word: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.printed.push_str(&line);
+                    self.printed.push('\n');
+                    if line.contains(word) {
+                        return;
+                    }
+                }
+                Err(e) => panic!(
+                    "the child did not print {word} within {within:?} ({e}); it printed:\n{}",
+                    self.printed
+                ),
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let Some(stdin) = self.process.stdin.as_mut() else {
+            panic!("child stdin")
+        };
+        if let Err(e) = writeln!(stdin, "{line}") {
+            panic!("child stdin: {e}; it printed:\n{}", self.printed);
+        }
+    }
+
+    /// Waits for the child to exit, within `within`; kills it after that.
+    fn finish(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.process.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => return false,
+            }
+        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        false
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_limit() {
+    let server = RedisServer::start();
+    let mut children: Vec<Child> = [334, 333, 333]
+        .into_iter()
+        .map(|callers| Child::spawn(&server.url(), callers))
+        .collect();
+    for child in &mut children {
+        child.wait_for("READY", PATIENCE);
     }
     // The fleet's breaker opens (seen by another process).
     let other = match RedisBreakerStore::new(
@@ -227,34 +318,31 @@ async fn a_thousand_half_open_callers_in_three_processes_get_exactly_the_probe_l
             .await;
         assert!(r.is_ok(), "{r:?}");
     }
-    let start = opened + OPEN_TIME.as_millis() as u64 + 500;
+    let open_until = opened + OPEN_TIME.as_millis() as u64;
     for child in &mut children {
-        let Some(stdin) = child.stdin.as_mut() else {
-            panic!("child stdin")
-        };
-        if let Err(e) = writeln!(stdin, "GO {start}") {
-            panic!("child stdin: {e}");
-        }
+        child.send(&format!("SEE {open_until}"));
     }
-    let mut admitted = 0;
-    let mut report = String::new();
+    for child in &mut children {
+        child.wait_for("SEEN", PATIENCE);
+    }
+    // Every caller at once, half a second after the open time ends.
+    let start = open_until + 500;
+    for child in &mut children {
+        child.send(&format!("GO {start}"));
+    }
     // Every process's count first, while all of them still hold their probes.
-    for out in &outputs {
-        let text = out
-            .recv_timeout(Duration::from_secs(300))
-            .unwrap_or_default();
-        admitted += field(&text, "ADMITTED");
-        report.push_str(&text);
-    }
+    let mut admitted = 0;
     for child in &mut children {
-        if let Some(stdin) = child.stdin.as_mut() {
-            let _ = writeln!(stdin, "DONE");
-        }
-        let status = child.wait();
-        assert!(
-            matches!(status, Ok(s) if s.success()),
-            "child failed: {report}"
-        );
+        child.wait_for("ADMITTED=", PATIENCE);
+        let last = child.printed.lines().last().unwrap_or_default().to_owned();
+        admitted += field(&last, "ADMITTED");
+    }
+    let mut report = String::new();
+    for child in &mut children {
+        child.send("DONE");
+        let ok = child.finish(PATIENCE);
+        report.push_str(&child.printed);
+        assert!(ok, "a child failed:\n{report}");
     }
     let stored = other.get_state(KEY).await;
     assert_eq!(

@@ -11,7 +11,9 @@ use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{
     FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
 };
-use pmcp_resilience::{CircuitBreakerStateStore, CircuitState, ScopeKey, Timestamp};
+use pmcp_resilience::{
+    CircuitBreakerStateStore, CircuitState, Clock, ManualClock, ScopeKey, Timestamp,
+};
 use support::redis::RedisServer;
 
 fn client(url: &str) -> redis::Client {
@@ -343,4 +345,203 @@ async fn three_processes_sharing_one_limit_admit_no_more_than_it() {
     let bound = 50 + (elapsed_us * 20).div_ceil(1_000_000);
     assert!(total <= bound, "admitted {total}, bound {bound}");
     assert!(total >= 50, "admitted {total}");
+}
+
+/// A token bucket of 2 refilling 1 per second, on a caller's clock `skew_s`
+/// seconds off Redis's.
+async fn skewed_limiter(url: &str, skew_s: i64) -> (RedisRateLimiter, ManualClock) {
+    let redis_now_ns = i128::from(redis_time_us(url).await) * 1000;
+    let caller_ns = redis_now_ns + i128::from(skew_s) * 1_000_000_000;
+    let Ok(caller_ns) = u64::try_from(caller_ns) else {
+        panic!("skew {skew_s} s leaves the clock's range")
+    };
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 2,
+        refill_rate: 1,
+    };
+    let options = patient().key_prefix(format!("skew{skew_s}:"));
+    (
+        limiter(url, strategy, options),
+        ManualClock::starting_at(Timestamp::from_nanos(caller_ns)),
+    )
+}
+
+/// `reset_at` comes from Redis's clock and is told on the caller's: with the
+/// caller an hour behind or ahead of Redis, `reset_at - now` (what the usage
+/// headers show) is still the time Redis says is left, fresh or from the
+/// denial cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_times_hold_on_a_caller_clock_skewed_from_redis() {
+    let server = RedisServer::start();
+    let url = server.url();
+    for skew_s in [-3600, 3600] {
+        let (l, clock) = skewed_limiter(&url, skew_s).await;
+        let key = ScopeKey::new("skewed");
+        let at = |d: &pmcp_resilience::rate_limit::Decision, now: Timestamp| {
+            d.reset_at.saturating_since(now)
+        };
+
+        let now = clock.now();
+        let first = match l.check(&key, 1, now).await {
+            Ok(d) => d,
+            Err(e) => panic!("check: {e}"),
+        };
+        assert!(first.allowed);
+        // An empty bucket's first token comes back one interval after Redis's now.
+        assert_eq!(at(&first, now), Duration::from_secs(1), "skew {skew_s} s");
+
+        let _ = l.check(&key, 1, now).await;
+        clock.advance(Duration::from_millis(100));
+        let now = clock.now();
+        let denied = match l.check(&key, 1, now).await {
+            Ok(d) => d,
+            Err(e) => panic!("check: {e}"),
+        };
+        assert!(!denied.allowed);
+        let reset = at(&denied, now);
+        assert!(
+            reset > Duration::ZERO && reset <= Duration::from_secs(2),
+            "skew {skew_s} s: reset {reset:?}"
+        );
+        let Some(retry) = denied.retry_after else {
+            panic!("a token comes back")
+        };
+        assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1));
+
+        let cached = match l.check(&key, 1, now).await {
+            Ok(d) => d,
+            Err(e) => panic!("check: {e}"),
+        };
+        assert_eq!(l.health().cached_denials, 1, "answered by the denial cache");
+        assert!(!cached.allowed);
+        assert!(at(&cached, now) <= reset && at(&cached, now) > Duration::ZERO);
+    }
+}
+
+/// The same through the server layer: the reset header of a layer whose
+/// clock is an hour behind Redis counts the seconds Redis says are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reset_header_holds_on_a_layer_clock_skewed_from_redis() {
+    use pmcp_resilience::rate_limit::RateLimitMiddleware;
+    use pmcp_resilience::server::{Refusals, ResilienceLayer};
+    use support::raw_http::{open_session, post, tool_call};
+
+    let server = RedisServer::start();
+    let (l, clock) = skewed_limiter(&server.url(), -3600).await;
+    let middleware = match RateLimitMiddleware::builder()
+        .scope(pmcp_resilience::Scope::PerTool)
+        .limiter(Arc::new(l))
+        .clock(Arc::new(clock))
+        .build()
+    {
+        Ok(m) => m,
+        Err(e) => panic!("middleware: {e}"),
+    };
+    let layer = match ResilienceLayer::builder()
+        .refusals(Refusals::HttpStatus)
+        .rate_limit(middleware)
+        .with_usage_headers(true)
+        .build()
+    {
+        Ok(l) => l,
+        Err(e) => panic!("layer: {e}"),
+    };
+    let app =
+        support::start_server_wrapped("skewed", |b| b, move |router| router.layer(layer)).await;
+    let session = open_session(app.addr).await;
+    let s = [("mcp-session-id", session.as_str())];
+
+    let first = post(app.addr, &tool_call(1, "echo"), &s).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-reset"), Some("1"));
+    let _ = post(app.addr, &tool_call(2, "echo"), &s).await;
+    let refused = post(app.addr, &tool_call(3, "echo"), &s).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let reset = refused.header("x-ratelimit-reset");
+    assert!(
+        matches!(reset, Some("1" | "2")),
+        "reset {reset:?}, not an hour off"
+    );
+}
+
+/// Calls per command since the server started (`INFO commandstats`),
+/// without the `INFO` calls that read them.
+async fn all_command_calls(url: &str) -> std::collections::BTreeMap<String, u64> {
+    let Ok(mut c) = client(url).get_multiplexed_async_connection().await else {
+        panic!("connect")
+    };
+    let info: String = match redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => panic!("INFO: {e}"),
+    };
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(":calls=")?;
+            let calls = rest.split(',').next()?.parse().ok()?;
+            (name != "info").then(|| (name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// Once connected, each decision is one `EVALSHA` and nothing else: no
+/// script load, no `PING`, no read or write beside the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_decision_is_one_evalsha_round_trip() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let strategy = RateLimitStrategy::TokenBucket {
+        capacity: 1_000,
+        refill_rate: 1_000,
+    };
+    let l = limiter(&url, strategy, patient());
+    let store = match RedisBreakerStore::new(client(&url), patient()) {
+        Ok(s) => s,
+        Err(e) => panic!("store: {e}"),
+    };
+    let policy = BreakerPolicy::default();
+    let key = ScopeKey::new("one-trip");
+    // Connects and loads both scripts.
+    assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+    assert!(store.acquire("one-trip", &policy, now(), 0.5).await.is_ok());
+
+    let before = all_command_calls(&url).await;
+    let trips = (l.health().round_trips, store.health().round_trips);
+    const N: u64 = 50;
+    for _ in 0..N {
+        assert!(matches!(l.check(&key, 1, now()).await, Ok(d) if d.allowed));
+        let acquired = store.acquire("one-trip", &policy, now(), 0.5).await;
+        assert!(acquired.is_ok(), "{acquired:?}");
+        let recorded = store
+            .record(
+                "one-trip",
+                &policy,
+                now(),
+                Verdict::Success,
+                Duration::ZERO,
+                None,
+                0.5,
+            )
+            .await;
+        assert!(recorded.is_ok(), "{recorded:?}");
+    }
+    let after = all_command_calls(&url).await;
+    let mut made: std::collections::BTreeMap<String, u64> = after
+        .iter()
+        .map(|(name, calls)| (name.clone(), calls - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    assert_eq!(made.remove("evalsha"), Some(3 * N), "{made:?}");
+    // What the scripts run inside Redis counts too.
+    for inside in ["time", "get", "set", "del"] {
+        made.remove(inside);
+    }
+    assert!(made.is_empty(), "other commands sent: {made:?}");
+    assert_eq!(l.health().round_trips - trips.0, N);
+    assert_eq!(store.health().round_trips - trips.1, 2 * N);
 }

@@ -30,8 +30,11 @@ const EXACT: u64 = 1 << 51;
 /// Each decision ([`check`](RateLimiter::check),
 /// [`acquire`](RateLimiter::acquire) with reservations,
 /// [`cancel`](RateLimiter::cancel)) is one `EVALSHA` of a script mirroring
-/// the strategy's pure function, on Redis `TIME` in whole microseconds (the
-/// `now` argument of the trait is used only by the local fallback). A key
+/// the strategy's pure function, on Redis `TIME` in whole microseconds. The
+/// `now` argument of the trait does not decide anything (only the local
+/// fallback decides on it); a decision's `reset_at` is given on its clock:
+/// `now` plus the time Redis says is left, so usage headers computed from
+/// `reset_at - now` hold whatever the skew between the two clocks. A key
 /// already over its limit is answered from a local denial cache until its
 /// retry time. See the [module docs](super) for keys, expiry and failures.
 ///
@@ -156,13 +159,16 @@ pub(crate) struct ScriptReply {
     pub(crate) wait: u64,
     pub(crate) before: [u64; 3],
     pub(crate) after: [u64; 3],
+    /// The Redis time the script decided at: `reset_at` and the states are
+    /// on this clock.
+    pub(crate) now: u64,
 }
 
 impl ScriptReply {
     fn parse(r: &[i64]) -> Result<Self, StoreError> {
-        if r.len() != 11 {
+        if r.len() != 12 {
             return Err(StoreError::Corrupt(format!(
-                "limiter script replied with {} values, expected 11",
+                "limiter script replied with {} values, expected 12",
                 r.len()
             )));
         }
@@ -175,6 +181,7 @@ impl ScriptReply {
             wait: u(4),
             before: [u(5), u(6), u(7)],
             after: [u(8), u(9), u(10)],
+            now: u(11),
         })
     }
 }
@@ -328,12 +335,15 @@ impl RedisRateLimiter {
         Ok(reply.first() == Some(&1))
     }
 
-    fn decision(&self, r: &ScriptReply) -> Decision {
+    /// The script's reply as a decision on the caller's clock: `reset_at`
+    /// is a Redis time, so it is measured from the Redis time the script
+    /// decided at and that duration is added to the caller's `now`.
+    fn decision(&self, r: &ScriptReply, now: Timestamp) -> Decision {
         Decision {
             allowed: r.allowed,
             remaining: to_u32(r.remaining),
             limit: self.micros.limit(),
-            reset_at: Timestamp::from_nanos(r.reset_at.saturating_mul(1000)),
+            reset_at: now.saturating_add(Duration::from_micros(r.reset_at.saturating_sub(r.now))),
             retry_after: if r.allowed {
                 Some(Duration::ZERO)
             } else {
@@ -432,7 +442,7 @@ impl RateLimiter for RedisRateLimiter {
                 reservation: None,
             });
         }
-        if let Some(decision) = self.denials.lookup(key, cost, max_wait) {
+        if let Some(decision) = self.denials.lookup(key, cost, max_wait, now) {
             self.link
                 .cached_denials
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -443,9 +453,9 @@ impl RateLimiter for RedisRateLimiter {
         }
         match self.script_acquire(key, cost, max_wait, -1).await {
             Ok(reply) => {
-                let decision = self.decision(&reply);
+                let decision = self.decision(&reply, now);
                 if !decision.allowed {
-                    self.denials.insert(key, cost, decision);
+                    self.denials.insert(key, cost, decision, now);
                 }
                 let reservation =
                     (decision.allowed && !decision.wait.is_zero()).then(|| Reservation {
