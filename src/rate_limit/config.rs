@@ -227,6 +227,7 @@ impl RateLimitBuilder {
     /// limiter while Redis is down), denial cache. The key prefix comes from
     /// the persistence itself.
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
         self.redis_options = options;
         self
