@@ -38,6 +38,10 @@ fn now_nanos() -> u64 {
     crate::clock::duration_nanos(origin.elapsed())
 }
 
+/// The longest export interval: 24 hours. The export task's timer adds the
+/// interval to the current instant, which cannot hold any `Duration`.
+pub const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// How the metrics are exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -159,6 +163,12 @@ impl MetricsMiddlewareBuilder {
             return Err(ConfigError::invalid(
                 "export_interval",
                 "must be greater than zero",
+            ));
+        }
+        if self.export_interval > MAX_EXPORT_INTERVAL {
+            return Err(ConfigError::invalid(
+                "export_interval",
+                format!("must be at most 24 h, not {:?}", self.export_interval),
             ));
         }
         if self.max_label_keys == 0 {

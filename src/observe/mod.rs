@@ -126,8 +126,8 @@ pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot}
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use middleware::{
-    ExportTask, INTERNAL_ERROR_CODE, MetricsExporter, MetricsMiddleware, MetricsMiddlewareBuilder,
-    UNKNOWN_METHOD,
+    ExportTask, INTERNAL_ERROR_CODE, MAX_EXPORT_INTERVAL, MetricsExporter, MetricsMiddleware,
+    MetricsMiddlewareBuilder, UNKNOWN_METHOD,
 };
 pub use report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,

@@ -39,7 +39,7 @@ pub(crate) use backing::FileBacking;
 
 pub use file::{
     FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
-    KIND_RATE_LIMIT, LoadOutcome, LoadReport, OnCorrupt,
+    KIND_RATE_LIMIT, LoadOutcome, LoadReport, MAX_FLUSH_INTERVAL, OnCorrupt,
 };
 
 /// Where a middleware keeps its per-key state.
