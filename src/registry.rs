@@ -384,13 +384,16 @@ impl<S: KeyState> Registry<S> {
         &self,
         key: &str,
         now: Timestamp,
-        init: impl FnOnce() -> S,
+        init: impl FnOnce(&ScopeKey) -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
-        let make = |key: &str| Slot {
-            key: ScopeKey::verbatim(key),
-            last_seen: now,
-            state: init(),
+        let make = |key: &str| {
+            let key = ScopeKey::verbatim(key);
+            Slot {
+                state: init(&key),
+                key,
+                last_seen: now,
+            }
         };
         self.0.with(key, now, make, |slot| f(&mut slot.state))
     }
@@ -404,13 +407,16 @@ impl<S: KeyState> Registry<S> {
         &self,
         key: &str,
         now: Timestamp,
-        init: impl FnOnce() -> S,
+        init: impl FnOnce(&ScopeKey) -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> Option<R> {
-        let make = |key: &str| Slot {
-            key: ScopeKey::verbatim(key),
-            last_seen: now,
-            state: init(),
+        let make = |key: &str| {
+            let key = ScopeKey::verbatim(key);
+            Slot {
+                state: init(&key),
+                key,
+                last_seen: now,
+            }
         };
         self.0.try_with(key, now, make, |slot| f(&mut slot.state))
     }
@@ -463,7 +469,7 @@ mod tests {
         let r = Registry::<Counter>::new(limits(10));
         let t = Timestamp::from_millis(1);
         for _ in 0..3 {
-            r.with("a", t, Counter::default, |c| c.hits += 1);
+            r.with("a", t, |_: &ScopeKey| Counter::default(), |c| c.hits += 1);
         }
         assert_eq!(r.peek("a", |c| c.hits), Some(3));
         assert_eq!(r.peek("b", |c| c.hits), None);
@@ -474,10 +480,22 @@ mod tests {
     fn cap_sends_new_keys_to_overflow_and_counts_them() {
         let r = Registry::<Counter>::new(limits(2));
         let t = Timestamp::from_millis(1);
-        assert!(!r.with("a", t, Counter::default, |c| c.hits += 1).1);
-        assert!(!r.with("b", t, Counter::default, |c| c.hits += 1).1);
-        assert!(r.with("c", t, Counter::default, |c| c.hits += 1).1);
-        assert!(r.with("d", t, Counter::default, |c| c.hits += 1).1);
+        assert!(
+            !r.with("a", t, |_: &ScopeKey| Counter::default(), |c| c.hits += 1)
+                .1
+        );
+        assert!(
+            !r.with("b", t, |_: &ScopeKey| Counter::default(), |c| c.hits += 1)
+                .1
+        );
+        assert!(
+            r.with("c", t, |_: &ScopeKey| Counter::default(), |c| c.hits += 1)
+                .1
+        );
+        assert!(
+            r.with("d", t, |_: &ScopeKey| Counter::default(), |c| c.hits += 1)
+                .1
+        );
         assert_eq!(r.peek(OVERFLOW_KEY, |c| c.hits), Some(2));
         assert_eq!(r.stats().overflowed, 2);
         assert_eq!(r.stats().keys, 3);
@@ -488,9 +506,12 @@ mod tests {
         let r = Registry::<Counter>::new(limits(1000));
         let t0 = Timestamp::from_millis(1_000);
         for i in 0..100 {
-            r.with(&format!("k{i}"), t0, Counter::default, |c| {
-                c.pinned = i % 10 == 0
-            });
+            r.with(
+                &format!("k{i}"),
+                t0,
+                |_: &ScopeKey| Counter::default(),
+                |c| c.pinned = i % 10 == 0,
+            );
         }
         let later = t0.saturating_add(Duration::from_secs(11));
         assert_eq!(r.evict_idle(later), 90);
@@ -503,17 +524,32 @@ mod tests {
     fn keys_idle_after_a_fruitless_sweep_are_still_reclaimed() {
         let r = Registry::<Counter>::new(limits(2));
         let t0 = Timestamp::from_millis(1_000);
-        r.with("a", t0, Counter::default, |_| ());
-        r.with("b", t0, Counter::default, |_| ());
+        r.with("a", t0, |_: &ScopeKey| Counter::default(), |_| ());
+        r.with("b", t0, |_: &ScopeKey| Counter::default(), |_| ());
         for i in 0..100 {
             // Nothing is idle: swept once, then these go to overflow cheaply.
-            assert!(r.with(&format!("c{i}"), t0, Counter::default, |_| ()).1);
+            assert!(
+                r.with(
+                    &format!("c{i}"),
+                    t0,
+                    |_: &ScopeKey| Counter::default(),
+                    |_| ()
+                )
+                .1
+            );
         }
         let later = t0.saturating_add(Duration::from_secs(11));
         // A new key sweeps its own shard only: keep trying until one lands
         // beside `a` or `b`, whose sweep must then make room.
-        let placed =
-            (0..5000).any(|i| !r.with(&format!("d{i}"), later, Counter::default, |_| ()).1);
+        let placed = (0..5000).any(|i| {
+            !r.with(
+                &format!("d{i}"),
+                later,
+                |_: &ScopeKey| Counter::default(),
+                |_| (),
+            )
+            .1
+        });
         assert!(placed, "idle keys were reclaimed after the pause");
         assert!(r.stats().evicted >= 1);
     }
@@ -522,7 +558,7 @@ mod tests {
     fn not_yet_idle_keys_are_kept() {
         let r = Registry::<Counter>::new(limits(1000));
         let t0 = Timestamp::from_millis(1_000);
-        r.with("a", t0, Counter::default, |_| ());
+        r.with("a", t0, |_: &ScopeKey| Counter::default(), |_| ());
         assert_eq!(r.evict_idle(t0.saturating_add(Duration::from_secs(9))), 0);
     }
 
@@ -532,9 +568,12 @@ mod tests {
         let mut t = Timestamp::from_millis(1_000);
         for i in 0..50_000 {
             t = t.saturating_add(Duration::from_millis(1));
-            r.with(&format!("session-{i}"), t, Counter::default, |c| {
-                c.hits += 1
-            });
+            r.with(
+                &format!("session-{i}"),
+                t,
+                |_: &ScopeKey| Counter::default(),
+                |c| c.hits += 1,
+            );
             assert!(r.stats().keys <= 1001);
         }
         assert!(r.stats().evicted > 0, "idle keys were swept to make room");

@@ -87,6 +87,44 @@ async fn two_contexts_with_the_same_request_id_are_both_counted() {
 }
 
 #[tokio::test]
+async fn a_context_used_again_before_its_answer_keeps_the_first_call_until_its_deadline() {
+    let clock = ManualClock::new();
+    let cb = CircuitBreakerMiddleware::builder()
+        .scope(CircuitBreakerScope::PerMethod)
+        .failure_threshold(3)
+        .call_timeout(Duration::from_secs(5))
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap_or_else(|e| panic!("valid settings: {e}"));
+    let context = MiddlewareContext::with_request_id("1".into());
+    for _ in 0..2 {
+        cb.on_request_with_context(&mut request(1), &context)
+            .await
+            .unwrap_or_else(|e| panic!("admitted: {e}"));
+    }
+    assert_eq!(cb.snapshot().in_flight, 2);
+    // A clone shares the context's identity: its answer ends the later call.
+    let clone = context.clone();
+    cb.on_response_with_context(&mut answer(1, Some(-32603)), &clone)
+        .await
+        .unwrap_or_else(|e| panic!("recorded: {e}"));
+    let m = cb.snapshot();
+    assert_eq!((m.failed_requests, m.in_flight), (1, 1));
+    // A second answer on the same context finds no call: nothing is counted twice.
+    cb.on_response_with_context(&mut answer(1, Some(-32603)), &context)
+        .await
+        .unwrap_or_else(|e| panic!("recorded: {e}"));
+    assert_eq!(cb.snapshot().failed_requests, 1);
+    // The first call ends at its deadline, as a timeout.
+    clock.advance(Duration::from_secs(6));
+    let m = cb.snapshot();
+    assert_eq!(
+        (m.failed_requests, m.timed_out_requests, m.in_flight),
+        (2, 1, 0)
+    );
+}
+
+#[tokio::test]
 async fn caller_mistakes_are_neutral_and_keep_the_failure_streak() {
     for mistake in [-32700, -32600, -32601, -32602] {
         let clock = ManualClock::new();

@@ -1,7 +1,9 @@
 //! The calls a breaker has admitted and not yet seen end.
 //!
-//! Each admitted call is filed under a token the breaker issues itself (never
-//! the client's JSON-RPC id, which two clients may share), with a deadline.
+//! Each admitted call is filed under an identity the breaker chooses itself
+//! (never the client's JSON-RPC id, which two clients may share), with a
+//! deadline: a token it issues (a [`Permit`](super::Permit)), or the pmcp
+//! middleware context the call travels with.
 //! Taking a call out of the table is how it ends, so it ends exactly once:
 //! by its answer, by its caller going away, or by its deadline passing,
 //! whichever takes it first.
@@ -12,14 +14,17 @@
 //! could free a half-open probe's place while the probe still runs): the new
 //! call is refused a place instead, and the breaker decides what that means.
 
+use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
+use super::entry::KeyBreaker;
 use super::state::ProbeId;
 use crate::clock::Timestamp;
-use crate::scope::ScopeKey;
 
 /// Who decided to admit a call, so its end goes back to the same place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +35,39 @@ pub(crate) enum DecidedBy {
     Store,
 }
 
+/// What a call in flight is filed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum CallId {
+    /// A token the breaker issued (never 0; its low bits name its shard).
+    Token(u64),
+    /// The pmcp middleware context the call travels with: where its
+    /// metadata map lives and when it was made. pmcp hands the same context
+    /// (or a clone, sharing that map) to `on_request` and `on_response`,
+    /// and no two live contexts share the map; a context made later at the
+    /// same address has a later start. Neither part comes from the client.
+    Context {
+        /// The address of the context's metadata map.
+        address: usize,
+        /// The context's start time.
+        start: Instant,
+    },
+}
+
+impl CallId {
+    /// The identity of the call `context` carries.
+    pub(crate) fn of_context(context: &pmcp::shared::MiddlewareContext) -> Self {
+        CallId::Context {
+            address: Arc::as_ptr(&context.metadata) as usize,
+            start: context.start_time,
+        }
+    }
+}
+
 /// A call in flight.
 #[derive(Debug)]
 pub(crate) struct Call {
-    pub(crate) key: ScopeKey,
+    /// The breaker of the call's key.
+    pub(crate) breaker: Arc<KeyBreaker>,
     pub(crate) probe: Option<ProbeId>,
     pub(crate) decided_by: DecidedBy,
     pub(crate) start: Timestamp,
@@ -45,24 +79,25 @@ pub(crate) struct Call {
 
 const SHARDS: usize = 16;
 
-/// Tokens are the breaker's own sequence numbers, not input: a fast hash
-/// without a random seed is enough.
-type TokenMap = HashMap<u64, Call, foldhash::fast::FixedState>;
+/// Identities are the breaker's own numbers and addresses, not input: a
+/// fast hash without a random seed is enough.
+type CallMap = HashMap<CallId, Call, foldhash::fast::FixedState>;
 
 /// One shard: its calls and the source of its tokens, behind one lock.
 #[derive(Debug)]
 struct Shard {
-    calls: TokenMap,
+    calls: CallMap,
     next: u64,
 }
 
 /// The bounded table of calls in flight.
 ///
-/// A thread files its calls in a shard of its own (threads take shards in
-/// turn), and a token names its shard, so two threads calling at once do
-/// not take turns on one lock or one counter: with a shared counter and
-/// shared locks, two threads on two cores took 2.8 us per request where one
-/// took 1.1 us (criterion, `breaker_request/ours_per_endpoint/2t/1`).
+/// A thread files its permits' calls in a shard of its own (threads take
+/// shards in turn), and a token names its shard; a context's call goes to
+/// the shard its address picks. So two threads calling at once seldom take
+/// turns on one lock or one counter: with a shared counter and shared
+/// locks, two threads on two cores took 2.8 us per request where one took
+/// 1.1 us (criterion, `breaker_request/ours_per_endpoint/2t/1`).
 #[derive(Debug)]
 pub(crate) struct Calls {
     shards: Box<[Mutex<Shard>]>,
@@ -71,6 +106,12 @@ pub(crate) struct Calls {
     /// No call's deadline is earlier than this (nanoseconds): a sweep
     /// before it finds nothing.
     earliest: AtomicU64,
+}
+
+/// The next token of shard `index` (never 0).
+fn next_token(shard: &mut Shard, index: usize) -> u64 {
+    shard.next += 1;
+    shard.next * SHARDS as u64 + index as u64
 }
 
 /// This thread's shard.
@@ -88,7 +129,7 @@ impl Calls {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        calls: TokenMap::with_hasher(foldhash::fast::FixedState::with_seed(1)),
+                        calls: CallMap::with_hasher(foldhash::fast::FixedState::with_seed(1)),
                         next: 0,
                     })
                 })
@@ -103,12 +144,18 @@ impl Calls {
         self.shards.iter().map(|s| s.lock().calls.len()).sum()
     }
 
-    fn shard(&self, token: u64) -> &Mutex<Shard> {
-        &self.shards[(token % SHARDS as u64) as usize]
+    fn shard_of(&self, id: CallId) -> usize {
+        match id {
+            CallId::Token(token) => (token % SHARDS as u64) as usize,
+            CallId::Context { address, .. } => {
+                let hash = foldhash::fast::FixedState::with_seed(2).hash_one(address);
+                (hash % SHARDS as u64) as usize
+            }
+        }
     }
 
-    /// Files `call` in this thread's shard and returns its token (never 0),
-    /// or hands the call back when that shard is full.
+    /// Files `call` under a new token and returns it, or hands the call back
+    /// when this thread's shard is full.
     pub(crate) fn insert(&self, call: Call) -> Result<u64, Call> {
         let home = home_shard();
         let deadline = call.deadline.as_nanos();
@@ -116,29 +163,52 @@ impl Calls {
         if shard.calls.len() >= self.per_shard {
             return Err(call);
         }
-        shard.next += 1;
-        let token = shard.next * SHARDS as u64 + home as u64;
-        shard.calls.insert(token, call);
+        let token = next_token(&mut shard, home);
+        shard.calls.insert(CallId::Token(token), call);
         drop(shard);
+        self.lower_earliest(deadline);
+        Ok(token)
+    }
+
+    /// Files `call` under the context identity `id`, or hands it back when
+    /// the shard is full. A call still filed under the same identity (the
+    /// context was used again before its call ended) keeps its place and
+    /// deadline under a token nobody holds.
+    pub(crate) fn insert_as(&self, id: CallId, call: Call) -> Result<(), Call> {
+        let index = self.shard_of(id);
+        let deadline = call.deadline.as_nanos();
+        let mut shard = self.shards[index].lock();
+        if shard.calls.len() >= self.per_shard {
+            return Err(call);
+        }
+        if let Some(earlier) = shard.calls.insert(id, call) {
+            let token = next_token(&mut shard, index);
+            shard.calls.insert(CallId::Token(token), earlier);
+        }
+        drop(shard);
+        self.lower_earliest(deadline);
+        Ok(())
+    }
+
+    fn lower_earliest(&self, deadline: u64) {
         // Deadlines mostly grow: write only when this one is earlier.
         if deadline < self.earliest.load(Ordering::Relaxed) {
             self.earliest.fetch_min(deadline, Ordering::Relaxed);
         }
-        Ok(token)
     }
 
-    /// Takes the call filed under `token`, if it has not ended yet.
-    pub(crate) fn take(&self, token: u64) -> Option<Call> {
-        self.shard(token).lock().calls.remove(&token)
+    /// Takes the call filed under `id`, if it has not ended yet.
+    pub(crate) fn take(&self, id: CallId) -> Option<Call> {
+        self.shards[self.shard_of(id)].lock().calls.remove(&id)
     }
 
     /// Takes the oldest call filed for the JSON-RPC id hashed to `request`.
     pub(crate) fn take_by_request(&self, request: u64) -> Option<Call> {
-        let mut oldest: Option<(u64, Timestamp)> = None;
+        let mut oldest: Option<(CallId, Timestamp)> = None;
         for shard in self.shards.iter() {
-            for (token, call) in shard.lock().calls.iter() {
+            for (id, call) in shard.lock().calls.iter() {
                 if call.request == request && oldest.is_none_or(|(_, start)| call.start < start) {
-                    oldest = Some((*token, call.start));
+                    oldest = Some((*id, call.start));
                 }
             }
         }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::config::validate_policy;
-use super::core::{Core, Entry};
+use super::core::Core;
 use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
 use super::middleware::CircuitBreakerMiddleware;
 use super::persist::Backend;
@@ -154,10 +154,12 @@ impl CircuitBreakerMiddleware {
         let core = &self.core;
         let now = core.clock.now();
         let set = |core: &Core| {
-            core.registry.try_with(key, now, Entry::default, |e| {
-                state::set_mode(&mut e.state, mode);
-                e.state.clone()
-            })
+            core.registry
+                .with(key, now, |e| {
+                    state::set_mode(&mut e.state, mode);
+                    e.state.clone()
+                })
+                .map(|(_, saved)| saved)
         };
         let saved = set(core).or_else(|| {
             core.registry.evict_idle(now);

@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::calls::{Call, Calls, DecidedBy};
+use super::calls::{Call, CallId, Calls, DecidedBy};
 use super::config::TransitionHook;
+use super::entry::{Breakers, KeyBreaker};
 use super::matcher::{self, ErrorMatcher, Outcome};
 use super::metrics::CircuitBreakerMetrics;
 use super::permit::{Permit, Rejected, spawn_or_drop};
@@ -39,73 +40,25 @@ use crate::clock::{SharedClock, Timestamp, duration_nanos};
 use crate::error::StoreError;
 use crate::hooks::BoxFuture;
 use crate::metrics::MetricsConfig;
-use crate::registry::{KeyState, Registry, RegistryLimits};
+use crate::registry::RegistryLimits;
 use crate::scope::{Scope, ScopeKey};
 
 /// Most calls one breaker keeps in flight at once.
 pub(crate) const MAX_CALLS_IN_FLIGHT: usize = 65_536;
 
-/// A call's counts for one key, as this process saw them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct KeyCounts {
-    pub(crate) successes: u64,
-    pub(crate) failures: u64,
-    pub(crate) neutral: u64,
-    pub(crate) timed_out: u64,
-    pub(crate) rejections: u64,
-    pub(crate) transitions: u64,
-}
-
-impl KeyCounts {
-    fn count(&mut self, verdict: Verdict) {
-        match verdict {
-            Verdict::Success => self.successes += 1,
-            Verdict::Failure => self.failures += 1,
-            Verdict::Neutral => self.neutral += 1,
-            Verdict::TimedOut => {
-                self.failures += 1;
-                self.timed_out += 1;
-            }
-        }
-    }
-}
-
-/// One key's breaker in the registry.
-#[derive(Debug, Default)]
-pub(crate) struct Entry {
-    pub(crate) state: CircuitBreakerState,
-    pub(crate) counts: KeyCounts,
-    /// Calls admitted on this entry and not yet ended.
-    in_flight: u32,
-}
-
-impl KeyState for Entry {
-    /// A closed breaker in normal mode with no call in flight: dropping it
-    /// loses at most a few failures of a key idle for `idle_after`. An open
-    /// or half-open breaker, or an operator's mode, is never dropped.
-    fn is_evictable(&self, _now: Timestamp) -> bool {
-        self.state.state == CircuitState::Closed
-            && self.state.mode == BreakerMode::Normal
-            && self.in_flight == 0
-    }
-}
-
-/// An admitted call: its token in the table of calls in flight (0: a call
-/// the breaker does not follow), its key, and whether it is a probe.
+/// An admitted call: its token in the table of calls in flight (0: filed
+/// under its context, or a call the breaker does not follow), and whether
+/// it is a probe.
 pub(crate) struct Admitted {
     pub(crate) token: u64,
-    pub(crate) key: ScopeKey,
     pub(crate) probe: bool,
 }
 
 impl Admitted {
-    fn untracked(key: ScopeKey) -> Self {
-        Admitted {
-            token: 0,
-            key,
-            probe: false,
-        }
-    }
+    const UNTRACKED: Admitted = Admitted {
+        token: 0,
+        probe: false,
+    };
 }
 
 /// What `acquire` decided, before the call is filed.
@@ -126,7 +79,7 @@ pub(crate) struct Core {
     pub(crate) inspect_results: bool,
     policy: RwLock<BreakerPolicy>,
     call_timeout: Duration,
-    pub(crate) registry: Registry<Entry>,
+    pub(crate) registry: Breakers,
     calls: Calls,
     pub(crate) metrics: Arc<CircuitBreakerMetrics>,
     metrics_config: MetricsConfig,
@@ -172,7 +125,7 @@ impl Core {
             neutral: settings.neutral,
             policy: RwLock::new(settings.policy),
             call_timeout: settings.call_timeout,
-            registry: Registry::new(settings.registry_limits),
+            registry: Breakers::new(settings.registry_limits),
             calls: Calls::new(MAX_CALLS_IN_FLIGHT),
             metrics: Arc::new(CircuitBreakerMetrics::default()),
             metrics_config: settings.metrics_config,
@@ -189,8 +142,7 @@ impl Core {
     pub(crate) fn load(&self, loaded: BTreeMap<String, CircuitBreakerState>) {
         let now = self.clock.now();
         for (key, state) in loaded {
-            self.registry
-                .try_with(&key, now, Entry::default, |e| e.state = state);
+            self.registry.with(&key, now, |e| e.state = state);
         }
     }
 
@@ -234,11 +186,14 @@ impl Core {
     }
 
     /// Asks whether a call for `key` may start; `request` is a hash of its
-    /// JSON-RPC id (0: none), for failures that only know the id.
+    /// JSON-RPC id (0: none), for failures that only know the id. An
+    /// admitted call is filed under `filed_as` (a middleware context), or
+    /// under a new token when `None`.
     pub(crate) async fn acquire(
         self: &Arc<Self>,
-        key: ScopeKey,
+        key: &str,
         request: u64,
+        filed_as: Option<CallId>,
     ) -> Result<Admitted, Rejected> {
         let now = self.clock.now();
         self.end_expired(now);
@@ -246,8 +201,7 @@ impl Core {
         let policy = self.policy();
         let jitter = fastrand::f64();
         let from_store = match &self.backend {
-            Backend::Shared(store) => match store.acquire(key.as_str(), &policy, now, jitter).await
-            {
+            Backend::Shared(store) => match store.acquire(key, &policy, now, jitter).await {
                 Ok(decided) => Some(decided),
                 Err(error) => {
                     self.store_failed(&error);
@@ -257,90 +211,97 @@ impl Core {
             Backend::Memory | Backend::File(_) => None,
         };
         let file = matches!(self.backend, Backend::File(_));
-        let local = self
-            .registry
-            .try_with(key.as_str(), now, Entry::default, |e| {
-                let (admission, transition, decided_by) = match from_store {
-                    Some((admission, transition)) => {
-                        adopt(&mut e.state, admission, transition, now);
-                        (admission, transition, DecidedBy::Store)
-                    }
-                    None => {
-                        let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
-                        (a, t, DecidedBy::Local)
-                    }
-                };
-                e.counts.transitions += u64::from(transition.is_some());
-                match admission {
-                    Admission::Rejected { .. } => e.counts.rejections += 1,
-                    // Undone if the call is not followed after all.
-                    Admission::Allowed { .. } => e.in_flight += 1,
+        let local = self.registry.with(key, now, |e| {
+            let (admission, transition, decided_by) = match from_store {
+                Some((admission, transition)) => {
+                    adopt(&mut e.state, admission, transition, now);
+                    (admission, transition, DecidedBy::Store)
                 }
-                Decided {
-                    admission,
-                    transition,
-                    mode: e.state.mode,
-                    decided_by,
-                    saved: (file && transition.is_some()).then(|| e.state.clone()),
+                None => {
+                    let (a, t) = state::acquire(&mut e.state, &policy, now, jitter);
+                    (a, t, DecidedBy::Local)
                 }
-            });
-        // At the key cap the key has no entry: a store's decision stands;
-        // without a store the call is admitted and not followed, so that
-        // other keys' failures can never refuse it.
-        let followed = local.is_some() || from_store.is_some();
-        let decided = local.unwrap_or(Decided {
-            admission: from_store.map_or(Admission::Allowed { probe: None }, |d| d.0),
-            transition: from_store.and_then(|d| d.1),
-            mode: BreakerMode::Normal,
-            decided_by: if from_store.is_some() {
-                DecidedBy::Store
-            } else {
-                DecidedBy::Local
-            },
-            saved: None,
+            };
+            e.counts.transitions += u64::from(transition.is_some());
+            match admission {
+                Admission::Rejected { .. } => e.counts.rejections += 1,
+                // Undone if the call is not followed after all.
+                Admission::Allowed { .. } => e.in_flight += 1,
+            }
+            Decided {
+                admission,
+                transition,
+                mode: e.state.mode,
+                decided_by,
+                saved: (file && transition.is_some()).then(|| e.state.clone()),
+            }
         });
+        // At the key cap the key has no breaker: a store's decision stands
+        // (on a breaker of its own, outside the registry); without a store
+        // the call is admitted and not followed, so that other keys'
+        // failures can never refuse it.
+        let (breaker, decided) = match local {
+            Some((breaker, decided)) => (Some(breaker), decided),
+            None => (
+                from_store.map(|_| KeyBreaker::detached(key)),
+                Decided {
+                    admission: from_store.map_or(Admission::Allowed { probe: None }, |d| d.0),
+                    transition: from_store.and_then(|d| d.1),
+                    mode: BreakerMode::Normal,
+                    decided_by: DecidedBy::Store,
+                    saved: None,
+                },
+            ),
+        };
         if let Some(t) = decided.transition {
-            self.on_transition(key.as_str(), t);
+            self.on_transition(key, t);
         }
         if let Backend::File(file) = &self.backend {
             match decided.saved {
-                Some(state) => file.note(file.write_through(key.as_str(), state).await),
+                Some(state) => file.note(file.write_through(key, state).await),
                 None => file.mark_dirty(),
             }
         }
-        match decided.admission {
-            Admission::Rejected { retry_after } => {
+        match (decided.admission, breaker) {
+            (Admission::Rejected { retry_after }, breaker) => {
                 self.count(&self.metrics.rejected_requests);
                 let retry_after = (decided.mode != BreakerMode::ForcedOpen).then_some(retry_after);
-                tracing::debug!(
-                    key = key.as_str(),
-                    ?retry_after,
-                    "circuit breaker refused a call"
-                );
-                Err(Rejected { key, retry_after })
+                tracing::debug!(key, ?retry_after, "circuit breaker refused a call");
+                Err(Rejected {
+                    key: breaker.map_or_else(|| ScopeKey::verbatim(key), |b| b.key.clone()),
+                    retry_after,
+                })
             }
-            Admission::Allowed { .. } if decided.mode == BreakerMode::Disabled || !followed => {
-                self.untracked(key.as_str());
-                Ok(Admitted::untracked(key))
+            (Admission::Allowed { .. }, None) => {
+                self.count(&self.metrics.untracked_requests);
+                Ok(Admitted::UNTRACKED)
             }
-            Admission::Allowed { probe } => {
+            (Admission::Allowed { .. }, Some(breaker)) if decided.mode == BreakerMode::Disabled => {
+                self.untracked(&breaker);
+                Ok(Admitted::UNTRACKED)
+            }
+            (Admission::Allowed { probe }, Some(breaker)) => {
                 let call = Call {
-                    key: key.clone(),
+                    breaker,
                     probe,
                     decided_by: decided.decided_by,
                     start: now,
                     deadline: now.saturating_add(self.call_timeout),
                     request,
                 };
-                match self.calls.insert(call) {
+                let filed = match filed_as {
+                    None => self.calls.insert(call),
+                    Some(id) => self.calls.insert_as(id, call).map(|()| 0),
+                };
+                match filed {
                     Ok(token) => Ok(Admitted {
                         token,
-                        key,
                         probe: probe.is_some(),
                     }),
                     Err(call) if call.probe.is_some() => {
                         // No place to follow a probe: give its place back
                         // rather than hold it unanswerable until its deadline.
+                        let key = call.breaker.key.clone();
                         if let Some(wait) = self.end(call, Verdict::Neutral) {
                             spawn_or_drop(wait);
                         }
@@ -350,9 +311,9 @@ impl Core {
                             retry_after: Some(self.call_timeout),
                         })
                     }
-                    Err(_) => {
-                        self.untracked(key.as_str());
-                        Ok(Admitted::untracked(key))
+                    Err(call) => {
+                        self.untracked(&call.breaker);
+                        Ok(Admitted::UNTRACKED)
                     }
                 }
             }
@@ -365,16 +326,16 @@ impl Core {
         key: ScopeKey,
         request: u64,
     ) -> Result<Permit, Rejected> {
-        let a = self.acquire(key, request).await?;
-        Ok(Permit::new(Arc::clone(self), a.token, a.key, a.probe))
+        let a = self.acquire(key.as_str(), request, None).await?;
+        Ok(Permit::new(Arc::clone(self), a.token, key, a.probe))
     }
 
     /// Counts a call admitted and not followed, and undoes its place among
     /// its key's calls in flight.
-    fn untracked(&self, key: &str) {
+    fn untracked(&self, breaker: &KeyBreaker) {
         self.count(&self.metrics.untracked_requests);
-        self.registry
-            .peek(key, |e| e.in_flight = e.in_flight.saturating_sub(1));
+        let mut e = breaker.entry.lock();
+        e.in_flight = e.in_flight.saturating_sub(1);
     }
 
     fn count(&self, counter: &AtomicU64) {
@@ -383,18 +344,18 @@ impl Core {
         }
     }
 
-    /// Ends the call filed under `token` with `verdict`, unless it has
-    /// ended already; returns what is left to wait for (a file write, a
-    /// store call).
-    pub(crate) fn end_token(
+    /// Ends the call filed under `id` with `verdict`, unless it has ended
+    /// already; returns what is left to wait for (a file write, a store
+    /// call).
+    pub(crate) fn end_call(
         self: &Arc<Self>,
-        token: u64,
+        id: CallId,
         verdict: Verdict,
     ) -> Option<BoxFuture<'static, ()>> {
-        if token == 0 {
+        if id == CallId::Token(0) {
             return None;
         }
-        let call = self.calls.take(token)?;
+        let call = self.calls.take(id)?;
         self.end(call, verdict)
     }
 
@@ -416,7 +377,7 @@ impl Core {
         }
         for call in self.calls.take_expired(now) {
             tracing::debug!(
-                key = call.key.as_str(),
+                key = call.breaker.key.as_str(),
                 "a call got no answer before its deadline"
             );
             if let Some(wait) = self.end(call, Verdict::TimedOut) {
@@ -445,7 +406,7 @@ impl Core {
                     Some(state) => {
                         let file = Arc::clone(file);
                         Some(Box::pin(async move {
-                            file.note(file.write_through(call.key.as_str(), state).await);
+                            file.note(file.write_through(call.breaker.key.as_str(), state).await);
                         }))
                     }
                     None => {
@@ -472,26 +433,24 @@ impl Core {
             DecidedBy::Local => call.probe,
             DecidedBy::Store => None,
         };
-        let (transition, saved) = self
-            .registry
-            .try_with(call.key.as_str(), now, Entry::default, |e| {
-                let t = state::record(
-                    &mut e.state,
-                    &policy,
-                    now,
-                    verdict,
-                    elapsed,
-                    probe,
-                    fastrand::f64(),
-                );
-                e.counts.count(verdict);
-                e.counts.transitions += u64::from(t.is_some());
-                e.in_flight = e.in_flight.saturating_sub(1);
-                (t, (file && t.is_some()).then(|| e.state.clone()))
-            })
-            .unwrap_or((None, None));
+        let (transition, saved) = {
+            let mut e = call.breaker.entry.lock();
+            let t = state::record(
+                &mut e.state,
+                &policy,
+                now,
+                verdict,
+                elapsed,
+                probe,
+                fastrand::f64(),
+            );
+            e.counts.count(verdict);
+            e.counts.transitions += u64::from(t.is_some());
+            e.in_flight = e.in_flight.saturating_sub(1);
+            (t, (file && t.is_some()).then(|| e.state.clone()))
+        };
         if let Some(t) = transition {
-            self.on_transition(call.key.as_str(), t);
+            self.on_transition(call.breaker.key.as_str(), t);
         }
         saved
     }
@@ -503,7 +462,7 @@ impl Core {
         let policy = self.policy();
         let now = self.clock.now();
         let elapsed = now.saturating_since(call.start);
-        let key = call.key.as_str();
+        let key = call.breaker.key.as_str();
         let recorded = store
             .record(
                 key,
@@ -517,14 +476,15 @@ impl Core {
             .await;
         match recorded {
             Ok(transition) => {
-                self.registry.try_with(key, now, Entry::default, |e| {
+                {
+                    let mut e = call.breaker.entry.lock();
                     e.counts.count(verdict);
                     e.in_flight = e.in_flight.saturating_sub(1);
                     if let Some(t) = transition {
                         e.counts.transitions += 1;
                         adopt_transition(&mut e.state, t, now);
                     }
-                });
+                }
                 if let Some(t) = transition {
                     self.on_transition(key, t);
                 }

@@ -12,8 +12,9 @@
 //! assert_eq!(cb.state_of("tool:search"), None); // no call seen yet
 //! ```
 //!
-//! `on_request_with_context` resolves the request's key and acquires a
-//! [`Permit`]; the call's token goes into the context's metadata.
+//! `on_request_with_context` resolves the request's key and admits the call
+//! (or refuses it), filing it under the identity of its `MiddlewareContext`
+//! (the context pmcp hands to both hooks).
 //! `on_response_with_context` judges the answer (failure and neutral
 //! matchers) and ends the call. `on_error` ends it as neutral: the error was
 //! raised by a middleware (this one or a sibling), never by the server.
@@ -23,13 +24,14 @@
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext, MiddlewarePriority};
 use pmcp::types::{JSONRPCRequest, JSONRPCResponse};
 
+use super::calls::CallId;
 use super::config::{CircuitBreakerBuilder, CircuitBreakerConfig};
 use super::core::{Core, CoreSettings};
 use super::matcher::{outcome_of_error, outcome_of_response};
@@ -40,9 +42,6 @@ use super::transport::ObservedTransport;
 use crate::clock::SharedClock;
 use crate::error::StoreError;
 use crate::scope::{MissingPart, RequestTarget, Scope, ScopeKey, key_in_context};
-
-/// Tells the breakers of one process apart in a context's metadata.
-static NEXT_BREAKER: AtomicU64 = AtomicU64::new(0);
 
 /// A scoped circuit breaker for pmcp: a cheap handle (clones share all state).
 ///
@@ -83,9 +82,12 @@ static NEXT_BREAKER: AtomicU64 = AtomicU64::new(0);
 ///
 /// Every admitted call ends exactly once, as a success, a failure, neutral
 /// (the caller's mistake, a sibling middleware's refusal, a caller that went
-/// away) or timed out. In pmcp's chain, the breaker files each call under a
-/// token of its own in the request's `MiddlewareContext` metadata, so
-/// clients that reuse JSON-RPC ids never end each other's calls. A call with
+/// away) or timed out. In pmcp's chain, the breaker files each call under
+/// the identity of its `MiddlewareContext` (where the context's metadata
+/// map lives and when the context was made; pmcp hands the same context to
+/// `on_request` and `on_response`), never under the JSON-RPC id, so clients
+/// that reuse ids never end each other's calls. A context used for a second
+/// call before the first is answered leaves the first to its deadline. A call with
 /// no answer within [`call_timeout`](super::CircuitBreakerBuilder::call_timeout)
 /// (default 30 s) ends as timed out (a failure) at the next admission or
 /// metrics read after its deadline, whatever became of its caller: a server
@@ -109,9 +111,6 @@ pub struct CircuitBreakerMiddleware {
 
 /// What the handles of one breaker share besides the core.
 struct Shared {
-    /// The metadata key under which a call's token travels from
-    /// `on_request` to `on_response`.
-    call_tag: String,
     signal_client: bool,
     warned_fallback: AtomicBool,
     id_hasher: foldhash::fast::FixedState,
@@ -182,9 +181,7 @@ impl CircuitBreakerMiddleware {
                 Some(core.file_snapshot(core.clock.now()))
             }));
         }
-        let n = NEXT_BREAKER.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            call_tag: format!("pmcp_resilience.breaker.{n}.call"),
             signal_client: config.signal_client,
             warned_fallback: AtomicBool::new(false),
             id_hasher: foldhash::fast::FixedState::with_seed(0x0b5e_4ed1),
@@ -354,15 +351,9 @@ impl CircuitBreakerMiddleware {
         }
     }
 
-    /// Ends the call whose token `context` carries.
+    /// Ends the call `context` travels with.
     async fn end_call_of(&self, context: &MiddlewareContext, verdict: Verdict) {
-        let Some((_, token)) = context.metadata.remove(&self.shared.call_tag) else {
-            return;
-        };
-        let Ok(token) = token.parse::<u64>() else {
-            return;
-        };
-        if let Some(wait) = self.core.end_token(token, verdict) {
+        if let Some(wait) = self.core.end_call(CallId::of_context(context), verdict) {
             wait.await;
         }
     }
@@ -390,14 +381,12 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
             .request_id
             .as_deref()
             .map_or(0, |id| self.request_hash(id));
-        match self.core.acquire(key, id).await {
-            Ok(admitted) => {
-                let token = admitted.token;
-                if token != 0 {
-                    context.set_metadata(self.shared.call_tag.clone(), token.to_string());
-                }
-                Ok(())
-            }
+        match self
+            .core
+            .acquire(key.as_str(), id, Some(CallId::of_context(context)))
+            .await
+        {
+            Ok(_) => Ok(()),
             Err(rejected) => {
                 crate::observe::mark_method(context, &request.method);
                 Err(self.rejection(&rejected))

@@ -46,6 +46,7 @@ mod calls;
 pub mod config;
 mod control;
 mod core;
+mod entry;
 pub mod matcher;
 pub mod metrics;
 pub mod middleware;

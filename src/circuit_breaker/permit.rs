@@ -20,6 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::calls::CallId;
 use super::core::Core;
 use super::matcher::Outcome;
 use super::state::Verdict;
@@ -101,7 +102,7 @@ impl Permit {
     /// once the change is written.
     pub async fn record(mut self, verdict: Verdict) {
         let token = std::mem::take(&mut self.token);
-        if let Some(wait) = self.core.end_token(token, verdict) {
+        if let Some(wait) = self.core.end_call(CallId::Token(token), verdict) {
             wait.await;
         }
     }
@@ -117,7 +118,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let token = std::mem::take(&mut self.token);
-        if let Some(wait) = self.core.end_token(token, Verdict::Neutral) {
+        if let Some(wait) = self.core.end_call(CallId::Token(token), Verdict::Neutral) {
             spawn_or_drop(wait);
         }
     }
