@@ -46,14 +46,23 @@
 //! - [`circuit_breaker`]: the breaker's state machine, middleware and metrics.
 //! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
 //! - [`metrics`]: settings shared by the metrics of both middlewares.
-//! - [`observe`]: `MetricsMiddleware`, Prometheus export and the JSON snapshot of all breakers and limiters.
-//! - [`server`]: protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
+//! - [`observe`]: the reports of breakers and limiters; with feature `prometheus`,
+//!   `MetricsMiddleware`, Prometheus export and the JSON snapshot of all of them.
+//! - `server` (feature `server`): protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
 //! - `redis_store` (feature `redis`): limiter and breaker state shared through Redis.
 //! - [`error`]: configuration and store errors.
+//!
+//! # Features
+//!
+//! `server` and `prometheus` are on by default; `redis`, `redis-cluster`
+//! and `redis-tls` are off. With `default-features = false` the crate builds
+//! the breakers, limiters, scopes, persistence and reports without axum,
+//! hyper, tower or prometheus: what a pmcp client needs.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod circuit_breaker;
 pub mod clock;
@@ -64,9 +73,12 @@ pub mod observe;
 pub mod persistence;
 pub mod rate_limit;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis_store;
 pub mod registry;
 pub mod scope;
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 
 pub use circuit_breaker::{

@@ -38,7 +38,9 @@
 //!    lookup on its request path);
 //! 3. otherwise the documented fallback: the key [`UNKNOWN_SERVER`] or
 //!    [`NO_SESSION`], so such requests share one breaker or limiter. The
-//!    middlewares log a warning the first time this happens.
+//!    middlewares log a warning the first time this happens, except for
+//!    `initialize` without a session: it opens the session, so by protocol
+//!    it never has one, and it is keyed [`NO_SESSION`] without a warning.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -452,7 +454,7 @@ pub(crate) fn visit_key_in_context<R>(
         |key| {
             let missing = if missing_url.get() {
                 Some(MissingPart::ServerUrl)
-            } else if missing_session.get() {
+            } else if missing_session.get() && !opens_session(request) {
                 Some(MissingPart::SessionId)
             } else {
                 None
@@ -460,6 +462,12 @@ pub(crate) fn visit_key_in_context<R>(
             f(key, missing)
         },
     )
+}
+
+/// Whether `request` is the one that opens an MCP session: the server
+/// assigns the session id in its answer, so the request itself has none.
+fn opens_session(request: &JSONRPCRequest) -> bool {
+    request.method == "initialize"
 }
 
 /// A key and, if the fallback was used, which part was missing.
@@ -583,6 +591,18 @@ mod tests {
         assert_eq!(resolved.missing, Some(MissingPart::ServerUrl));
         let resolved = key_in_context(&Scope::PerMethod, &r, &ctx, &empty);
         assert_eq!(resolved.missing, None);
+    }
+
+    #[test]
+    fn initialize_without_a_session_is_keyed_no_session_and_not_reported_missing() {
+        let init = request("initialize", Some(json!({"protocolVersion": "2025-06-18"})));
+        let ctx = pmcp::shared::MiddlewareContext::default();
+        let resolved = key_in_context(&Scope::PerSession, &init, &ctx, &RequestTarget::default());
+        assert_eq!(resolved.key.as_str(), "session:no-session");
+        assert_eq!(resolved.missing, None);
+        // The server URL is still reported: initialize has one like any request.
+        let resolved = key_in_context(&Scope::PerServer, &init, &ctx, &RequestTarget::default());
+        assert_eq!(resolved.missing, Some(MissingPart::ServerUrl));
     }
 
     #[test]

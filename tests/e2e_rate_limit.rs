@@ -252,3 +252,115 @@ async fn signal_client_tells_the_pmcp_caller_when_to_retry() {
     }
     assert_eq!(server.behaviour.calls("echo"), 1);
 }
+
+/// A `tracing` writer that keeps every line.
+#[derive(Clone, Default)]
+struct Lines(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn warnings(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock())
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+// One thread, so that the subscriber set for this test sees the server's
+// lines and the client's alike.
+#[tokio::test(flavor = "current_thread")]
+async fn the_readme_pattern_starts_without_a_warning() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = start_server("readme").await;
+    // The README's client: a breaker per tool, a token bucket per session
+    // whose id is read from the transport once `initialize` has set it.
+    let breaker = match pmcp_resilience::CircuitBreakerMiddleware::builder()
+        .scope(Scope::PerTool)
+        .failure_threshold(3)
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(cb) => cb,
+        Err(e) => panic!("breaker: {e}"),
+    };
+    let limiter = match RateLimitMiddleware::builder()
+        .scope(Scope::PerSession)
+        .strategy(RateLimitStrategy::TokenBucket {
+            capacity: 20,
+            refill_rate: 5,
+        })
+        .backpressure(BackpressureConfig::wait_up_to(Duration::from_millis(500)))
+        .build()
+    {
+        Ok(rl) => rl,
+        Err(e) => panic!("limiter: {e}"),
+    };
+    let t = transport(&server.url);
+    let session = t.clone();
+    let limiter = limiter
+        .with_target(RequestTarget::default().with_session_source(move || session.session_id()));
+    let mut c = client(
+        breaker.wrap_transport(t.clone()),
+        vec![Arc::new(breaker.clone()), Arc::new(limiter.clone())],
+    );
+    initialize(&mut c).await;
+    let session_id = t.session_id().expect("the server assigned a session");
+    call(&c, "echo", json!({"message": "hi"}))
+        .await
+        .expect("echo answers");
+    assert_eq!(
+        lines.warnings(),
+        Vec::<String>::new(),
+        "no warning in the README's normal use"
+    );
+    // `initialize` counted under the fallback key, the call under its session.
+    let keys: Vec<String> = limiter
+        .snapshot()
+        .keys
+        .iter()
+        .map(|k| k.key.as_str().to_owned())
+        .collect();
+    assert!(keys.contains(&"session:no-session".to_owned()), "{keys:?}");
+    assert!(keys.contains(&format!("session:{session_id}")), "{keys:?}");
+
+    // A request other than `initialize` without a session still warns.
+    let unbound = match RateLimitMiddleware::builder()
+        .scope(Scope::PerSession)
+        .build()
+    {
+        Ok(rl) => rl,
+        Err(e) => panic!("limiter: {e}"),
+    };
+    let mut list = pmcp::types::JSONRPCRequest {
+        jsonrpc: "2.0".into(),
+        method: "tools/list".into(),
+        params: None,
+        id: pmcp::types::RequestId::from(7i64),
+    };
+    unbound
+        .on_request_with_context(&mut list, &pmcp::shared::MiddlewareContext::default())
+        .await
+        .expect("admitted");
+    let warnings = lines.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("missing=SessionId"), "{warnings:?}");
+}

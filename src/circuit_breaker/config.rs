@@ -336,6 +336,7 @@ impl CircuitBreakerBuilder {
     /// trips, half-open probes and modes; `build()` refuses the other trip
     /// rules with a clear error.
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
         self.redis_options = options;
         self

@@ -267,6 +267,7 @@ impl CircuitBreakerMiddleware {
     }
 
     /// The scope (for the server layer, which resolves keys itself).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn key_scope(&self) -> &Scope {
         &self.core.scope
     }

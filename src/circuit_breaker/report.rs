@@ -1,23 +1,27 @@
 //! The breaker as a [`ReportSource`] of the unified metrics.
 //!
 //! ```
-//! use std::sync::Arc;
 //! use std::time::Duration;
 //! use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
-//! use pmcp_resilience::observe::{MetricsMiddleware, Report, ReportSource};
+//! use pmcp_resilience::observe::{Report, ReportSource};
 //!
 //! let cb = CircuitBreakerMiddleware::new(5, Duration::from_secs(60), Duration::from_secs(30));
-//! let metrics = MetricsMiddleware::builder()
-//!     .source(Arc::new(cb.clone()))
-//!     .build()
-//!     .expect("valid settings");
 //! match cb.report() {
 //!     Report::CircuitBreaker(r) => {
 //!         assert_eq!((r.name.as_str(), r.scope), ("circuit_breaker", "global"));
 //!     }
 //!     other => panic!("a breaker reports as a breaker, got {other:?}"),
 //! }
-//! assert!(metrics.render().contains("mcp_circuit_breaker_keys"));
+//! // With the feature `prometheus` (on by default), the metrics export it.
+//! #[cfg(feature = "prometheus")]
+//! {
+//!     use pmcp_resilience::observe::MetricsMiddleware;
+//!     let metrics = MetricsMiddleware::builder()
+//!         .source(std::sync::Arc::new(cb.clone()))
+//!         .build()
+//!         .expect("valid settings");
+//!     assert!(metrics.render().contains("mcp_circuit_breaker_keys"));
+//! }
 //! ```
 
 use super::metrics::{KeySnapshot, MetricsSnapshot};

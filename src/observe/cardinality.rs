@@ -29,6 +29,10 @@
 //! and out of [`OTHER_KEY`] between scrapes; Prometheus reads the drop of a
 //! counter that follows as a counter reset.
 
+// The rule is applied by the Prometheus export only; the constants and the
+// hash stay public without it, so users can match hashed keys.
+#![cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+
 use std::collections::BTreeMap;
 
 use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport, scope_label};

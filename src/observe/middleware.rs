@@ -14,24 +14,11 @@ use serde_json::Value;
 use crate::error::ConfigError;
 use crate::observe::MetricsError;
 use crate::observe::collector::ResilienceCollector;
+use crate::observe::context::METHOD_METADATA_KEY;
 use crate::observe::histogram::HistogramSnapshot;
 use crate::observe::report::ReportSource;
 use crate::observe::requests::RequestStats;
 use crate::observe::snapshot::Shared;
-
-/// Context metadata key holding the JSON-RPC method of the request.
-///
-/// This middleware sets it in `on_request`; a middleware that runs earlier
-/// and rejects a request (a breaker or limiter of this crate) should set it
-/// too, so that the rejection is counted under the right method instead of
-/// `unknown`.
-pub const METHOD_METADATA_KEY: &str = "pmcp_resilience.method";
-
-/// Records `method` as the request's method in `context`, for a middleware
-/// that rejects a request before [`MetricsMiddleware`] sees it.
-pub(crate) fn mark_method(context: &MiddlewareContext, method: &str) {
-    context.set_metadata(METHOD_METADATA_KEY.into(), method.to_owned());
-}
 
 const LABEL_KEY: &str = "pmcp_resilience.metrics.label";
 const START_KEY: &str = "pmcp_resilience.metrics.start_ns";
@@ -50,6 +37,10 @@ fn now_nanos() -> u64 {
     let origin = *ORIGIN.get_or_init(Instant::now);
     crate::clock::duration_nanos(origin.elapsed())
 }
+
+/// The longest export interval: 24 hours. The export task's timer adds the
+/// interval to the current instant, which cannot hold any `Duration`.
+pub const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How the metrics are exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +163,12 @@ impl MetricsMiddlewareBuilder {
             return Err(ConfigError::invalid(
                 "export_interval",
                 "must be greater than zero",
+            ));
+        }
+        if self.export_interval > MAX_EXPORT_INTERVAL {
+            return Err(ConfigError::invalid(
+                "export_interval",
+                format!("must be at most 24 h, not {:?}", self.export_interval),
             ));
         }
         if self.max_label_keys == 0 {

@@ -2,12 +2,16 @@
 //! metrics, Prometheus export and an aggregated JSON snapshot.
 //!
 //! Breakers and limiters describe themselves through [`ReportSource`];
-//! [`MetricsMiddleware`] pulls their [`Report`]s whenever Prometheus
-//! scrapes, so values are current at scrape time. Installed in a pmcp
-//! client or server chain, the middleware also counts requests, errors and
-//! durations per method, on the client side as well.
+//! `MetricsMiddleware` (feature `prometheus`, on by default) pulls their
+//! [`Report`]s whenever Prometheus scrapes, so values are current at scrape
+//! time. Installed in a pmcp client or server chain, the middleware also
+//! counts requests, errors and durations per method, on the client side as
+//! well. Without the feature, the reports are still there to read or to
+//! feed a metrics system of your own.
 //!
 //! ```
+//! # #[cfg(feature = "prometheus")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use pmcp_resilience::observe::{
@@ -15,7 +19,6 @@
 //!     Report,
 //! };
 //!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // A stand-in for a circuit breaker of this crate.
 //! let breaker = Arc::new(|| {
 //!     let mut report = BreakerReport::new("upstream", "server");
@@ -47,6 +50,8 @@
 //! assert_eq!(metrics.snapshot_json()["totals"]["circuit_breakers"]["keys_open"], 1);
 //! # Ok(())
 //! # }
+//! # #[cfg(not(feature = "prometheus"))]
+//! # fn main() {}
 //! ```
 //!
 //! # Metrics
@@ -94,32 +99,47 @@
 //! others.
 
 pub mod cardinality;
+#[cfg(feature = "prometheus")]
 mod collector;
+mod context;
+#[cfg(feature = "prometheus")]
 mod endpoint;
 mod histogram;
+#[cfg(feature = "prometheus")]
 mod middleware;
 pub(crate) mod report;
+#[cfg(feature = "prometheus")]
 mod requests;
+#[cfg(feature = "prometheus")]
 mod snapshot;
-#[cfg(test)]
+#[cfg(all(test, feature = "prometheus"))]
 mod tests;
-#[cfg(test)]
+#[cfg(all(test, feature = "prometheus"))]
 pub(crate) mod text_format;
 
+pub use context::METHOD_METADATA_KEY;
+pub(crate) use context::mark_method;
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use endpoint::MetricsServer;
 pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
-pub(crate) use middleware::mark_method;
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use middleware::{
-    ExportTask, INTERNAL_ERROR_CODE, METHOD_METADATA_KEY, MetricsExporter, MetricsMiddleware,
+    ExportTask, INTERNAL_ERROR_CODE, MAX_EXPORT_INTERVAL, MetricsExporter, MetricsMiddleware,
     MetricsMiddlewareBuilder, UNKNOWN_METHOD,
 };
 pub use report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
     NamedSource, Report, ReportSource, StoreReport, scope_label,
 };
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use requests::OTHER_METHOD;
 
 /// A failure to start or run the metrics server or export task.
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MetricsError {

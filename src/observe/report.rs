@@ -205,6 +205,7 @@ impl BreakerKeyReport {
         self
     }
 
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) fn traffic(&self) -> u64 {
         self.failures
             .saturating_add(self.rejections)
@@ -313,6 +314,7 @@ impl LimiterKeyReport {
         (self.used as f64 / self.limit as f64).clamp(0.0, 1.0)
     }
 
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) fn traffic(&self) -> u64 {
         self.allowed.saturating_add(self.rejected)
     }
@@ -387,19 +389,23 @@ impl Report {
 /// `circuit_breaker` and `rate_limit`; wrap them to tell several apart.
 ///
 /// ```
-/// use std::sync::Arc;
 /// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
-/// use pmcp_resilience::observe::{MetricsMiddleware, NamedSource, ReportSource};
+/// use pmcp_resilience::observe::{NamedSource, ReportSource};
 /// use std::time::Duration;
 ///
 /// let cb = CircuitBreakerMiddleware::new(5, Duration::from_secs(60), Duration::from_secs(30));
 /// let named = NamedSource::new("upstream", cb.clone());
 /// assert_eq!(named.report().name(), "upstream");
-/// let metrics = MetricsMiddleware::builder()
-///     .source(Arc::new(named))
-///     .build()
-///     .expect("valid settings");
-/// assert_eq!(metrics.snapshot_json()["circuit_breakers"][0]["name"], "upstream");
+/// // With the feature `prometheus` (on by default), the metrics export it.
+/// #[cfg(feature = "prometheus")]
+/// {
+///     use pmcp_resilience::observe::MetricsMiddleware;
+///     let metrics = MetricsMiddleware::builder()
+///         .source(std::sync::Arc::new(named))
+///         .build()
+///         .expect("valid settings");
+///     assert_eq!(metrics.snapshot_json()["circuit_breakers"][0]["name"], "upstream");
+/// }
 /// ```
 pub struct NamedSource<S> {
     name: String,

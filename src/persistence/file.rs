@@ -168,9 +168,14 @@ impl<S> fmt::Debug for FileStoreOptions<S> {
     }
 }
 
+/// The longest flush interval: 24 hours. The flusher's timer adds the
+/// interval to the current instant, which cannot hold any `Duration`.
+pub const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl<S> FileStoreOptions<S> {
     /// Sets the longest time an [`FileStore::update`] waits before it is
-    /// written: the most a crash can lose (default 1 s; must not be zero).
+    /// written: the most a crash can lose (default 1 s; above zero and at
+    /// most [`MAX_FLUSH_INTERVAL`], 24 h).
     pub fn flush_interval(mut self, every: Duration) -> Self {
         self.flush_interval = every;
         self
@@ -199,12 +204,22 @@ impl<S> FileStoreOptions<S> {
         self
     }
 
-    /// Checks the settings, as [`FileStore::open`] does.
+    /// Checks the settings, as [`FileStore::open`] does: a flush interval
+    /// above zero and at most [`MAX_FLUSH_INTERVAL`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.flush_interval.is_zero() {
             return Err(ConfigError::invalid(
                 "flush_interval",
                 "must be greater than zero; it bounds how much state a crash can lose (1s is a good start)",
+            ));
+        }
+        if self.flush_interval > MAX_FLUSH_INTERVAL {
+            return Err(ConfigError::invalid(
+                "flush_interval",
+                format!(
+                    "must be at most 24 h, not {:?}; it bounds how much state a crash can lose",
+                    self.flush_interval
+                ),
             ));
         }
         Ok(())

@@ -39,7 +39,7 @@ pub(crate) use backing::FileBacking;
 
 pub use file::{
     FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
-    KIND_RATE_LIMIT, LoadOutcome, LoadReport, OnCorrupt,
+    KIND_RATE_LIMIT, LoadOutcome, LoadReport, MAX_FLUSH_INTERVAL, OnCorrupt,
 };
 
 /// Where a middleware keeps its per-key state.
@@ -60,6 +60,7 @@ pub enum StatePersistence {
     /// `redis_options(..)`. `rediss://` URLs (TLS) need the cargo feature
     /// `redis-tls`; a private CA is given with `redis::Client::build_with_tls`.
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     Redis {
         /// The Redis client (for example `redis::Client::open("redis://127.0.0.1/")?`).
         client: redis::Client,
@@ -72,6 +73,7 @@ pub enum StatePersistence {
     /// `MOVED`/`ASK` redirections followed and scripts loaded again after a
     /// failover. `rediss://` node URLs need the feature `redis-tls`.
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     RedisCluster {
         /// The cluster client (for example
         /// `redis::cluster::ClusterClient::new(vec!["redis://10.0.0.1:6379/"])?`).

@@ -143,8 +143,9 @@ impl RateLimitBuilder {
     /// [`file_options`](Self::file_options)' flush interval, which is the
     /// most a crash loses, and on
     /// [`RateLimitMiddleware::shutdown`] (and, best effort, on drop).
-    /// [`StatePersistence::Custom`] holds a breaker store: for a limiter of
-    /// your own use [`limiter`](Self::limiter).
+    /// [`StatePersistence::Custom`] holds a breaker store: `build()` refuses
+    /// it with [`ConfigError::UnsupportedPersistence`]; for a limiter of your
+    /// own use [`limiter`](Self::limiter).
     pub fn persistence(mut self, persistence: StatePersistence) -> Self {
         self.persistence = persistence;
         self
@@ -227,6 +228,7 @@ impl RateLimitBuilder {
     /// limiter while Redis is down), denial cache. The key prefix comes from
     /// the persistence itself.
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
         self.redis_options = options;
         self
@@ -264,6 +266,17 @@ impl RateLimitBuilder {
                  context metadata, or requests share the `no-session` limiter"
             );
         }
+        // Refused even beside `limiter(..)`: a breaker's store given to a
+        // limiter is a mistake whichever way the limiter is built.
+        if let StatePersistence::Custom(_) = &self.persistence {
+            return Err(ConfigError::UnsupportedPersistence(
+                "StatePersistence::Custom holds a circuit breaker's state store, which cannot \
+                 keep a rate limiter's state; give the limiter a limiter of your own with \
+                 `RateLimitMiddleware::builder().limiter(..)`, or choose Memory, File or Redis \
+                 persistence"
+                    .into(),
+            ));
+        }
         let clock = self.clock.unwrap_or_else(default_clock);
         let engine = match self.limiter {
             Some(limiter) => Engine::Custom(limiter),
@@ -277,14 +290,8 @@ impl RateLimitBuilder {
                     StatePersistence::Redis { .. } => None,
                     #[cfg(feature = "redis-cluster")]
                     StatePersistence::RedisCluster { .. } => None,
-                    StatePersistence::Custom(_) => {
-                        return Err(ConfigError::UnsupportedPersistence(
-                            "StatePersistence::Custom holds a circuit breaker store; \
-                             give the rate limiter a limiter of your own with \
-                             `RateLimitMiddleware::builder().limiter(..)`"
-                                .into(),
-                        ));
-                    }
+                    // Refused above.
+                    StatePersistence::Custom(_) => None,
                 };
                 let policy = self.strategy.policy()?;
                 self.registry_limits.validate()?;

@@ -28,6 +28,7 @@ use super::waiting::{Arrival, Turn, WaitGuard, WaitQueue};
 /// (the server layer's headers).
 pub(crate) struct Verdict {
     /// The limiter's decision, when it got that far.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) decision: Option<Decision>,
     /// What the middleware answers.
     pub(crate) result: pmcp::Result<()>,
@@ -530,17 +531,20 @@ impl RateLimitMiddleware {
     }
 
     /// The cost of `request` in units.
+    #[cfg(feature = "server")]
     pub(crate) fn cost_of(&self, request: &JSONRPCRequest) -> u32 {
         self.inner.cost.of(request)
     }
 
     /// The backpressure settings.
+    #[cfg(feature = "server")]
     pub(crate) fn backpressure(&self) -> &BackpressureConfig {
         &self.inner.backpressure
     }
 
     /// The time over which the limit applies (a window, or the time to
     /// refill from empty); `None` for a custom limiter.
+    #[cfg(feature = "server")]
     pub(crate) fn window(&self) -> Option<Duration> {
         match &self.inner.engine {
             Engine::Memory(limiter) => Some(Duration::from_nanos(match limiter.policy() {

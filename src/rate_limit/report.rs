@@ -1,21 +1,25 @@
 //! The limiter as a [`ReportSource`] of the unified metrics.
 //!
 //! ```
-//! use std::sync::Arc;
-//! use pmcp_resilience::observe::{MetricsMiddleware, Report, ReportSource};
+//! use pmcp_resilience::observe::{Report, ReportSource};
 //! use pmcp_resilience::rate_limit::RateLimitMiddleware;
 //! use std::time::Duration;
 //!
 //! let rl = RateLimitMiddleware::new(10, 10, Duration::from_secs(1));
-//! let metrics = MetricsMiddleware::builder()
-//!     .source(Arc::new(rl.clone()))
-//!     .build()
-//!     .expect("valid settings");
 //! match rl.report() {
 //!     Report::RateLimit(r) => assert_eq!((r.name.as_str(), r.scope), ("rate_limit", "global")),
 //!     other => panic!("a limiter reports as a limiter, got {other:?}"),
 //! }
-//! assert!(metrics.render().contains("mcp_rate_limit_requests_total"));
+//! // With the feature `prometheus` (on by default), the metrics export it.
+//! #[cfg(feature = "prometheus")]
+//! {
+//!     use pmcp_resilience::observe::MetricsMiddleware;
+//!     let metrics = MetricsMiddleware::builder()
+//!         .source(std::sync::Arc::new(rl.clone()))
+//!         .build()
+//!         .expect("valid settings");
+//!     assert!(metrics.render().contains("mcp_rate_limit_requests_total"));
+//! }
 //! ```
 
 use super::limiter::KeyUsage;

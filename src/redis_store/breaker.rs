@@ -201,6 +201,7 @@ impl RedisBreakerStore {
     /// followed and a script lost in a failover is loaded again. Nothing is
     /// connected yet: the first call connects.
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn cluster(
         client: redis::cluster::ClusterClient,
         options: RedisOptions,

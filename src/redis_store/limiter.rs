@@ -209,6 +209,7 @@ impl RedisRateLimiter {
     /// `MOVED`/`ASK` are followed and a script lost in a failover is loaded
     /// again. Nothing is connected yet: the first request connects.
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn cluster(
         client: redis::cluster::ClusterClient,
         strategy: RateLimitStrategy,

@@ -146,7 +146,8 @@ pub struct RedisOptions {
     /// the cache off).
     pub denial_cache_capacity: usize,
     /// How long a breaker key lives without a change (default 24 h); at
-    /// least the policy's open time plus its probe deadline. A forced,
+    /// least the policy's open time plus its probe deadline, and at most
+    /// 365 days. A forced,
     /// disabled or metrics-only key never expires until its mode is reset.
     pub breaker_ttl: Duration,
     /// Keys the limiter's local fallback may hold and when they count as
@@ -281,6 +282,14 @@ impl RedisOptions {
             return Err(ConfigError::invalid(
                 "breaker_ttl",
                 "breaker keys must live at least 1 s",
+            ));
+        }
+        // Redis refuses an expiry beyond a signed 64-bit count of
+        // milliseconds; a year is far below it and far above any use.
+        if self.breaker_ttl > Duration::from_secs(365 * 24 * 60 * 60) {
+            return Err(ConfigError::invalid(
+                "breaker_ttl",
+                "breaker keys must live at most 365 days",
             ));
         }
         self.local_limits.validate()?;

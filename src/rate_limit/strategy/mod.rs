@@ -46,6 +46,16 @@ pub use token_bucket::TokenBucketState;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
+/// The highest refill or leak rate, per second: one unit per nanosecond.
+/// A higher rate would make the time one unit takes to come back round down
+/// to zero nanoseconds, which the algorithms divide by.
+pub const MAX_RATE_PER_SEC: u32 = 1_000_000_000;
+
+/// The longest window: 2^62 ns, about 146 years. Within it, a window start
+/// plus two windows (the sliding window's reach) stays inside `u64`
+/// nanoseconds.
+pub const MAX_WINDOW: Duration = Duration::from_nanos(1 << 62);
+
 /// How a limiter decides whether a request may pass.
 ///
 /// ```
@@ -104,7 +114,18 @@ pub enum RateLimitStrategy {
 }
 
 impl RateLimitStrategy {
-    /// Checks the numbers, as the builder does: no zero capacity, window or rate.
+    /// Checks the numbers, as the builder does: no zero capacity, window or
+    /// rate, no rate above [`MAX_RATE_PER_SEC`] and no window above
+    /// [`MAX_WINDOW`].
+    ///
+    /// ```
+    /// use pmcp_resilience::ConfigError;
+    /// use pmcp_resilience::rate_limit::RateLimitStrategy;
+    ///
+    /// // Two tokens per nanosecond: a token would come back in 0.5 ns.
+    /// let too_fast = RateLimitStrategy::TokenBucket { capacity: 10, refill_rate: 2_000_000_000 };
+    /// assert!(matches!(too_fast.validate(), Err(ConfigError::Invalid { field: "refill_rate", .. })));
+    /// ```
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy().map(|_| ())
     }
@@ -196,7 +217,24 @@ impl RateLimitStrategy {
                     "the window must be longer than zero (for example Duration::from_secs(1))",
                 ));
             }
+            if window > MAX_WINDOW {
+                return Err(ConfigError::invalid(
+                    "window",
+                    format!("the window must be at most 2^62 ns (about 146 years), not {window:?}"),
+                ));
+            }
             Ok(nanos)
+        }
+        // The time one unit takes to come back, in whole nanoseconds.
+        fn interval(field: &'static str, rate: u32, what: &str) -> Result<u64, ConfigError> {
+            nonzero(field, rate, what)?;
+            if rate > MAX_RATE_PER_SEC {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("{what} must be at most 1000000000 (one per nanosecond), not {rate}"),
+                ));
+            }
+            Ok(NANOS_PER_SEC / u64::from(rate))
         }
         match *self {
             RateLimitStrategy::FixedWindow {
@@ -224,14 +262,13 @@ impl RateLimitStrategy {
                 refill_rate,
             } => {
                 nonzero("capacity", capacity, "the bucket capacity")?;
-                nonzero(
-                    "refill_rate",
-                    refill_rate,
-                    "the refill rate (tokens per second)",
-                )?;
                 Ok(Policy::TokenBucket {
                     capacity,
-                    interval: NANOS_PER_SEC / u64::from(refill_rate),
+                    interval: interval(
+                        "refill_rate",
+                        refill_rate,
+                        "the refill rate (tokens per second)",
+                    )?,
                 })
             }
             RateLimitStrategy::LeakyBucket {
@@ -239,14 +276,13 @@ impl RateLimitStrategy {
                 leak_rate,
             } => {
                 nonzero("capacity", capacity, "the bucket capacity")?;
-                nonzero(
-                    "leak_rate",
-                    leak_rate,
-                    "the leak rate (requests per second)",
-                )?;
                 Ok(Policy::LeakyBucket {
                     capacity,
-                    interval: NANOS_PER_SEC / u64::from(leak_rate),
+                    interval: interval(
+                        "leak_rate",
+                        leak_rate,
+                        "the leak rate (requests per second)",
+                    )?,
                 })
             }
         }
