@@ -61,6 +61,10 @@ pub struct CircuitBreakerConfig {
     /// Called on every change of a key's state (see
     /// [`CircuitBreakerBuilder::on_transition`]).
     pub on_transition: Option<TransitionHook>,
+    /// The `name` label of this breaker's metrics and its name in the JSON
+    /// snapshot (default `circuit_breaker`, see
+    /// [`CircuitBreakerBuilder::name`]).
+    pub name: String,
 }
 
 /// The function behind a [`TransitionHook`].
@@ -89,6 +93,7 @@ impl Default for CircuitBreakerConfig {
             registry_limits: RegistryLimits::default(),
             signal_client: false,
             on_transition: None,
+            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
         }
     }
 }
@@ -237,6 +242,25 @@ pub struct CircuitBreakerBuilder {
 }
 
 impl CircuitBreakerBuilder {
+    /// The name this breaker reports under: the `name` label of its
+    /// Prometheus series and its name in the JSON snapshot (default
+    /// `circuit_breaker`). Give each breaker registered with one
+    /// `MetricsMiddleware` its own name; unnamed ones are told apart there
+    /// as `circuit_breaker`, `circuit_breaker_2`, ... in registration order.
+    ///
+    /// ```
+    /// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
+    /// use pmcp_resilience::observe::ReportSource;
+    ///
+    /// let cb = CircuitBreakerMiddleware::builder().name("upstream").build()?;
+    /// assert_eq!(cb.report().name(), "upstream");
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
     /// How requests are grouped into breakers (default [`Scope::Global`]).
     pub fn scope(mut self, scope: Scope) -> Self {
         self.config.scope = scope;

@@ -111,6 +111,7 @@ pub struct CircuitBreakerMiddleware {
 
 /// What the handles of one breaker share besides the core.
 struct Shared {
+    name: String,
     signal_client: bool,
     warned_fallback: AtomicBool,
     id_hasher: foldhash::fast::FixedState,
@@ -182,6 +183,7 @@ impl CircuitBreakerMiddleware {
             }));
         }
         let shared = Arc::new(Shared {
+            name: config.name,
             signal_client: config.signal_client,
             warned_fallback: AtomicBool::new(false),
             id_hasher: foldhash::fast::FixedState::with_seed(0x0b5e_4ed1),
@@ -214,6 +216,13 @@ impl CircuitBreakerMiddleware {
     /// ```
     pub async fn acquire(&self, key: &str) -> Result<Permit, Rejected> {
         self.core.acquire_permit(ScopeKey::new(key), 0).await
+    }
+
+    /// The name this breaker reports under (set with
+    /// [`CircuitBreakerBuilder::name`](super::CircuitBreakerBuilder::name);
+    /// `circuit_breaker` by default).
+    pub fn report_name(&self) -> &str {
+        &self.shared.name
     }
 
     /// The key of `request` under this breaker's scope and target.

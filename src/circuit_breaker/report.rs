@@ -29,8 +29,9 @@ use super::middleware::CircuitBreakerMiddleware;
 use super::state::CircuitState;
 use crate::observe::{BreakerKeyReport, BreakerReport, BreakerStateReport, Report, ReportSource};
 
-/// The name a breaker reports under unless wrapped in a
-/// [`NamedSource`](crate::observe::NamedSource).
+/// The name a breaker reports under when its builder was given no
+/// [`name`](super::CircuitBreakerBuilder::name) (and it is not wrapped in a
+/// [`NamedSource`](crate::observe::NamedSource)).
 pub const DEFAULT_REPORT_NAME: &str = "circuit_breaker";
 
 impl From<CircuitState> for BreakerStateReport {
@@ -97,7 +98,7 @@ fn key_report(row: KeySnapshot) -> BreakerKeyReport {
 
 impl ReportSource for CircuitBreakerMiddleware {
     fn report(&self) -> Report {
-        Report::CircuitBreaker(self.report_named(DEFAULT_REPORT_NAME))
+        Report::CircuitBreaker(self.report_named(self.report_name()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! `MetricsMiddleware`: request metrics for pmcp, plus the aggregation of
 //! every registered breaker and limiter.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use crate::observe::MetricsError;
 use crate::observe::collector::ResilienceCollector;
 use crate::observe::context::METHOD_METADATA_KEY;
 use crate::observe::histogram::HistogramSnapshot;
-use crate::observe::report::ReportSource;
+use crate::observe::report::{NamedSource, Report, ReportSource};
 use crate::observe::requests::RequestStats;
 use crate::observe::snapshot::Shared;
 
@@ -131,6 +132,12 @@ impl MetricsMiddlewareBuilder {
     }
 
     /// Adds a breaker, a limiter or any other [`ReportSource`].
+    ///
+    /// Its series carry the name it reports under as the `name` label. A
+    /// source whose name is already taken by an earlier breaker (for a
+    /// breaker) or limiter (for a limiter) is renamed `<name>_2`, `<name>_3`,
+    /// ... in registration order, so two unnamed limiters export as
+    /// `rate_limit` and `rate_limit_2` instead of summing into one series.
     pub fn source(mut self, source: Arc<dyn ReportSource>) -> Self {
         self.sources.push(source);
         self
@@ -181,8 +188,14 @@ impl MetricsMiddlewareBuilder {
             MetricsExporter::Prometheus { endpoint } => endpoint.clone(),
         };
         validate_endpoint(&endpoint)?;
+        let mut names = Names::default();
+        let sources = self
+            .sources
+            .into_iter()
+            .map(|source| names.unique(source))
+            .collect();
         let shared = Arc::new(Shared {
-            sources: RwLock::new(self.sources),
+            sources: RwLock::new(sources),
             requests: RequestStats::new(self.max_methods),
             include_breakers: self.include_breakers,
             include_limiters: self.include_limiters,
@@ -204,6 +217,7 @@ impl MetricsMiddlewareBuilder {
                 export_interval: self.export_interval,
                 exports: AtomicU64::new(0),
                 last_export: Mutex::new(None),
+                names: Mutex::new(names),
             }),
         })
     }
@@ -245,6 +259,53 @@ pub(crate) struct Inner {
     export_interval: Duration,
     exports: AtomicU64,
     last_export: Mutex<Option<Value>>,
+    names: Mutex<Names>,
+}
+
+/// The names taken so far, per kind of source: the `name` label must tell
+/// every registered breaker (and every limiter) apart.
+#[derive(Default)]
+struct Names {
+    taken: HashSet<(&'static str, String)>,
+}
+
+impl Names {
+    /// `source`, renamed `<name>_<n>` (the lowest free `n` from 2) when an
+    /// earlier source of its kind reports under the same name.
+    fn unique(&mut self, source: Arc<dyn ReportSource>) -> Arc<dyn ReportSource> {
+        let report = source.report();
+        let kind = match &report {
+            Report::CircuitBreaker(_) => "circuit_breaker",
+            Report::RateLimit(_) => "rate_limit",
+        };
+        let name = report.name().to_owned();
+        if self.taken.insert((kind, name.clone())) {
+            return source;
+        }
+        let mut n = 2u64;
+        let renamed = loop {
+            let candidate = format!("{name}_{n}");
+            if self.taken.insert((kind, candidate.clone())) {
+                break candidate;
+            }
+            n += 1;
+        };
+        tracing::debug!(
+            from = %name,
+            to = %renamed,
+            "a {kind} of this name is already registered with the metrics; renamed"
+        );
+        Arc::new(NamedSource::new(renamed, SharedSource(source)))
+    }
+}
+
+/// An `Arc<dyn ReportSource>` as a [`ReportSource`], to be wrapped.
+struct SharedSource(Arc<dyn ReportSource>);
+
+impl ReportSource for SharedSource {
+    fn report(&self) -> Report {
+        self.0.report()
+    }
 }
 
 /// Request metrics for pmcp clients and servers, and one place where every
@@ -275,8 +336,12 @@ impl MetricsMiddleware {
         MetricsMiddlewareBuilder::default()
     }
 
-    /// Adds a breaker, limiter or other source after the middleware is built.
+    /// Adds a breaker, limiter or other source after the middleware is built;
+    /// a name already taken is made unique as
+    /// [`MetricsMiddlewareBuilder::source`] says.
     pub fn register(&self, source: Arc<dyn ReportSource>) {
+        let mut names = self.inner.names.lock();
+        let source = names.unique(source);
         self.inner.shared.sources.write().push(source);
     }
 

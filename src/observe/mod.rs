@@ -85,10 +85,12 @@
 //! (session and custom keys are hashed into 64 buckets, at most
 //! `max_label_keys` keys per source, the rest under `__other__`), `method`
 //! is a spec method, one of at most `max_methods` others, or `other`, and
-//! `code` takes at most 16 values per method. `name` is the name the user
-//! gave a breaker or limiter (`NamedSource`; `circuit_breaker` and
-//! `rate_limit` by default), so two limiters on one key are two series; two
-//! sources under one name, scope and key are merged into one. `key` is the
+//! `code` takes at most 16 values per method. `name` tells the middleware
+//! instances apart: the name given with the builder's `name(..)` (or with
+//! `NamedSource`), `circuit_breaker` and `rate_limit` by default. A name
+//! already taken by an earlier breaker (or limiter) of the same
+//! `MetricsMiddleware` becomes `<name>_2`, `<name>_3`, ... in registration
+//! order, so two limiters on one key are always two series. `key` is the
 //! API's own key text (`tool:search`), as `state_of` and `retry_after` take it.
 //! `mcp_circuit_breaker_calls_total` counts every call once by `outcome`
 //! (`successful`, `failed`, `rejected`, `neutral`, `untracked`; `timed_out`

@@ -385,8 +385,10 @@ impl Report {
 /// A [`ReportSource`] under a name of your choosing: the `name` label of its
 /// metrics and its name in the JSON snapshot.
 ///
-/// Breakers and limiters of this crate report themselves as
-/// `circuit_breaker` and `rate_limit`; wrap them to tell several apart.
+/// Breakers and limiters of this crate report under the name given to
+/// their builder's `name(..)` (`circuit_breaker` and `rate_limit` by
+/// default); this wrapper names any other source, or a handle under a
+/// second name.
 ///
 /// ```
 /// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;

@@ -81,6 +81,7 @@ impl RequestCost {
 /// Builds a [`RateLimitMiddleware`]; see the [module docs](super).
 #[derive(Debug)]
 pub struct RateLimitBuilder {
+    name: String,
     scope: Scope,
     strategy: RateLimitStrategy,
     persistence: StatePersistence,
@@ -100,6 +101,7 @@ pub struct RateLimitBuilder {
 impl Default for RateLimitBuilder {
     fn default() -> Self {
         RateLimitBuilder {
+            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
             scope: Scope::Global,
             strategy: RateLimitStrategy::TokenBucket {
                 capacity: 100,
@@ -122,6 +124,25 @@ impl Default for RateLimitBuilder {
 }
 
 impl RateLimitBuilder {
+    /// The name this limiter reports under: the `name` label of its
+    /// Prometheus series and its name in the JSON snapshot (default
+    /// `rate_limit`). Give each limiter registered with one
+    /// `MetricsMiddleware` its own name; unnamed ones are told apart there
+    /// as `rate_limit`, `rate_limit_2`, ... in registration order.
+    ///
+    /// ```
+    /// use pmcp_resilience::observe::ReportSource;
+    /// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+    ///
+    /// let rl = RateLimitMiddleware::builder().name("echo-quota").build()?;
+    /// assert_eq!(rl.report().name(), "echo-quota");
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// How requests are grouped into limiters (default [`Scope::Global`]).
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = scope;
@@ -335,6 +356,7 @@ impl RateLimitBuilder {
             }
         };
         Ok(RateLimitMiddleware::from_parts(
+            self.name,
             self.scope,
             engine,
             self.cost,

@@ -59,6 +59,7 @@ pub(crate) enum Engine {
 }
 
 struct Inner {
+    name: String,
     scope: Scope,
     engine: Engine,
     cost: RequestCost,
@@ -158,6 +159,7 @@ impl RateLimitMiddleware {
             Arc::clone(&clock),
         ));
         Self::from_parts(
+            super::report::DEFAULT_REPORT_NAME.to_owned(),
             Scope::Global,
             engine,
             RequestCost::default(),
@@ -196,6 +198,7 @@ impl RateLimitMiddleware {
 
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
+        name: String,
         scope: Scope,
         engine: Engine,
         cost: RequestCost,
@@ -207,6 +210,7 @@ impl RateLimitMiddleware {
     ) -> Self {
         RateLimitMiddleware {
             inner: Arc::new(Inner {
+                name,
                 scope,
                 engine,
                 cost,
@@ -219,6 +223,13 @@ impl RateLimitMiddleware {
             }),
             target,
         }
+    }
+
+    /// The name this limiter reports under (set with
+    /// [`RateLimitBuilder::name`](super::RateLimitBuilder::name);
+    /// `rate_limit` by default).
+    pub fn report_name(&self) -> &str {
+        &self.inner.name
     }
 
     /// A handle for requests to the server at `url`, sharing state.
@@ -680,6 +691,7 @@ mod tests {
             Arc::clone(&shared),
         ));
         let rl = RateLimitMiddleware::from_parts(
+            crate::rate_limit::report::DEFAULT_REPORT_NAME.to_owned(),
             Scope::Global,
             engine,
             RequestCost::default(),

@@ -27,8 +27,9 @@ use super::metrics::RateLimitSnapshot;
 use super::middleware::RateLimitMiddleware;
 use crate::observe::{LimiterKeyReport, LimiterReport, Report, ReportSource};
 
-/// The name a limiter reports under unless wrapped in a
-/// [`NamedSource`](crate::observe::NamedSource).
+/// The name a limiter reports under when its builder was given no
+/// [`name`](super::RateLimitBuilder::name) (and it is not wrapped in a
+/// [`NamedSource`](crate::observe::NamedSource)).
 pub const DEFAULT_REPORT_NAME: &str = "rate_limit";
 
 impl RateLimitMiddleware {
@@ -66,7 +67,7 @@ fn key_report(row: &KeyUsage) -> LimiterKeyReport {
 
 impl ReportSource for RateLimitMiddleware {
     fn report(&self) -> Report {
-        Report::RateLimit(self.report_named(DEFAULT_REPORT_NAME))
+        Report::RateLimit(self.report_named(self.report_name()))
     }
 }
 
