@@ -38,7 +38,7 @@ use pmcp::shared::streamable_http::{
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{Client, ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
 use pmcp_resilience::circuit_breaker::{CircuitBreakerBuilder, CircuitState};
-use pmcp_resilience::{CircuitBreakerMiddleware, CircuitBreakerScope, ErrorMatcher};
+use pmcp_resilience::{CircuitBreakerMiddleware, ErrorMatcher, Scope};
 use serde_json::{Value, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -247,7 +247,7 @@ async fn main() -> Result<(), Error> {
     println!("\n== 1. one breaker per server; HTTP 503 seen through the transport wrapper");
     let server_changes = Changes::default();
     let per_server = watched(CircuitBreakerMiddleware::builder(), &log, &server_changes)
-        .scope(CircuitBreakerScope::PerServer)
+        .scope(Scope::PerServer)
         .failure_threshold(3)
         .success_threshold(1)
         .timeout(OPEN_FOR)
@@ -325,7 +325,7 @@ async fn main() -> Result<(), Error> {
     println!("\n== 2. one breaker per JSON-RPC method: tools/call opens, tools/list still passes");
     let method_changes = Changes::default();
     let per_method = watched(CircuitBreakerMiddleware::builder(), &log, &method_changes)
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(2)
         .timeout(OPEN_FOR)
         .build()?;
@@ -361,7 +361,7 @@ async fn main() -> Result<(), Error> {
     println!("\n== 3. one breaker per tool: only `db` opens, `search` keeps working");
     let tool_changes = Changes::default();
     let per_tool = watched(CircuitBreakerMiddleware::builder(), &log, &tool_changes)
-        .scope(CircuitBreakerScope::PerTool)
+        .scope(Scope::PerTool)
         .failure_threshold(2)
         .timeout(OPEN_FOR)
         .build()?;

@@ -25,8 +25,7 @@ use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
 use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware, NamedSource};
 use pmcp_resilience::{
-    BackpressureConfig, RateLimitMiddleware, RateLimitScope, RateLimitStrategy, RequestTarget,
-    Timestamp,
+    BackpressureConfig, RateLimitMiddleware, RateLimitStrategy, RequestTarget, Scope, Timestamp,
 };
 use serde_json::{Value, json};
 
@@ -201,7 +200,7 @@ async fn main() -> Result<(), Error> {
     // ---------------------------------------------------------- part 2
     println!("\n== 2. per-session budgets: 3 calls per minute for each MCP session");
     let per_session = RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerSession)
+        .scope(Scope::PerSession)
         .strategy(RateLimitStrategy::FixedWindow {
             max_requests: 3,
             window: Duration::from_secs(60),
@@ -252,12 +251,12 @@ async fn main() -> Result<(), Error> {
         refill_rate: 10,
     };
     let rejecting = RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerTool)
+        .scope(Scope::PerTool)
         .strategy(bucket)
         .backpressure(BackpressureConfig::reject().with_client_signal())
         .build()?;
     let waiting = RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerTool)
+        .scope(Scope::PerTool)
         .strategy(bucket)
         .backpressure(BackpressureConfig::wait_up_to(Duration::from_secs(1)))
         .build()?;

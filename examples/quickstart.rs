@@ -15,8 +15,7 @@ use pmcp::shared::streamable_http::{
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
 use pmcp_resilience::{
-    BackpressureConfig, CircuitBreakerMiddleware, CircuitBreakerScope, RateLimitMiddleware,
-    RateLimitScope, RateLimitStrategy,
+    BackpressureConfig, CircuitBreakerMiddleware, RateLimitMiddleware, RateLimitStrategy, Scope,
 };
 use serde_json::{Value, json};
 
@@ -74,13 +73,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. One breaker per tool; one limiter per JSON-RPC method.
     let breaker = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerTool)
+        .scope(Scope::PerTool)
         .failure_threshold(3)
         .success_threshold(1)
         .timeout(Duration::from_secs(30))
         .build()?;
     let limiter = RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerMethod)
+        .scope(Scope::PerMethod)
         .strategy(RateLimitStrategy::TokenBucket {
             capacity: 5,
             refill_rate: 1,

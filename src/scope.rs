@@ -2,8 +2,8 @@
 //!
 //! A [`Scope`] turns a JSON-RPC request into a [`ScopeKey`]: one circuit
 //! breaker or one rate limiter exists per distinct key. The same enum serves
-//! both middlewares ([`CircuitBreakerScope`] and [`RateLimitScope`] are names
-//! for it).
+//! both middlewares; [`CircuitBreakerScope`] and [`RateLimitScope`], the
+//! feature request's names, are aliases of it kept for compatibility.
 //!
 //! ```
 //! use pmcp_resilience::scope::{RequestTarget, Scope};
@@ -90,9 +90,11 @@ pub enum Scope {
     Custom(KeyFn),
 }
 
-/// The scope of a circuit breaker (the feature request's name).
+/// Another name for [`Scope`], kept from the original feature request so
+/// that code written against it compiles. New code writes `Scope`.
 pub type CircuitBreakerScope = Scope;
-/// The scope of a rate limiter (the feature request's name).
+/// Another name for [`Scope`], kept from the original feature request so
+/// that code written against it compiles. New code writes `Scope`.
 pub type RateLimitScope = Scope;
 
 impl fmt::Debug for Scope {

@@ -15,12 +15,12 @@ use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
 use pmcp_resilience::circuit_breaker::{
     CircuitBreakerMiddleware, CircuitState, ErrorMatcher, Verdict,
 };
-use pmcp_resilience::{CircuitBreakerScope, ManualClock, StatePersistence};
+use pmcp_resilience::{ManualClock, Scope, StatePersistence};
 use serde_json::json;
 
 fn breaker(clock: &ManualClock, threshold: u32) -> CircuitBreakerMiddleware {
     CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(threshold)
         .timeout(Duration::from_secs(10))
         .clock(Arc::new(clock.clone()))
@@ -90,7 +90,7 @@ async fn two_contexts_with_the_same_request_id_are_both_counted() {
 async fn a_context_used_again_before_its_answer_keeps_the_first_call_until_its_deadline() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(3)
         .call_timeout(Duration::from_secs(5))
         .clock(Arc::new(clock.clone()))
@@ -179,7 +179,7 @@ async fn a_neutral_half_open_probe_does_not_close_and_the_next_probe_decides() {
 async fn neutral_can_be_configured_away() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(2)
         .trigger_errors(ErrorMatcher::JsonRpcCodes(vec![-32602]))
         .neutral_errors(ErrorMatcher::Nothing)
@@ -230,7 +230,7 @@ async fn a_dropped_permit_is_released_and_counted_once() {
 async fn a_call_past_its_deadline_ends_as_timed_out_once() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(2)
         .call_timeout(Duration::from_secs(5))
         .clock(Arc::new(clock.clone()))
@@ -274,7 +274,7 @@ async fn a_thousand_concurrent_half_open_callers_admit_exactly_the_probe_limit()
     for probes in [1u32, 3] {
         let clock = ManualClock::new();
         let cb = CircuitBreakerMiddleware::builder()
-            .scope(CircuitBreakerScope::PerMethod)
+            .scope(Scope::PerMethod)
             .failure_threshold(1)
             .half_open_max_probes(probes)
             .timeout(Duration::from_secs(10))
@@ -309,7 +309,7 @@ async fn a_thousand_concurrent_half_open_callers_admit_exactly_the_probe_limit()
 async fn the_per_key_state_view_is_bounded_by_the_registry() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerSession)
+        .scope(Scope::PerSession)
         .failure_threshold(1)
         .timeout(Duration::from_secs(1))
         .registry_limits(pmcp_resilience::RegistryLimits {
@@ -345,7 +345,7 @@ async fn a_forced_mode_set_with_a_file_is_written_and_survives_a_restart() {
     let clock = ManualClock::new();
     let build = || {
         CircuitBreakerMiddleware::builder()
-            .scope(CircuitBreakerScope::PerMethod)
+            .scope(Scope::PerMethod)
             .persistence(StatePersistence::File(path.clone()))
             .clock(Arc::new(clock.clone()))
             .build()
@@ -370,7 +370,7 @@ async fn a_hanging_server_trips_a_per_tool_breaker_through_the_call_deadline() {
     let server = support::start_server("hanging").await;
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerTool)
+        .scope(Scope::PerTool)
         .failure_threshold(2)
         .call_timeout(Duration::from_secs(5))
         .clock(Arc::new(clock.clone()))
@@ -410,7 +410,7 @@ async fn an_open_time_written_by_a_clock_that_was_ahead_is_clamped_on_load() {
     let path = dir.path().join("breaker.state");
     let build = |clock: &ManualClock| {
         CircuitBreakerMiddleware::builder()
-            .scope(CircuitBreakerScope::PerMethod)
+            .scope(Scope::PerMethod)
             .failure_threshold(1)
             .timeout(Duration::from_secs(10))
             .persistence(StatePersistence::File(path.clone()))

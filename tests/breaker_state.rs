@@ -19,7 +19,7 @@ use pmcp_resilience::circuit_breaker::state::{
     Verdict, acquire, record,
 };
 use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, ErrorMatcher};
-use pmcp_resilience::{CircuitBreakerScope, ConfigError, ManualClock, RegistryLimits, Timestamp};
+use pmcp_resilience::{ConfigError, ManualClock, RegistryLimits, Scope, Timestamp};
 use serde_json::json;
 
 const MS: Duration = Duration::from_millis(1);
@@ -394,7 +394,7 @@ async fn tool_errors_count_only_when_asked() {
 async fn half_open_recovery_through_the_middleware_and_signal_client() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerTool)
+        .scope(Scope::PerTool)
         .failure_threshold(1)
         .success_threshold(1)
         .timeout(Duration::from_secs(10))
@@ -630,7 +630,7 @@ async fn sibling_errors_and_own_rejections_are_not_counted() {
 async fn open_breakers_are_never_evicted_from_the_bounded_registry() {
     let clock = ManualClock::new();
     let cb = CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerSession)
+        .scope(Scope::PerSession)
         .failure_threshold(1)
         .timeout(Duration::from_secs(3600))
         .registry_limits(RegistryLimits {
@@ -746,7 +746,7 @@ impl Transport for FailingTransport {
 
 fn status_breaker(clock: &ManualClock) -> CircuitBreakerMiddleware {
     CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerServer)
+        .scope(Scope::PerServer)
         .server_url("http://127.0.0.1:1/mcp")
         .failure_threshold(2)
         .trigger_errors(ErrorMatcher::StatusCodes(vec![
@@ -870,7 +870,7 @@ fn a_quiet_state_admits_and_succeeds_without_changing() {
 /// A per-method breaker whose keys are idle after one second.
 fn per_method(clock: &ManualClock, threshold: u32) -> CircuitBreakerMiddleware {
     CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(threshold)
         .registry_limits(RegistryLimits {
             max_keys: 10,

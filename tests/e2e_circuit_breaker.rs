@@ -12,15 +12,11 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use pmcp::shared::AdvancedMiddleware;
 use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, ErrorMatcher};
-use pmcp_resilience::{CircuitBreakerScope, ManualClock};
+use pmcp_resilience::{ManualClock, Scope};
 use serde_json::json;
 use support::*;
 
-fn breaker(
-    scope: CircuitBreakerScope,
-    clock: &ManualClock,
-    matcher: ErrorMatcher,
-) -> CircuitBreakerMiddleware {
+fn breaker(scope: Scope, clock: &ManualClock, matcher: ErrorMatcher) -> CircuitBreakerMiddleware {
     match CircuitBreakerMiddleware::builder()
         .scope(scope)
         .failure_threshold(3)
@@ -49,11 +45,7 @@ async fn per_server_only_the_failing_servers_breaker_opens() {
     let healthy = start_server("healthy").await;
     let failing = start_server("failing").await;
     failing.break_flaky();
-    let cb = breaker(
-        CircuitBreakerScope::PerServer,
-        &clock,
-        ErrorMatcher::default(),
-    );
+    let cb = breaker(Scope::PerServer, &clock, ErrorMatcher::default());
 
     let mut to_healthy = client(transport(&healthy.url), as_mw(cb.for_server(&healthy.url)));
     let mut to_failing = client(transport(&failing.url), as_mw(cb.for_server(&failing.url)));
@@ -134,11 +126,7 @@ async fn per_tool_and_per_method_isolate_failures() {
     let server = start_server("tools").await;
 
     // Per tool: `fail` opens its own breaker, `echo` is untouched.
-    let per_tool = breaker(
-        CircuitBreakerScope::PerTool,
-        &clock,
-        ErrorMatcher::default(),
-    );
+    let per_tool = breaker(Scope::PerTool, &clock, ErrorMatcher::default());
     let mut c = client(transport(&server.url), as_mw(per_tool.clone()));
     initialize(&mut c).await;
     for _ in 0..3 {
@@ -173,11 +161,7 @@ async fn per_tool_and_per_method_isolate_failures() {
     server.heal();
 
     // Per method: tools/call failures open `method:tools/call` only.
-    let per_method = breaker(
-        CircuitBreakerScope::PerMethod,
-        &clock,
-        ErrorMatcher::default(),
-    );
+    let per_method = breaker(Scope::PerMethod, &clock, ErrorMatcher::default());
     let mut c2 = client(transport(&server.url), as_mw(per_method.clone()));
     initialize(&mut c2).await;
     for _ in 0..3 {
@@ -200,7 +184,7 @@ async fn http_503_trips_a_status_code_breaker_and_recovers() {
     let clock = ManualClock::new();
     let server = start_server("unavailable").await;
     let cb = breaker(
-        CircuitBreakerScope::PerServer,
+        Scope::PerServer,
         &clock,
         ErrorMatcher::StatusCodes(vec![
             StatusCode::BAD_GATEWAY,
@@ -255,7 +239,7 @@ async fn a_status_the_matcher_does_not_list_does_not_trip() {
     let clock = ManualClock::new();
     let server = start_server("not-found").await;
     let cb = breaker(
-        CircuitBreakerScope::Global,
+        Scope::Global,
         &clock,
         ErrorMatcher::StatusCodes(vec![StatusCode::SERVICE_UNAVAILABLE]),
     );
@@ -272,11 +256,7 @@ async fn a_status_the_matcher_does_not_list_does_not_trip() {
 async fn a_server_that_is_down_trips_a_transport_error_breaker() {
     let clock = ManualClock::new();
     let url = down_url().await;
-    let cb = breaker(
-        CircuitBreakerScope::PerServer,
-        &clock,
-        ErrorMatcher::TransportErrors,
-    );
+    let cb = breaker(Scope::PerServer, &clock, ErrorMatcher::TransportErrors);
     let handle = cb.for_server(&url);
     let mut c = client(
         handle.wrap_transport(transport(&url)),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pmcp::shared::AdvancedMiddleware;
 use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState};
-use pmcp_resilience::{CircuitBreakerScope, ManualClock, StatePersistence};
+use pmcp_resilience::{ManualClock, Scope, StatePersistence};
 use serde_json::json;
 use support::*;
 
@@ -18,7 +18,7 @@ fn breaker(path: &Path, clock: &ManualClock) -> CircuitBreakerMiddleware {
     // Per method, so `initialize` of the next client is not blocked by the
     // open breaker of `tools/call`.
     match CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerMethod)
+        .scope(Scope::PerMethod)
         .failure_threshold(3)
         .timeout(Duration::from_secs(30))
         .clock(Arc::new(clock.clone()))

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use pmcp::shared::AdvancedMiddleware;
 use pmcp_resilience::{
-    CircuitBreakerMiddleware, CircuitBreakerScope, RateLimitMiddleware, RateLimitScope,
-    RateLimitStrategy, StatePersistence,
+    CircuitBreakerMiddleware, RateLimitMiddleware, RateLimitStrategy, Scope, StatePersistence,
 };
 use serde_json::json;
 use support::redis::RedisServer;
@@ -39,7 +38,7 @@ async fn two_instances_share_one_limit_through_redis() {
     let redis = RedisServer::start();
     let server = start_server("shared-limit").await;
     let build = || match RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerTool)
+        .scope(Scope::PerTool)
         .strategy(RateLimitStrategy::FixedWindow {
             max_requests: 4,
             window: Duration::from_secs(60),
@@ -82,7 +81,7 @@ async fn failures_seen_by_one_instance_open_the_breaker_for_the_other() {
     let server = start_server("shared-breaker").await;
     server.break_flaky();
     let build = || match CircuitBreakerMiddleware::builder()
-        .scope(CircuitBreakerScope::PerTool)
+        .scope(Scope::PerTool)
         .failure_threshold(3)
         .timeout(Duration::from_secs(60))
         .persistence(redis_persistence(&redis, "e2e:"))
@@ -169,7 +168,7 @@ async fn the_store_mode_shows_in_the_metrics_and_recovers_with_redis() {
     let mut redis = RedisServer::start();
     let server = start_server("store-mode").await;
     let rl = match RateLimitMiddleware::builder()
-        .scope(RateLimitScope::PerMethod)
+        .scope(Scope::PerMethod)
         .strategy(RateLimitStrategy::TokenBucket {
             capacity: 1000,
             refill_rate: 1000,

@@ -912,7 +912,7 @@ async fn keys_longer_than_one_part_are_found_again() {
     // A tool name near the per-part bound makes a key longer than the bound
     // as a whole ("tool:" + 199 bytes); it must keep one state.
     let rl = RateLimitMiddleware::builder()
-        .scope(pmcp_resilience::RateLimitScope::PerTool)
+        .scope(pmcp_resilience::Scope::PerTool)
         .strategy(RateLimitStrategy::FixedWindow {
             max_requests: 1,
             window: Duration::from_secs(60),

@@ -217,11 +217,11 @@ pub fn validate_policy(p: &BreakerPolicy) -> Result<(), ConfigError> {
 ///
 /// ```
 /// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, ErrorMatcher};
-/// use pmcp_resilience::CircuitBreakerScope;
+/// use pmcp_resilience::Scope;
 /// use std::time::Duration;
 ///
 /// let cb = CircuitBreakerMiddleware::builder()
-///     .scope(CircuitBreakerScope::PerMethod)
+///     .scope(Scope::PerMethod)
 ///     .failure_threshold(5)
 ///     .success_threshold(2)
 ///     .timeout(Duration::from_secs(30))

@@ -1,11 +1,11 @@
 //! The breaker as a pmcp `AdvancedMiddleware`, and the handle users hold.
 //!
 //! ```
-//! use pmcp_resilience::{CircuitBreakerMiddleware, CircuitBreakerScope};
+//! use pmcp_resilience::{CircuitBreakerMiddleware, Scope};
 //! use pmcp::shared::AdvancedMiddleware;
 //!
 //! let cb = CircuitBreakerMiddleware::builder()
-//!     .scope(CircuitBreakerScope::PerTool)
+//!     .scope(Scope::PerTool)
 //!     .build()
 //!     .expect("valid settings");
 //! assert_eq!(cb.name(), "circuit_breaker");

@@ -2,7 +2,7 @@
 //!
 //! ```
 //! use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, ErrorMatcher};
-//! use pmcp_resilience::{CircuitBreakerScope, ManualClock};
+//! use pmcp_resilience::{Scope, ManualClock};
 //! use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
 //! use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
 //! use pmcp::types::jsonrpc::ResponsePayload;
@@ -13,7 +13,7 @@
 //! # async fn main() {
 //! let clock = ManualClock::new();
 //! let cb = CircuitBreakerMiddleware::builder()
-//!     .scope(CircuitBreakerScope::PerMethod)
+//!     .scope(Scope::PerMethod)
 //!     .failure_threshold(2)
 //!     .timeout(Duration::from_secs(10))
 //!     .clock(Arc::new(clock.clone()))
