@@ -66,6 +66,7 @@
 
 pub mod circuit_breaker;
 pub mod clock;
+pub mod display;
 pub mod error;
 mod hooks;
 pub mod metrics;
