@@ -38,6 +38,7 @@ use pmcp::shared::streamable_http::{
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{Client, ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
 use pmcp_resilience::circuit_breaker::{CircuitBreakerBuilder, CircuitState};
+use pmcp_resilience::display::Seconds;
 use pmcp_resilience::{CircuitBreakerMiddleware, ErrorMatcher, Scope};
 use serde_json::{Value, json};
 
@@ -178,8 +179,8 @@ async fn call<T: Transport + 'static>(
     let outcome = match client.call_tool(tool.to_string(), json!({})).await {
         Ok(_) => "ok".to_string(),
         Err(pmcp::Error::CircuitBreakerOpen) => format!(
-            "REJECTED by the open breaker, not sent (retry in {:.1} s)",
-            cb.retry_after(key).unwrap_or_default().as_secs_f64()
+            "REJECTED by the open breaker, not sent (retry in {})",
+            Seconds(cb.retry_after(key).unwrap_or_default())
         ),
         Err(e) => format!("failed: {}", short(&e.to_string())),
     };

@@ -14,6 +14,7 @@ use pmcp::shared::streamable_http::{
 };
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
+use pmcp_resilience::display::{Rfc3339, Seconds};
 use pmcp_resilience::{
     BackpressureConfig, CircuitBreakerMiddleware, RateLimitMiddleware, RateLimitStrategy, Scope,
 };
@@ -104,14 +105,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         match client.call_tool("flaky_db".into(), json!({})).await {
             Ok(_) => println!("call {i}: ok"),
             Err(pmcp::Error::CircuitBreakerOpen) => println!(
-                "call {i}: rejected locally, breaker {} (retry in {:.1} s)",
+                "call {i}: rejected locally, breaker {} (retry in {})",
                 breaker
                     .state_of("tool:flaky_db")
                     .map_or("-".into(), |s| s.to_string()),
-                breaker
-                    .retry_after("tool:flaky_db")
-                    .unwrap_or_default()
-                    .as_secs_f64()
+                Seconds(breaker.retry_after("tool:flaky_db").unwrap_or_default())
             ),
             Err(e) => println!("call {i}: server error: {e}"),
         }
@@ -163,10 +161,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         println!(
-            "  {key}: {} of {} used, full again in {:.1} s",
+            "  {key}: {} of {} used, full again at {} (in {})",
             usage.used,
             usage.limit,
-            full_in.as_secs_f64()
+            Rfc3339(usage.reset_at),
+            Seconds(full_in)
         );
     }
 
