@@ -23,7 +23,8 @@ use pmcp::shared::streamable_http::{
 };
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
-use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware, NamedSource};
+use pmcp_resilience::display::Seconds;
+use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware};
 use pmcp_resilience::{
     BackpressureConfig, RateLimitMiddleware, RateLimitStrategy, RequestTarget, Scope, Timestamp,
 };
@@ -176,8 +177,17 @@ fn describe(result: &pmcp::Result<pmcp::types::CallToolResult>) -> String {
     match result {
         Ok(_) => "ok".into(),
         Err(pmcp::Error::Protocol { code, data, .. }) if code.as_i32() == -32005 => {
-            let wait = data.as_ref().and_then(|d| d.get("retryAfterMs")).cloned();
-            format!("rate limited, retryAfterMs {}", wait.unwrap_or(Value::Null))
+            match data
+                .as_ref()
+                .and_then(|d| d.get("retryAfterMs"))
+                .and_then(Value::as_u64)
+            {
+                Some(ms) => format!(
+                    "rate limited, retry in {}",
+                    Seconds(Duration::from_millis(ms))
+                ),
+                None => "rate limited".into(),
+            }
         }
         Err(pmcp::Error::RateLimited) => "rate limited".into(),
         Err(e) => format!("error: {e}"),
@@ -200,6 +210,7 @@ async fn main() -> Result<(), Error> {
     // ---------------------------------------------------------- part 2
     println!("\n== 2. per-session budgets: 3 calls per minute for each MCP session");
     let per_session = RateLimitMiddleware::builder()
+        .name("per-session") // the `name` label of its metrics
         .scope(Scope::PerSession)
         .strategy(RateLimitStrategy::FixedWindow {
             max_requests: 3,
@@ -212,10 +223,7 @@ async fn main() -> Result<(), Error> {
             endpoint: "/metrics".into(),
         })
         .include_rate_limit_stats(true)
-        .source(Arc::new(NamedSource::new(
-            "per-session",
-            per_session.clone(),
-        )))
+        .source(Arc::new(per_session.clone()))
         .build()?;
     let mut sessions = Vec::new();
     for _ in 0..2 {
@@ -236,12 +244,22 @@ async fn main() -> Result<(), Error> {
     }
     println!("   (each `initialize` ran before the server assigned a session id: it counts under");
     println!("   the documented fallback key `session:no-session`)");
+    let mut admitted_per_session = Vec::new();
     for (name, calls, (session, client)) in [("A", 5, &sessions[0]), ("B", 3, &sessions[1])] {
         let short: String = session.chars().take(8).collect();
+        let mut admitted = 0;
         for i in 1..=calls {
             let r = client.call_tool("search".into(), json!({})).await;
+            admitted += usize::from(r.is_ok());
             println!("   session {name} ({short}..) call {i}: {}", describe(&r));
         }
+        admitted_per_session.push(admitted);
+    }
+    // Each session has its own budget of 3: A is refused twice, B never.
+    if admitted_per_session != [3, 3] {
+        return Err(
+            format!("expected 3 calls admitted per session, got {admitted_per_session:?}").into(),
+        );
     }
 
     // ---------------------------------------------------------- part 3
@@ -251,17 +269,20 @@ async fn main() -> Result<(), Error> {
         refill_rate: 10,
     };
     let rejecting = RateLimitMiddleware::builder()
+        .name("rejecting")
         .scope(Scope::PerTool)
         .strategy(bucket)
         .backpressure(BackpressureConfig::reject().with_client_signal())
         .build()?;
     let waiting = RateLimitMiddleware::builder()
+        .name("waiting")
         .scope(Scope::PerTool)
         .strategy(bucket)
         .backpressure(BackpressureConfig::wait_up_to(Duration::from_secs(1)))
         .build()?;
-    metrics.register(Arc::new(NamedSource::new("rejecting", rejecting.clone())));
-    metrics.register(Arc::new(NamedSource::new("waiting", waiting.clone())));
+    metrics.register(Arc::new(rejecting.clone()));
+    metrics.register(Arc::new(waiting.clone()));
+    let mut admitted_by_mode = Vec::new();
     for (label, limiter) in [("reject", &rejecting), ("wait  ", &waiting)] {
         let mut client = ClientBuilder::new(transport(&url)?)
             .with_middleware(Arc::new(metrics.clone()))
@@ -271,14 +292,24 @@ async fn main() -> Result<(), Error> {
             .initialize(pmcp::ClientCapabilities::minimal())
             .await?;
         let start = Instant::now();
+        let mut admitted = 0;
         for i in 1..=6 {
             let r = client.call_tool("search".into(), json!({})).await;
+            admitted += usize::from(r.is_ok());
             println!(
                 "   {label} call {i} done at {:>4} ms: {}",
                 start.elapsed().as_millis(),
                 describe(&r)
             );
         }
+        admitted_by_mode.push(admitted);
+    }
+    // A bucket of 2 admits 2 at once and refuses the rest; waiting admits all 6.
+    if admitted_by_mode != [2, 6] {
+        return Err(format!(
+            "expected 2 calls admitted when rejecting and 6 when waiting, got {admitted_by_mode:?}"
+        )
+        .into());
     }
 
     // ---------------------------------------------------------- part 4
@@ -306,9 +337,20 @@ async fn main() -> Result<(), Error> {
     }
 
     println!("\n   Prometheus text (MetricsMiddleware::render(), histogram buckets left out):");
-    for line in metrics.render().lines() {
+    let text = metrics.render();
+    for line in text.lines() {
         if !line.contains("_bucket{") && !line.starts_with("# HELP") {
             println!("   {line}");
+        }
+    }
+    // Two limiters on one key, told apart by their `name` label.
+    for expected in [
+        r#"mcp_rate_limit_requests_allowed_total{name="rejecting",scope="tool",key="tool:search"} 2"#,
+        r#"mcp_rate_limit_requests_rejected_total{name="rejecting",scope="tool",key="tool:search"} 4"#,
+        r#"mcp_rate_limit_requests_allowed_total{name="waiting",scope="tool",key="tool:search"} 6"#,
+    ] {
+        if !text.lines().any(|line| line == expected) {
+            return Err(format!("the Prometheus text lacks `{expected}`").into());
         }
     }
 
