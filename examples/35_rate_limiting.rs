@@ -459,6 +459,9 @@ mod redis_part {
             "   together {} against one shared limit of 10 per minute",
             mine + theirs
         );
+        if mine + theirs != 10 {
+            return Err(format!("one shared limit of 10 admitted {}", mine + theirs).into());
+        }
         Ok(())
     }
 }
