@@ -121,6 +121,27 @@ impl Scope {
         }
     }
 
+    /// The key a `tools/call` of `tool` gets under this scope, with the
+    /// server URL and session id taken from `target`: `tool:search` under
+    /// [`Scope::PerTool`], `method:tools/call` under [`Scope::PerMethod`].
+    ///
+    /// ```
+    /// use pmcp_resilience::scope::{RequestTarget, Scope};
+    ///
+    /// let target = RequestTarget::default();
+    /// assert_eq!(Scope::PerTool.key_of_tool("search", &target).as_str(), "tool:search");
+    /// assert_eq!(Scope::PerMethod.key_of_tool("search", &target).as_str(), "method:tools/call");
+    /// ```
+    pub fn key_of_tool(&self, tool: &str, target: &RequestTarget) -> ScopeKey {
+        let request = JSONRPCRequest {
+            jsonrpc: "2.0".into(),
+            method: "tools/call".into(),
+            params: Some(serde_json::json!({ "name": tool })),
+            id: pmcp::types::RequestId::from(0i64),
+        };
+        self.key(&request, target)
+    }
+
     /// The key of `request` under this scope, with the server URL and session
     /// id taken from `target`.
     pub fn key(&self, request: &JSONRPCRequest, target: &RequestTarget) -> ScopeKey {
@@ -291,6 +312,20 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// Logs a debug hint when `key`, given to `state_of` or `retry_after`,
+/// cannot be the key of any scope: every key but `global` starts with its
+/// scope's prefix (`tool:search`, never `search`).
+pub(crate) fn hint_if_bare(key: &str, scope: &Scope) {
+    if key != "global" && !key.contains(':') {
+        tracing::debug!(
+            key,
+            scope = scope.label(),
+            "no key `{key}` can exist: keys carry their scope's prefix, such as `tool:{key}` \
+             or `method:{key}`; build them with `key_of` or `key_of_tool`"
+        );
+    }
 }
 
 /// The key of one breaker or limiter: cheap to clone, bounded in length.

@@ -90,19 +90,34 @@ impl CircuitBreakerMiddleware {
 
     /// The state of `key` as callers see it, or `None` if the key is not
     /// held. Calls past their deadline are ended first.
+    ///
+    /// `key` is the key text of the breaker's scope, prefix included:
+    /// `tool:search`, `method:tools/call`, `global`; [`key_of`](Self::key_of)
+    /// and [`key_of_tool`](Self::key_of_tool) build it. A bare `search` is
+    /// no key (`None`, with a debug hint in the log).
     pub fn state_of(&self, key: &str) -> Option<CircuitState> {
         self.core.end_expired(self.core.clock.now());
-        self.core.registry.peek(key, |e| e.state.effective_state())
+        let state = self.core.registry.peek(key, |e| e.state.effective_state());
+        if state.is_none() {
+            crate::scope::hint_if_bare(key, &self.core.scope);
+        }
+        state
     }
 
     /// How long until `key` may admit a call, if it is rejecting now
-    /// (`None` for a closed, unknown or forced-open key).
+    /// (`None` for a closed, unknown or forced-open key). `key` has the form
+    /// [`state_of`](Self::state_of) takes (`tool:search`).
     pub fn retry_after(&self, key: &str) -> Option<Duration> {
         let now = self.core.clock.now();
-        self.core
+        let wait = self
+            .core
             .registry
             .peek(key, |e| e.state.retry_after(now))
-            .flatten()
+            .flatten();
+        if wait.is_none() {
+            crate::scope::hint_if_bare(key, &self.core.scope);
+        }
+        wait
     }
 
     /// The policy in force.

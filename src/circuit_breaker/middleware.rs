@@ -230,6 +230,22 @@ impl CircuitBreakerMiddleware {
         self.core.scope.key(request, &self.target)
     }
 
+    /// The key a `tools/call` of `tool` gets under this breaker's scope and
+    /// target, to ask [`state_of`](Self::state_of) or
+    /// [`retry_after`](Self::retry_after) about it.
+    ///
+    /// ```
+    /// use pmcp_resilience::{CircuitBreakerMiddleware, Scope};
+    ///
+    /// let per_tool = CircuitBreakerMiddleware::builder().scope(Scope::PerTool).build()?;
+    /// assert_eq!(per_tool.key_of_tool("search").as_str(), "tool:search");
+    /// assert_eq!(per_tool.state_of(per_tool.key_of_tool("search").as_str()), None); // no call yet
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn key_of_tool(&self, tool: &str) -> ScopeKey {
+        self.core.scope.key_of_tool(tool, &self.target)
+    }
+
     /// Writes the state file now (with file persistence; nothing to do otherwise).
     pub async fn flush(&self) -> Result<(), StoreError> {
         match &self.core.backend {

@@ -250,10 +250,15 @@ impl RateLimitMiddleware {
         &self.inner.scope
     }
 
-    /// How long until a request of cost 1 for `key` (as the scope builds it,
-    /// e.g. `session:abc`) would be admitted: `None` if it would be now.
-    /// With a custom limiter this is always `None`.
+    /// How long until a request of cost 1 for `key` would be admitted:
+    /// `None` if it would be now. With a custom limiter this is always `None`.
+    ///
+    /// `key` is the key text of the limiter's scope, prefix included
+    /// (`tool:search`, `session:abc`, `global`), as [`key_of`](Self::key_of)
+    /// and [`key_of_tool`](Self::key_of_tool) build it; a bare `search` is no
+    /// key (`None`, with a debug hint in the log).
     pub fn retry_after(&self, key: &str) -> Option<Duration> {
+        crate::scope::hint_if_bare(key, &self.inner.scope);
         let Engine::Memory(limiter) = &self.inner.engine else {
             return None;
         };
@@ -274,6 +279,21 @@ impl RateLimitMiddleware {
     /// The request's key under this handle's scope and target.
     pub fn key_of(&self, request: &JSONRPCRequest) -> ScopeKey {
         self.inner.scope.key(request, &self.target)
+    }
+
+    /// The key a `tools/call` of `tool` gets under this handle's scope and
+    /// target, to ask [`retry_after`](Self::retry_after) about it.
+    ///
+    /// ```
+    /// use pmcp_resilience::{RateLimitMiddleware, Scope};
+    ///
+    /// let per_tool = RateLimitMiddleware::builder().scope(Scope::PerTool).build()?;
+    /// assert_eq!(per_tool.key_of_tool("search").as_str(), "tool:search");
+    /// assert_eq!(per_tool.retry_after(per_tool.key_of_tool("search").as_str()), None);
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn key_of_tool(&self, tool: &str) -> ScopeKey {
+        self.inner.scope.key_of_tool(tool, &self.target)
     }
 
     /// The counters, with the per-key view refreshed now (if no reader holds
