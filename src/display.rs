@@ -9,7 +9,7 @@
 //! use pmcp_resilience::display::{Rfc3339, Seconds};
 //! use std::time::{Duration, SystemTime};
 //!
-//! assert_eq!(Seconds(Duration::from_millis(29_950)).to_string(), "30.0 s");
+//! assert_eq!(Seconds(Duration::from_millis(29_940)).to_string(), "29.9 s");
 //! assert_eq!(format!("{:.3}", Seconds(Duration::from_millis(1_500))), "1.500 s");
 //! let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_997_292_120);
 //! assert_eq!(Rfc3339(at).to_string(), "2026-11-30T00:08:12.120Z");
