@@ -90,6 +90,20 @@ impl fmt::Debug for Timestamp {
     }
 }
 
+/// RFC 3339 in UTC with milliseconds, as [`Rfc3339`](crate::display::Rfc3339)
+/// shows it: `2026-11-30T05:50:04.120Z`.
+///
+/// ```
+/// use pmcp_resilience::Timestamp;
+///
+/// assert_eq!(Timestamp::from_millis(951_782_400_250).to_string(), "2000-02-29T00:00:00.250Z");
+/// ```
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&crate::display::Rfc3339::from(*self), f)
+    }
+}
+
 /// A [`Duration`] in nanoseconds, saturating at `u64::MAX` (about 584 years).
 pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
