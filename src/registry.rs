@@ -345,6 +345,20 @@ struct Slot<S> {
     state: S,
 }
 
+impl<S> Slot<S> {
+    /// Makes the slot of a new key, its state made by `init`.
+    fn maker(now: Timestamp, init: impl FnOnce(&ScopeKey) -> S) -> impl FnOnce(&str) -> Self {
+        move |key| {
+            let key = ScopeKey::verbatim(key);
+            Slot {
+                state: init(&key),
+                key,
+                last_seen: now,
+            }
+        }
+    }
+}
+
 impl<S: KeyState> Record for Slot<S> {
     type Context = ();
 
@@ -387,15 +401,8 @@ impl<S: KeyState> Registry<S> {
         init: impl FnOnce(&ScopeKey) -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
-        let make = |key: &str| {
-            let key = ScopeKey::verbatim(key);
-            Slot {
-                state: init(&key),
-                key,
-                last_seen: now,
-            }
-        };
-        self.0.with(key, now, make, |slot| f(&mut slot.state))
+        self.0
+            .with(key, now, Slot::maker(now, init), |slot| f(&mut slot.state))
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs
@@ -410,15 +417,8 @@ impl<S: KeyState> Registry<S> {
         init: impl FnOnce(&ScopeKey) -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> Option<R> {
-        let make = |key: &str| {
-            let key = ScopeKey::verbatim(key);
-            Slot {
-                state: init(&key),
-                key,
-                last_seen: now,
-            }
-        };
-        self.0.try_with(key, now, make, |slot| f(&mut slot.state))
+        self.0
+            .try_with(key, now, Slot::maker(now, init), |slot| f(&mut slot.state))
     }
 
     /// Runs `f` on the state of `key` if it exists.

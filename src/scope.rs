@@ -69,6 +69,29 @@ pub type KeyFn = Arc<dyn Fn(&JSONRPCRequest) -> String + Send + Sync>;
 pub type SessionSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// How requests are grouped into independent breakers or limiters.
+///
+/// One type for both ([`CircuitBreakerScope`](crate::CircuitBreakerScope)
+/// and [`RateLimitScope`](crate::RateLimitScope) are its other names). Each
+/// request gets a key in the scope's form, `tool:search`,
+/// `method:tools/call`, `session:<id>`; that key text is what `state_of`,
+/// `retry_after` and the metrics use.
+///
+/// ```
+/// use pmcp::types::{JSONRPCRequest, RequestId};
+/// use pmcp_resilience::{RequestTarget, Scope};
+/// use serde_json::json;
+///
+/// let call = JSONRPCRequest {
+///     jsonrpc: "2.0".into(),
+///     method: "tools/call".into(),
+///     params: Some(json!({ "name": "search" })),
+///     id: RequestId::from(1i64),
+/// };
+/// let target = RequestTarget::default().with_server_url("http://127.0.0.1:8080/mcp");
+/// assert_eq!(Scope::PerTool.key(&call, &target).as_str(), "tool:search");
+/// assert_eq!(Scope::PerMethod.key(&call, &target).as_str(), "method:tools/call");
+/// assert_eq!(Scope::Global.key(&call, &target).as_str(), "global");
+/// ```
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum Scope {

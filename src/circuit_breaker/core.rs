@@ -31,7 +31,7 @@ use super::entry::{Breakers, KeyBreaker};
 use super::matcher::{self, ErrorMatcher, Outcome};
 use super::metrics::CircuitBreakerMetrics;
 use super::permit::{Permit, Rejected, spawn_or_drop};
-use super::persist::{self, Backend};
+use super::persist::{self, Backend, adopt, adopt_transition};
 use super::state::{
     self, Admission, BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, Transition,
     Verdict,
@@ -629,48 +629,5 @@ impl Core {
             }
         });
         states
-    }
-}
-
-/// Keeps the state a shared store reported for a key, so that this
-/// process can go on from it when the store fails.
-fn adopt(
-    s: &mut CircuitBreakerState,
-    admission: Admission,
-    transition: Option<Transition>,
-    now: Timestamp,
-) {
-    if let Some(t) = transition {
-        adopt_transition(s, t, now);
-    }
-    match admission {
-        Admission::Allowed { probe: Some(_) } => s.state = CircuitState::HalfOpen,
-        Admission::Allowed { probe: None } => {
-            if s.state != CircuitState::Closed {
-                s.state = CircuitState::Closed;
-                s.probes.clear();
-            }
-        }
-        Admission::Rejected { retry_after } => {
-            // Half-open with every probe taken (by any process) is, for this
-            // process's view, open until a probe may be free again: its own
-            // probes must not add to the fleet's if the store fails.
-            if s.state != CircuitState::Open {
-                s.state = CircuitState::Open;
-                s.opened_at = now;
-                s.probes.clear();
-            }
-            s.open_until = now.saturating_add(retry_after);
-        }
-    }
-}
-
-fn adopt_transition(s: &mut CircuitBreakerState, t: Transition, now: Timestamp) {
-    s.state = t.to;
-    s.probes.clear();
-    match t.to {
-        CircuitState::Open => s.opened_at = now,
-        CircuitState::Closed => s.consecutive_failures = 0,
-        CircuitState::HalfOpen => s.half_open_successes = 0,
     }
 }

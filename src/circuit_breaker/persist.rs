@@ -6,14 +6,15 @@
 //!   or response that caused them returns); other changes (counts of a
 //!   closed breaker, mode changes) are written at most one flush interval later.
 //! - [`Backend::Shared`]: a [`CircuitBreakerStateStore`] decides (its async
-//!   `acquire`/`record`); the registry keeps only this process's counters
-//!   and the state last seen, for metrics.
+//!   `acquire`/`record`); the registry keeps this process's counters and
+//!   the state the store last reported ([`adopt`]), from which this process
+//!   goes on when the store fails.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use super::state::{BreakerMode, CircuitBreakerState, CircuitState};
+use super::state::{Admission, BreakerMode, CircuitBreakerState, CircuitState, Transition};
 use super::store::CircuitBreakerStateStore;
 use crate::clock::{SharedClock, Timestamp};
 use crate::error::ConfigError;
@@ -155,6 +156,49 @@ fn restored(
     state.open_until = state.open_until.min(now.saturating_add(longest));
     state.opened_at = state.opened_at.min(now);
     state
+}
+
+/// Keeps the state a shared store reported for a key, so that this
+/// process can go on from it when the store fails.
+pub(crate) fn adopt(
+    s: &mut CircuitBreakerState,
+    admission: Admission,
+    transition: Option<Transition>,
+    now: Timestamp,
+) {
+    if let Some(t) = transition {
+        adopt_transition(s, t, now);
+    }
+    match admission {
+        Admission::Allowed { probe: Some(_) } => s.state = CircuitState::HalfOpen,
+        Admission::Allowed { probe: None } => {
+            if s.state != CircuitState::Closed {
+                s.state = CircuitState::Closed;
+                s.probes.clear();
+            }
+        }
+        Admission::Rejected { retry_after } => {
+            // Half-open with every probe taken (by any process) is, for this
+            // process's view, open until a probe may be free again: its own
+            // probes must not add to the fleet's if the store fails.
+            if s.state != CircuitState::Open {
+                s.state = CircuitState::Open;
+                s.opened_at = now;
+                s.probes.clear();
+            }
+            s.open_until = now.saturating_add(retry_after);
+        }
+    }
+}
+
+pub(crate) fn adopt_transition(s: &mut CircuitBreakerState, t: Transition, now: Timestamp) {
+    s.state = t.to;
+    s.probes.clear();
+    match t.to {
+        CircuitState::Open => s.opened_at = now,
+        CircuitState::Closed => s.consecutive_failures = 0,
+        CircuitState::HalfOpen => s.half_open_successes = 0,
+    }
 }
 
 #[cfg(test)]

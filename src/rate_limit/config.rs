@@ -79,6 +79,28 @@ impl RequestCost {
 }
 
 /// Builds a [`RateLimitMiddleware`]; see the [module docs](super).
+/// `build` checks every setting and names the one it refuses.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::Scope;
+///
+/// // Ten units per second per tool, a burst of twenty; a search costs five.
+/// let limiter = RateLimitMiddleware::builder()
+///     .scope(Scope::PerTool)
+///     .strategy(RateLimitStrategy::TokenBucket { capacity: 20, refill_rate: 10 })
+///     .cost_for_tool("search", 5)
+///     .build()
+///     .expect("valid settings");
+/// assert_eq!(limiter.scope().label(), "tool");
+/// assert_eq!(limiter.retry_after("tool:search"), None); // nothing refused yet
+///
+/// // A bucket that refills nothing is refused at build, not at the first call.
+/// let refused = RateLimitMiddleware::builder()
+///     .strategy(RateLimitStrategy::TokenBucket { capacity: 20, refill_rate: 0 })
+///     .build();
+/// assert!(refused.is_err());
+/// ```
 #[derive(Debug)]
 pub struct RateLimitBuilder {
     name: String,

@@ -109,6 +109,39 @@ impl Settings {
 /// decided before a request reaches pmcp (see the [module docs](super)).
 ///
 /// Cheap to clone: clones share the limiter and the breaker.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
+/// use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::server::ResilienceLayer;
+/// use pmcp_resilience::Scope;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = Arc::new(pmcp::Server::builder().name("demo").version("1.0.0").build()?);
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(
+///         RateLimitMiddleware::builder()
+///             .scope(Scope::PerTool)
+///             .strategy(RateLimitStrategy::TokenBucket { capacity: 20, refill_rate: 10 })
+///             .build()?,
+///     )
+///     .circuit_breaker(
+///         CircuitBreakerMiddleware::builder()
+///             .scope(Scope::PerTool)
+///             .failure_threshold(5)
+///             .timeout(Duration::from_secs(30))
+///             .build()?,
+///     )
+///     // Calls of tools the server does not have share one neutral key.
+///     .tools_of(Arc::clone(&server))
+///     .build()?;
+/// let app = pmcp::axum::concurrent_router(server).layer(layer);
+/// # let _ = app;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ResilienceLayer {
     settings: Arc<Settings>,
@@ -138,6 +171,13 @@ impl ResilienceLayer {
 }
 
 /// Builds a [`ResilienceLayer`]; `build` checks the settings.
+///
+/// ```
+/// use pmcp_resilience::server::ResilienceLayer;
+///
+/// // A layer with neither a limiter nor a breaker would protect nothing.
+/// assert!(ResilienceLayer::builder().build().is_err());
+/// ```
 #[derive(Debug, Default)]
 pub struct ResilienceLayerBuilder {
     limiter: Option<RateLimitMiddleware>,
