@@ -237,9 +237,11 @@ async fn scripted_breaker_and_limiters_show_up_in_the_scraped_metrics() {
         waits
     );
     let waited_for = value(&s, "mcp_rate_limit_wait_seconds_sum", &waiter);
+    // Each wait is bounded by `max_wait` (1 s); a loaded machine may make a
+    // wait longer than the 100 ms refill, never longer than that.
     assert!(
-        waited_for > 0.0 && waited_for <= 0.2 * waits + 1e-9,
-        "sum of waits {waited_for} s for {waits} waits (the second waits at most 200 ms)"
+        waited_for > 0.0 && waited_for <= 1.0 * waits + 1e-9,
+        "sum of waits {waited_for} s for {waits} waits (each at most max_wait, 1 s)"
     );
     assert_eq!(
         value(

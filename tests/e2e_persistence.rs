@@ -10,23 +10,41 @@ use std::time::Duration;
 
 use pmcp::shared::AdvancedMiddleware;
 use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState};
-use pmcp_resilience::{ManualClock, Scope, StatePersistence};
+use pmcp_resilience::{ConfigError, ManualClock, Scope, StatePersistence};
 use serde_json::json;
 use support::*;
 
-fn breaker(path: &Path, clock: &ManualClock) -> CircuitBreakerMiddleware {
+fn build(path: &Path, clock: &ManualClock) -> Result<CircuitBreakerMiddleware, ConfigError> {
     // Per method, so `initialize` of the next client is not blocked by the
     // open breaker of `tools/call`.
-    match CircuitBreakerMiddleware::builder()
+    CircuitBreakerMiddleware::builder()
         .scope(Scope::PerMethod)
         .failure_threshold(3)
         .timeout(Duration::from_secs(30))
         .clock(Arc::new(clock.clone()))
         .persistence(StatePersistence::File(path.to_owned()))
         .build()
-    {
+}
+
+fn breaker(path: &Path, clock: &ManualClock) -> CircuitBreakerMiddleware {
+    match build(path, clock) {
         Ok(cb) => cb,
         Err(e) => panic!("breaker config rejected: {e}"),
+    }
+}
+
+/// The breaker on `path`, once the previous one has let go of the file
+/// (up to 30 s on a loaded machine).
+async fn reopen(path: &Path, clock: &ManualClock) -> CircuitBreakerMiddleware {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match build(path, clock) {
+            Ok(cb) => return cb,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the state file was never released: {e}"),
+        }
     }
 }
 
@@ -57,7 +75,10 @@ async fn a_breaker_opened_before_a_restart_rejects_at_once_after_it() {
     drop(first);
     drop(cb);
 
-    let cb = breaker(&path, &clock);
+    // The client's background task lets go of its middleware (and with it
+    // the state file) when the runtime gets to it: wait for that, not for
+    // a fixed time.
+    let cb = reopen(&path, &clock).await;
     assert_eq!(cb.state_of("method:tools/call"), Some(CircuitState::Open));
     let mut second = client(transport(&server.url), as_mw(&cb));
     initialize(&mut second).await;
