@@ -191,7 +191,7 @@ impl<R: Record> KeyMap<R> {
 
     /// Runs `f` on the record of `key` under its shard's lock, creating it
     /// with `make` if the key is new. At the cap, `f` runs on the overflow
-    /// record instead and the returned flag is `true`.
+    /// record instead (counted in [`RegistryStats::overflowed`]).
     #[inline]
     pub(crate) fn with<T>(
         &self,
@@ -199,13 +199,14 @@ impl<R: Record> KeyMap<R> {
         now: Timestamp,
         make: impl FnOnce(&str) -> R,
         f: impl FnOnce(&mut R) -> T,
-    ) -> (T, bool) {
-        // `f` is called in one place, so that it is inlined into the caller.
-        let (mut record, overflowed) = match self.lock_own(key, now, make) {
-            Ok(record) => (record, false),
-            Err(make) => (self.lock_overflow(now, make), true),
+    ) -> T {
+        // `f` is called in one place, so that it is inlined into the caller,
+        // and its result goes straight out (no flag beside it to move with it).
+        let mut record = match self.lock_own(key, now, make) {
+            Ok(record) => record,
+            Err(make) => self.lock_overflow(now, make),
         };
-        (f(&mut record), overflowed)
+        f(&mut record)
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs
@@ -405,7 +406,10 @@ impl<S: KeyState> Registry<S> {
                 last_seen: now,
             }
         };
-        self.0.with(key, now, make, |slot| f(&mut slot.state))
+        match self.0.lock_own(key, now, make) {
+            Ok(mut slot) => (f(&mut slot.state), false),
+            Err(make) => (f(&mut self.0.lock_overflow(now, make).state), true),
+        }
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs
