@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hashbrown::HashTable;
-use parking_lot::Mutex;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::clock::Timestamp;
 use crate::error::ConfigError;
@@ -191,7 +191,7 @@ impl<R: Record> KeyMap<R> {
 
     /// Runs `f` on the record of `key` under its shard's lock, creating it
     /// with `make` if the key is new. At the cap, `f` runs on the overflow
-    /// record instead and the returned flag is `true`.
+    /// record instead (counted in [`RegistryStats::overflowed`]).
     #[inline]
     pub(crate) fn with<T>(
         &self,
@@ -199,11 +199,14 @@ impl<R: Record> KeyMap<R> {
         now: Timestamp,
         make: impl FnOnce(&str) -> R,
         f: impl FnOnce(&mut R) -> T,
-    ) -> (T, bool) {
-        match self.with_own(key, now, make, f) {
-            Ok(t) => (t, false),
-            Err((make, f)) => (self.with_overflow(now, make, f), true),
-        }
+    ) -> T {
+        // `f` is called in one place, so that it is inlined into the caller,
+        // and its result goes straight out (no flag beside it to move with it).
+        let mut record = match self.lock_own(key, now, make) {
+            Ok(record) => record,
+            Err(make) => self.lock_overflow(now, make),
+        };
+        f(&mut record)
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs
@@ -218,25 +221,30 @@ impl<R: Record> KeyMap<R> {
         make: impl FnOnce(&str) -> R,
         f: impl FnOnce(&mut R) -> T,
     ) -> Option<T> {
-        self.with_own(key, now, make, f).ok()
+        let mut record = self.lock_own(key, now, make).ok()?;
+        Some(f(&mut record))
     }
 
-    /// Runs `f` on the key's own record, or hands `make` and `f` back at
-    /// the cap (counted as an overflow).
+    /// The key's own record, locked, or `make` handed back at the cap
+    /// (counted as an overflow).
     #[inline]
-    fn with_own<T, M, F>(&self, key: &str, now: Timestamp, make: M, f: F) -> Result<T, (M, F)>
+    fn lock_own<M>(&self, key: &str, now: Timestamp, make: M) -> Result<MappedMutexGuard<'_, R>, M>
     where
         M: FnOnce(&str) -> R,
-        F: FnOnce(&mut R) -> T,
     {
         let context = self.context;
         let hash = self.hash(key.as_bytes());
         let shard = self.shard_of(hash);
-        let mut table = shard.table.lock();
-        if let Some(record) = table.find_mut(hash, |r| r.key(context) == key.as_bytes()) {
-            record.touch(now);
-            return Ok(f(record));
-        }
+        let table = shard.table.lock();
+        let mut table = match MutexGuard::try_map(table, |t| {
+            t.find_mut(hash, |r| r.key(context) == key.as_bytes())
+        }) {
+            Ok(mut record) => {
+                record.touch(now);
+                return Ok(record);
+            }
+            Err(table) => table,
+        };
         if self.len.load(Ordering::Relaxed) >= self.limits.max_keys
             && now.as_nanos() >= shard.no_sweep_before.load(Ordering::Relaxed)
             && self.sweep_locked(&mut table, now) == 0
@@ -250,38 +258,41 @@ impl<R: Record> KeyMap<R> {
             self.len.fetch_add(1, Ordering::Relaxed);
             let mut record = make(key);
             record.touch(now);
-            let record = table
-                .insert_unique(hash, record, |r| self.hash(r.key(context)))
-                .into_mut();
-            return Ok(f(record));
+            return Ok(MutexGuard::map(table, |t| {
+                t.insert_unique(hash, record, |r| self.hash(r.key(context)))
+                    .into_mut()
+            }));
         }
         drop(table);
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        Err((make, f))
+        Err(make)
     }
 
-    fn with_overflow<T>(
+    /// The overflow record, locked (created with `make` if need be).
+    fn lock_overflow(
         &self,
         now: Timestamp,
         make: impl FnOnce(&str) -> R,
-        f: impl FnOnce(&mut R) -> T,
-    ) -> T {
+    ) -> MappedMutexGuard<'_, R> {
         let context = self.context;
         let overflow = OVERFLOW_KEY.as_bytes();
         let hash = self.hash(overflow);
-        let mut table = self.shard_of(hash).table.lock();
-        // The overflow entry is allowed one place beyond the cap.
-        let record = match table.find_mut(hash, |r| r.key(context) == overflow) {
-            Some(record) => record,
-            None => {
-                self.len.fetch_add(1, Ordering::Relaxed);
-                table
-                    .insert_unique(hash, make(OVERFLOW_KEY), |r| self.hash(r.key(context)))
-                    .into_mut()
+        let table = self.shard_of(hash).table.lock();
+        let mut record = MutexGuard::map(table, |t| {
+            // The overflow entry is allowed one place beyond the cap.
+            match t.find_entry(hash, |r| r.key(context) == overflow) {
+                Ok(entry) => entry.into_mut(),
+                Err(absent) => {
+                    self.len.fetch_add(1, Ordering::Relaxed);
+                    absent
+                        .into_table()
+                        .insert_unique(hash, make(OVERFLOW_KEY), |r| self.hash(r.key(context)))
+                        .into_mut()
+                }
             }
-        };
+        });
         record.touch(now);
-        f(record)
+        record
     }
 
     /// Runs `f` on the record of `key` if it exists.
@@ -401,8 +412,10 @@ impl<S: KeyState> Registry<S> {
         init: impl FnOnce(&ScopeKey) -> S,
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
-        self.0
-            .with(key, now, Slot::maker(now, init), |slot| f(&mut slot.state))
+        match self.0.lock_own(key, now, Slot::maker(now, init)) {
+            Ok(mut slot) => (f(&mut slot.state), false),
+            Err(make) => (f(&mut self.0.lock_overflow(now, make).state), true),
+        }
     }
 
     /// Like [`with`](Self::with), but at the cap (after a sweep) runs

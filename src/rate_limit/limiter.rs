@@ -323,7 +323,7 @@ impl KeyedRateLimiter {
     pub fn check_key_at(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
         let policy = self.policy;
         let nanos = now.as_nanos();
-        let (decision, _overflowed) = self.registry.with(
+        let decision = self.registry.with(
             key,
             now,
             |key| Entry::new(key, policy),
@@ -348,7 +348,7 @@ impl KeyedRateLimiter {
     pub(crate) fn admit_now(&self, key: &str, cost: u32, now: Timestamp) -> Decision {
         let policy = self.policy;
         let nanos = now.as_nanos();
-        let (decision, _overflowed) = self.registry.with(
+        let decision = self.registry.with(
             key,
             now,
             |key| Entry::new(key, policy),
@@ -417,7 +417,7 @@ impl KeyedRateLimiter {
         let policy = self.policy;
         let nanos = now.as_nanos();
         let max_wait = duration_nanos(max_wait);
-        let (admission, _overflowed) = self.registry.with(
+        let admission = self.registry.with(
             key,
             now,
             |key| Entry::new(key, policy),
