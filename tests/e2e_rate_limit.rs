@@ -4,11 +4,14 @@
 //! Budgets that must not refill during a test run on a `ManualClock`; the
 //! burst test uses real time with a 100 ms refill, so it takes about 0.4 s.
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use logs::Lines;
 use pmcp::shared::AdvancedMiddleware;
 use pmcp_resilience::rate_limit::{BackpressureConfig, RateLimitMiddleware, RateLimitStrategy};
 use pmcp_resilience::{ManualClock, RequestTarget, Scope};
@@ -253,42 +256,12 @@ async fn signal_client_tells_the_pmcp_caller_when_to_retry() {
     assert_eq!(server.behaviour.calls("echo"), 1);
 }
 
-/// A `tracing` writer that keeps every line.
-#[derive(Clone, Default)]
-struct Lines(Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn warnings(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock())
-            .lines()
-            .filter(|l| l.contains("WARN"))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 // One thread, so that the subscriber set for this test sees the server's
 // lines and the client's alike.
 #[tokio::test(flavor = "current_thread")]
 async fn the_readme_pattern_starts_without_a_warning() {
     let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = lines.capture(tracing::Level::INFO);
 
     let server = start_server("readme").await;
     // The README's client: a breaker per tool, a token bucket per session
@@ -328,7 +301,7 @@ async fn the_readme_pattern_starts_without_a_warning() {
         .await
         .expect("echo answers");
     assert_eq!(
-        lines.warnings(),
+        lines.containing("WARN"),
         Vec::<String>::new(),
         "no warning in the README's normal use"
     );
@@ -360,7 +333,7 @@ async fn the_readme_pattern_starts_without_a_warning() {
         .on_request_with_context(&mut list, &pmcp::shared::MiddlewareContext::default())
         .await
         .expect("admitted");
-    let warnings = lines.warnings();
+    let warnings = lines.containing("WARN");
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("missing=SessionId"), "{warnings:?}");
 }

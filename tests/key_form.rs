@@ -1,46 +1,17 @@
 //! The key text `state_of` and `retry_after` take: `tool:search`, as
 //! `key_of_tool` builds it; a bare `search` is no key, and the log says so.
 
+#[path = "support/logs.rs"]
+mod logs;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use logs::capture_debug;
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitState, ManualClock, RateLimitMiddleware, RateLimitStrategy,
     Scope,
 };
-
-/// Log output captured in memory.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock()).into_owned()
-    }
-}
-
-fn capture_debug<R>(f: impl FnOnce() -> R) -> (R, String) {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    let result = tracing::subscriber::with_default(subscriber, f);
-    (result, lines.text())
-}
 
 #[test]
 fn breaker_keys_carry_the_scope_prefix() {

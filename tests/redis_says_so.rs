@@ -5,12 +5,14 @@
 //! that sets its own subscriber must not share a process with others.
 #![cfg(feature = "redis")]
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use logs::Lines;
 use pmcp_resilience::observe::MetricsMiddleware;
 use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{RedisOptions, RedisRateLimiter, StoreMode};
@@ -49,35 +51,6 @@ async fn warm_up(l: &RedisRateLimiter, key: &str) {
     panic!("redis never answered the limiter");
 }
 
-/// A `tracing` writer that keeps every line, for counting.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut v) = self.0.lock() {
-            v.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        match self.0.lock() {
-            Ok(v) => String::from_utf8_lossy(&v).into_owned(),
-            Err(_) => String::new(),
-        }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.text().lines().filter(|l| l.contains(needle)).count()
-    }
-}
-
 fn mode_value(text: &str, mode: &str) -> Option<f64> {
     text.lines()
         .find(|l| {
@@ -100,13 +73,7 @@ fn degraded_total(text: &str) -> Option<f64> {
 #[tokio::test(flavor = "current_thread")]
 async fn each_change_of_mode_is_said_once_and_exported() {
     let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = lines.capture(tracing::Level::DEBUG);
 
     let mut server = RedisServer::start();
     let options = patient().retry_interval(Duration::from_millis(30));
