@@ -70,8 +70,8 @@ pub type SessionSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// How requests are grouped into independent breakers or limiters.
 ///
-/// One type for both ([`CircuitBreakerScope`](crate::CircuitBreakerScope)
-/// and [`RateLimitScope`](crate::RateLimitScope) are its other names). Each
+/// One type for both ([`CircuitBreakerScope`]
+/// and [`RateLimitScope`] are its other names). Each
 /// request gets a key in the scope's form, `tool:search`,
 /// `method:tools/call`, `session:<id>`; that key text is what `state_of`,
 /// `retry_after` and the metrics use.
