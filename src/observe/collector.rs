@@ -9,9 +9,10 @@ use prometheus::proto::{
 };
 
 use crate::error::ConfigError;
+use crate::metrics::HistogramSnapshot;
+use crate::metrics::StoreReport;
 use crate::observe::cardinality::KeyRow;
-use crate::observe::histogram::HistogramSnapshot;
-use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport, StoreReport};
+use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport};
 use crate::observe::snapshot::{Gathered, Shared};
 
 struct Spec {

@@ -103,10 +103,8 @@
 pub mod cardinality;
 #[cfg(feature = "prometheus")]
 mod collector;
-mod context;
 #[cfg(feature = "prometheus")]
 mod endpoint;
-mod histogram;
 #[cfg(feature = "prometheus")]
 mod middleware;
 pub(crate) mod report;
@@ -119,12 +117,14 @@ mod tests;
 #[cfg(all(test, feature = "prometheus"))]
 pub(crate) mod text_format;
 
-pub use context::METHOD_METADATA_KEY;
-pub(crate) use context::mark_method;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use endpoint::MetricsServer;
-pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
+// The vocabulary of reports, defined in `metrics` so that the breaker and the
+// limiter need not depend on this module; re-exported here where readers look.
+pub use crate::metrics::{
+    BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot, METHOD_METADATA_KEY, StoreReport,
+};
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use middleware::{
@@ -133,7 +133,7 @@ pub use middleware::{
 };
 pub use report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
-    NamedSource, Report, ReportSource, StoreReport, scope_label,
+    NamedSource, Report, ReportSource, scope_label,
 };
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]

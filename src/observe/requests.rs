@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::observe::histogram::{DurationHistogram, HistogramSnapshot};
+use crate::metrics::{DurationHistogram, HistogramSnapshot};
 
 /// The `method` label of requests whose method is not given its own label.
 pub const OTHER_METHOD: &str = "other";

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde_json::{Value, json};
 
+use crate::metrics::HistogramSnapshot;
+use crate::metrics::StoreReport;
 use crate::observe::cardinality::bound_keys;
-use crate::observe::histogram::HistogramSnapshot;
 use crate::observe::report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport, Report,
-    ReportSource, StoreReport,
+    ReportSource,
 };
 use crate::observe::requests::{MethodSnapshot, RequestStats};
 use crate::registry::RegistryStats;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
 use crate::error::{ConfigError, StoreError};
-use crate::observe::StoreReport;
+use crate::metrics::StoreReport;
 use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadReport};
 use crate::registry::{KeyMap, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;

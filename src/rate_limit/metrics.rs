@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use tokio::sync::RwLock;
 
-use crate::observe::{DurationHistogram, HistogramSnapshot};
+use crate::metrics::{DurationHistogram, HistogramSnapshot};
 use crate::registry::RegistryStats;
 
 use super::limiter::KeyUsage;

@@ -309,7 +309,7 @@ impl RateLimitMiddleware {
     /// Where this limiter's state lives and how that store is doing (kind
     /// `memory`, `file`, `redis` or `custom`; mode `normal` or the failure
     /// policy in force).
-    pub fn store_report(&self) -> crate::observe::StoreReport {
+    pub fn store_report(&self) -> crate::metrics::StoreReport {
         match &self.inner.engine {
             Engine::Memory(limiter) => RateLimiter::store_report(limiter),
             Engine::Custom(limiter) => limiter.store_report(),
@@ -486,7 +486,7 @@ impl RateLimitMiddleware {
             Ok(admission) => admission,
             Err(e) => {
                 self.count(&inner.metrics.rejected_requests, 1);
-                crate::observe::mark_method(context, &request.method);
+                crate::metrics::mark_method(context, &request.method);
                 return Verdict::refused(
                     None,
                     Error::protocol(
@@ -620,7 +620,7 @@ impl RateLimitMiddleware {
     ) -> Error {
         let inner = &*self.inner;
         self.count(&inner.metrics.rejected_requests, 1);
-        crate::observe::mark_method(context, &request.method);
+        crate::metrics::mark_method(context, &request.method);
         context.record_metric("rate_limit_exceeded".to_string(), 1.0);
         tracing::debug!(key = key.as_str(), method = %request.method, "rate limit exceeded");
         if !inner.backpressure.signal_client {

@@ -75,7 +75,7 @@ impl ReportSource for RateLimitMiddleware {
 mod tests {
     use super::*;
     use crate::clock::Timestamp;
-    use crate::observe::DurationHistogram;
+    use crate::metrics::DurationHistogram;
     use crate::registry::RegistryStats;
     use crate::scope::ScopeKey;
     use std::time::Duration;
