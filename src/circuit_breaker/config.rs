@@ -93,7 +93,7 @@ impl Default for CircuitBreakerConfig {
             registry_limits: RegistryLimits::default(),
             signal_client: false,
             on_transition: None,
-            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
+            name: super::metrics::DEFAULT_REPORT_NAME.to_owned(),
         }
     }
 }

@@ -131,10 +131,11 @@ pub use middleware::{
     ExportTask, INTERNAL_ERROR_CODE, MAX_EXPORT_INTERVAL, MetricsExporter, MetricsMiddleware,
     MetricsMiddlewareBuilder, UNKNOWN_METHOD,
 };
+#[allow(deprecated)]
 pub use report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
-    NamedSource, Report, ReportSource, scope_label,
 };
+pub use report::{NamedSource, Report, ReportSource, scope_label};
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use requests::OTHER_METHOD;

@@ -123,7 +123,7 @@ pub struct RateLimitBuilder {
 impl Default for RateLimitBuilder {
     fn default() -> Self {
         RateLimitBuilder {
-            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
+            name: super::metrics::DEFAULT_REPORT_NAME.to_owned(),
             scope: Scope::Global,
             strategy: RateLimitStrategy::TokenBucket {
                 capacity: 100,
