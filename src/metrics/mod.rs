@@ -42,8 +42,9 @@ pub struct MetricsConfig {
     /// Count requests at all (default `true`). When `false`, the counters stay
     /// at zero and the per-request cost of counting is saved.
     pub enabled: bool,
-    /// Keep the per-key view (`current_state`, `current_usage`) up to date
-    /// (default `true`).
+    /// Read a row per key into `metrics()` (and so into the per-key
+    /// Prometheus series) (default `true`). When `false`, `metrics()` has
+    /// the totals only and costs no walk over the keys.
     pub per_key: bool,
 }
 

@@ -1,10 +1,10 @@
 //! One place where an operator sees every breaker and limiter: request
 //! metrics, Prometheus export and an aggregated JSON snapshot.
 //!
-//! Breakers and limiters describe themselves through [`ReportSource`];
-//! `MetricsMiddleware` (feature `prometheus`, on by default) pulls their
-//! [`Report`]s whenever Prometheus scrapes, so values are current at scrape
-//! time. Installed in a pmcp client or server chain, the middleware also
+//! Breakers and limiters describe themselves through [`ReportSource`]: their
+//! report is their `metrics()` snapshot. `MetricsMiddleware` (feature
+//! `prometheus`, on by default) pulls those [`Report`]s whenever Prometheus
+//! scrapes, so values are current at scrape time. Installed in a pmcp client or server chain, the middleware also
 //! counts requests, errors and durations per method, on the client side as
 //! well. Without the feature, the reports are still there to read or to
 //! feed a metrics system of your own.
@@ -14,16 +14,14 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use pmcp_resilience::observe::{
-//!     BreakerKeyReport, BreakerReport, BreakerStateReport, MetricsExporter, MetricsMiddleware,
-//!     Report,
-//! };
+//! use pmcp_resilience::circuit_breaker::{CircuitBreakerMetrics, CircuitState, KeySnapshot};
+//! use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware, Report};
 //!
 //! // A stand-in for a circuit breaker of this crate.
 //! let breaker = Arc::new(|| {
-//!     let mut report = BreakerReport::new("upstream", "server");
+//!     let mut report = CircuitBreakerMetrics::new("upstream", "server");
 //!     report.keys.push(
-//!         BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
+//!         KeySnapshot::new("https://api.example.com", CircuitState::Open)
 //!             .with_counts(42, 15, 100, 1),
 //!     );
 //!     Report::CircuitBreaker(report)
