@@ -201,7 +201,7 @@ fn short(text: &str) -> String {
 }
 
 fn print_metrics(title: &str, cb: &CircuitBreakerMiddleware) -> Result<(), Error> {
-    let m = cb.snapshot();
+    let m = cb.metrics();
     println!(
         "{title}: {} calls = {} ok + {} failed + {} neutral + {} rejected + {} in flight; {} state changes",
         m.total_requests,

@@ -13,7 +13,6 @@
 //! Run: `cargo run --example 35_rate_limiting` (no Redis needed; about a second).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -343,17 +342,18 @@ async fn main() -> Result<(), Error> {
     ] {
         let m = limiter.metrics();
         println!(
-            "   {label:<11}: total {} allowed {} rejected {} waited {} (wait time {} ms)",
-            m.total_requests.load(Ordering::Relaxed),
-            m.allowed_requests.load(Ordering::Relaxed),
-            m.rejected_requests.load(Ordering::Relaxed),
-            m.waited_requests.load(Ordering::Relaxed),
-            m.wait_time_ms.load(Ordering::Relaxed),
+            "   {label:<11}: total {} allowed {} rejected {} waited {} (wait time {})",
+            m.total_requests,
+            m.allowed_requests,
+            m.rejected_requests,
+            m.waited_requests,
+            Seconds(m.wait_time),
         );
-        let mut usage: Vec<_> = m.current_usage.read().await.values().cloned().collect();
-        usage.sort_by(|a, b| a.scope_key.cmp(&b.scope_key));
-        for u in usage {
-            let key: String = u.scope_key.chars().take(24).collect();
+        if m.total_requests != m.allowed_requests + m.rejected_requests {
+            return Err(format!("{label}: the counts do not add up: {m:?}").into());
+        }
+        for u in &m.keys {
+            let key: String = u.key.as_str().chars().take(24).collect();
             println!("       {key:<24} used {}/{}", u.used, u.limit);
         }
     }

@@ -14,7 +14,7 @@ use pmcp::shared::streamable_http::{
 };
 use pmcp::types::capabilities::ServerCapabilities;
 use pmcp::{ClientBuilder, RequestHandlerExtra, Server, ToolHandler};
-use pmcp_resilience::display::{Rfc3339, Seconds};
+use pmcp_resilience::display::Seconds;
 use pmcp_resilience::{
     BackpressureConfig, CircuitBreakerMiddleware, RateLimitMiddleware, RateLimitStrategy, Scope,
 };
@@ -137,7 +137,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     println!("\n-- metrics snapshots");
-    let cb = breaker.snapshot();
+    let cb = breaker.metrics();
     println!(
         "breaker: {} calls = {} ok + {} failed + {} neutral (refused by the limiter after it) + {} rejected",
         cb.total_requests,
@@ -152,20 +152,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rl = limiter.metrics();
     println!(
         "limiter: {} allowed, {} rejected",
-        rl.allowed_requests.load(Ordering::Relaxed),
-        rl.rejected_requests.load(Ordering::Relaxed),
+        rl.allowed_requests, rl.rejected_requests
     );
-    for (key, usage) in rl.current_usage.read().await.iter() {
-        let full_in = usage
-            .reset_at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
+    let now = limiter.now();
+    for key in &rl.keys {
         println!(
-            "  {key}: {} of {} used, full again at {} (in {})",
-            usage.used,
-            usage.limit,
-            Rfc3339(usage.reset_at),
-            Seconds(full_in)
+            "  {}: {} of {} used, full again at {} (in {})",
+            key.key,
+            key.used,
+            key.limit,
+            key.reset_at,
+            Seconds(key.reset_at.saturating_since(now))
         );
     }
 

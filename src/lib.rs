@@ -45,13 +45,26 @@
 //! - [`registry`]: the bounded map of per-key state.
 //! - [`circuit_breaker`]: the breaker's state machine, middleware and metrics.
 //! - [`rate_limit`]: the limiter strategies, backpressure, middleware and metrics.
-//! - [`metrics`]: settings shared by the metrics of both middlewares.
-//! - [`observe`]: the reports of breakers and limiters; with feature `prometheus`,
-//!   `MetricsMiddleware`, Prometheus export and the JSON snapshot of all of them.
+//! - [`metrics`]: what both middlewares report in: counter settings, the
+//!   store's state, durations.
+//! - [`observe`]: reads the `metrics()` snapshots of breakers and limiters; with
+//!   feature `prometheus`, `MetricsMiddleware`, Prometheus export and the JSON
+//!   snapshot of all of them.
 //! - `server` (feature `server`): protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
 //! - `redis_store` (feature `redis`): limiter and breaker state shared through Redis.
 //! - [`error`]: configuration and store errors.
+//!
+//! Dependencies run one way. At the bottom, `clock`, `scope`, `registry`,
+//! `error` and `metrics` (the vocabulary of reports) import no middleware.
+//! The cores, `circuit_breaker` and `rate_limit`, define what they report
+//! (`CircuitBreakerMetrics`, `RateLimitMetrics`) and the store seam they
+//! need (`CircuitBreakerStateStore`, `RateLimiter`); at `build()` they ask
+//! `persistence` for the store a `StatePersistence` names (memory and file
+//! are their own registry; custom, Redis and Redis Cluster are stores behind
+//! the seam). `redis_store` implements the seams with Lua that mirrors the
+//! cores' pure state machines. `observe` only reads the cores' snapshots,
+//! and `server` adapts the cores to tower; neither is imported by a core.
 //!
 //! # Features
 //!

@@ -11,7 +11,7 @@
 //!     .registry_limits(limits)
 //!     .build()
 //!     .expect("valid settings");
-//! assert_eq!(limiter.snapshot().registry.keys, 0);
+//! assert_eq!(limiter.metrics().registry.keys, 0);
 //! ```
 //!
 //! Every key costs memory, and keys come from requests (session ids, tool

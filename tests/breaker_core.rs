@@ -82,7 +82,7 @@ async fn two_contexts_with_the_same_request_id_are_both_counted() {
             .await
             .unwrap_or_else(|e| panic!("recorded: {e}"));
     }
-    assert_eq!(cb.snapshot().failed_requests, 2);
+    assert_eq!(cb.metrics().failed_requests, 2);
     assert_eq!(cb.state_of(KEY), Some(CircuitState::Open));
 }
 
@@ -102,22 +102,22 @@ async fn a_context_used_again_before_its_answer_keeps_the_first_call_until_its_d
             .await
             .unwrap_or_else(|e| panic!("admitted: {e}"));
     }
-    assert_eq!(cb.snapshot().in_flight, 2);
+    assert_eq!(cb.metrics().in_flight, 2);
     // A clone shares the context's identity: its answer ends the later call.
     let clone = context.clone();
     cb.on_response_with_context(&mut answer(1, Some(-32603)), &clone)
         .await
         .unwrap_or_else(|e| panic!("recorded: {e}"));
-    let m = cb.snapshot();
+    let m = cb.metrics();
     assert_eq!((m.failed_requests, m.in_flight), (1, 1));
     // A second answer on the same context finds no call: nothing is counted twice.
     cb.on_response_with_context(&mut answer(1, Some(-32603)), &context)
         .await
         .unwrap_or_else(|e| panic!("recorded: {e}"));
-    assert_eq!(cb.snapshot().failed_requests, 1);
+    assert_eq!(cb.metrics().failed_requests, 1);
     // The first call ends at its deadline, as a timeout.
     clock.advance(Duration::from_secs(6));
-    let m = cb.snapshot();
+    let m = cb.metrics();
     assert_eq!(
         (m.failed_requests, m.timed_out_requests, m.in_flight),
         (2, 1, 0)
@@ -143,7 +143,7 @@ async fn caller_mistakes_are_neutral_and_keep_the_failure_streak() {
             Some(CircuitState::Open),
             "fail, fail, {mistake}, fail opens at 3"
         );
-        let m = cb.snapshot();
+        let m = cb.metrics();
         assert_eq!(
             (m.failed_requests, m.neutral_requests, m.successful_requests),
             (3, 1, 0)
@@ -206,7 +206,7 @@ async fn a_dropped_permit_is_released_and_counted_once() {
     assert!(probe.is_probe());
     assert!(cb_open.acquire(KEY).await.is_err(), "one probe at a time");
     drop(probe);
-    let m = cb_open.snapshot();
+    let m = cb_open.metrics();
     assert_eq!((m.neutral_requests, m.in_flight), (1, 0));
     // The place is back: the next probe is admitted and closes it.
     let probe = cb_open
@@ -219,7 +219,7 @@ async fn a_dropped_permit_is_released_and_counted_once() {
     // A permit recorded ends once; its drop adds nothing.
     let permit = cb.acquire(KEY).await.unwrap_or_else(|e| panic!("{e}"));
     permit.record(Verdict::Success).await;
-    let m = cb.snapshot();
+    let m = cb.metrics();
     assert_eq!(
         (m.successful_requests, m.neutral_requests, m.in_flight),
         (1, 0, 0)
@@ -247,7 +247,7 @@ async fn a_call_past_its_deadline_ends_as_timed_out_once() {
         Some(CircuitState::Open),
         "two timeouts trip it"
     );
-    let m = cb.snapshot();
+    let m = cb.metrics();
     assert_eq!(
         (m.timed_out_requests, m.failed_requests, m.in_flight),
         (2, 2, 0)
@@ -257,7 +257,7 @@ async fn a_call_past_its_deadline_ends_as_timed_out_once() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     abandoned.record(Verdict::Success).await;
-    let m = cb.snapshot();
+    let m = cb.metrics();
     assert_eq!((m.successful_requests, m.failed_requests), (0, 2));
 }
 
@@ -334,8 +334,8 @@ async fn the_per_key_state_view_is_bounded_by_the_registry() {
         }
     }
     let metrics = cb.metrics();
-    assert!(cb.snapshot().registry.keys <= 51);
-    assert!(metrics.current_state.read().await.len() <= 51);
+    assert!(metrics.registry.keys <= 51);
+    assert!(metrics.keys.len() <= 51);
 }
 
 #[tokio::test]
@@ -401,7 +401,7 @@ async fn a_hanging_server_trips_a_per_tool_breaker_through_the_call_deadline() {
         .await
         .unwrap_or_else(|e| panic!("a healthy tool keeps answering: {e}"));
     assert_eq!(cb.state_of("tool:echo"), Some(CircuitState::Closed));
-    assert_eq!(cb.snapshot().timed_out_requests, 2);
+    assert_eq!(cb.metrics().timed_out_requests, 2);
 }
 
 #[tokio::test]

@@ -347,7 +347,7 @@ async fn default_matcher_ignores_the_callers_mistakes() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
-    assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(cb.metrics().failed_requests, 0);
     for i in 10..12 {
         let _ = call(&cb, i, Some(error_response(i, -32603))).await;
     }
@@ -355,13 +355,11 @@ async fn default_matcher_ignores_the_callers_mistakes() {
     let rejected = call(&cb, 20, None).await;
     assert!(matches!(rejected, Err(pmcp::Error::CircuitBreakerOpen)));
     let m = cb.metrics();
-    assert_eq!(m.failed_requests.load(Ordering::Relaxed), 2);
-    assert_eq!(m.rejected_requests.load(Ordering::Relaxed), 1);
-    assert_eq!(m.state_transitions.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        m.current_state.read().await.get("global"),
-        Some(&CircuitState::Open)
-    );
+    assert_eq!(m.failed_requests, 2);
+    assert_eq!(m.rejected_requests, 1);
+    assert_eq!(m.state_transitions, 1);
+    assert_eq!(m.keys[0].key, "global");
+    assert_eq!(m.keys[0].state, CircuitState::Open);
     assert_eq!(cb.retry_after("global"), Some(Duration::from_secs(10)));
 }
 
@@ -423,7 +421,7 @@ async fn half_open_recovery_through_the_middleware_and_signal_client() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cb.state_of("tool:search"), Some(CircuitState::Closed));
-    let snap = cb.snapshot();
+    let snap = cb.metrics();
     assert_eq!(snap.state_transitions, 3);
     assert_eq!(snap.keys.len(), 1);
     assert_eq!(
@@ -465,7 +463,7 @@ async fn a_thousand_concurrent_callers_at_half_open_admit_exactly_n() {
     }
     assert_eq!(admitted.load(Ordering::Relaxed), 3);
     assert_eq!(cb.state_of("global"), Some(CircuitState::HalfOpen));
-    assert_eq!(cb.metrics().rejected_requests.load(Ordering::Relaxed), 997);
+    assert_eq!(cb.metrics().rejected_requests, 997);
 }
 
 #[tokio::test]
@@ -533,13 +531,13 @@ async fn forced_disabled_and_metrics_only_modes() {
         assert!(call(&cb, i, Some(error_response(i, -32603))).await.is_ok());
     }
     assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
-    let before = cb.snapshot().keys[0].failures;
+    let before = cb.metrics().keys[0].failures;
     cb.disable("global");
     for i in 5..8 {
         assert!(call(&cb, i, Some(error_response(i, -32603))).await.is_ok());
     }
     assert_eq!(
-        cb.snapshot().keys[0].failures,
+        cb.metrics().keys[0].failures,
         before,
         "disabled keys do not count"
     );
@@ -551,7 +549,7 @@ async fn forced_disabled_and_metrics_only_modes() {
         );
     }
     assert_eq!(
-        cb.snapshot().keys[0].state,
+        cb.metrics().keys[0].state,
         CircuitState::Open,
         "but computes the transition"
     );
@@ -600,7 +598,7 @@ async fn sibling_errors_and_own_rejections_are_not_counted() {
         assert!(matches!(r, Err(pmcp::Error::Validation(_))));
     }
     assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
-    assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(cb.metrics().failed_requests, 0);
 
     // Own rejections: open it, then hammer it through the chain.
     let _ = call(&cb, 100, Some(error_response(100, -32603))).await;
@@ -610,7 +608,7 @@ async fn sibling_errors_and_own_rejections_are_not_counted() {
         let r = chain.process_request_with_context(&mut req, &context).await;
         assert!(matches!(r, Err(pmcp::Error::CircuitBreakerOpen)));
     }
-    assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(cb.metrics().failed_requests, 1);
 
     // A half-open probe stopped by a sibling frees its place uncounted.
     clock.advance(Duration::from_secs(10));
@@ -650,7 +648,7 @@ async fn open_breakers_are_never_evicted_from_the_bounded_registry() {
         );
         let _ = call(&h, i + 10, Some(ok_response(i + 10, json!({})))).await;
     }
-    let stats = cb.snapshot().registry;
+    let stats = cb.metrics().registry;
     assert!(stats.keys <= 51, "{stats:?}");
     assert!(stats.evicted > 0);
     assert_eq!(cb.state_of("session:sick"), Some(CircuitState::Open));
@@ -804,7 +802,7 @@ async fn http_503_from_the_transport_trips_a_status_code_breaker() {
         cb.state_of("server:http://127.0.0.1:1/mcp"),
         Some(CircuitState::Open)
     );
-    assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 2);
+    assert_eq!(cb.metrics().failed_requests, 2);
 }
 
 #[tokio::test]
@@ -822,9 +820,9 @@ async fn http_404_from_the_transport_does_not_trip_it() {
         Some(CircuitState::Closed)
     );
     // A 404 is the caller's mistake: neutral, neither a failure nor a success.
-    assert_eq!(cb.metrics().failed_requests.load(Ordering::Relaxed), 0);
-    assert_eq!(cb.metrics().successful_requests.load(Ordering::Relaxed), 0);
-    assert_eq!(cb.metrics().neutral_requests.load(Ordering::Relaxed), 5);
+    assert_eq!(cb.metrics().failed_requests, 0);
+    assert_eq!(cb.metrics().successful_requests, 0);
+    assert_eq!(cb.metrics().neutral_requests, 5);
 }
 
 /// The middleware admits calls and records successes of a quiet key without
@@ -925,7 +923,7 @@ async fn concurrent_calls_on_one_key_are_all_counted_and_all_released() {
     for task in tasks {
         task.await.unwrap_or_else(|e| panic!("{e}"));
     }
-    let snapshot = cb.snapshot();
+    let snapshot = cb.metrics();
     assert_eq!(snapshot.keys.len(), 1);
     let key = &snapshot.keys[0];
     assert_eq!((key.successes, key.failures), (3_960, 40));

@@ -95,7 +95,7 @@ async fn the_fastest_rates_decide_and_report() {
     ] {
         let limiter = build_with(strategy).expect("the highest rate is valid");
         send(&limiter).await.expect("a fresh key admits");
-        let snapshot = limiter.snapshot();
+        let snapshot = limiter.metrics();
         assert_eq!(snapshot.allowed_requests, 1, "{strategy:?}");
     }
 }
@@ -119,7 +119,7 @@ async fn the_longest_windows_decide_and_report() {
             "{strategy:?}: the window is used up"
         );
         // Reading the usage adds windows to the window start.
-        let snapshot = limiter.snapshot();
+        let snapshot = limiter.metrics();
         assert_eq!(
             (snapshot.allowed_requests, snapshot.rejected_requests),
             (1, 1),
@@ -200,7 +200,7 @@ async fn a_breaker_with_the_longest_durations_opens_and_reports() {
             .is_some_and(|d| d > Duration::from_secs(1))
     );
     assert!(breaker.acquire("global").await.is_err(), "open: refused");
-    assert_eq!(breaker.snapshot().rejected_requests, 1);
+    assert_eq!(breaker.metrics().rejected_requests, 1);
 }
 
 #[cfg(feature = "prometheus")]

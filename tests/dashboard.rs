@@ -76,7 +76,8 @@ async fn exported_names() -> BTreeSet<String> {
     // breaker's own report, with such a store.
     let reporting_breaker = breaker.clone();
     let store_source = Arc::new(move || {
-        let mut report = reporting_breaker.report_named("shared");
+        let mut report = reporting_breaker.metrics();
+        report.name = "shared".into();
         let latency = DurationHistogram::new();
         latency.record(Duration::from_millis(1));
         report.store = StoreReport::new("redis", "normal").with_latency(latency.snapshot());

@@ -94,7 +94,7 @@ async fn per_session_budgets_are_independent() {
     assert_eq!(server.behaviour.calls("echo"), 4);
 
     // The limiter holds one key per session, each full.
-    let snapshot = rl.snapshot();
+    let snapshot = rl.metrics();
     for id in &ids {
         let key = format!("session:{id}");
         let Some(row) = snapshot.keys.iter().find(|k| k.key.as_str() == key) else {
@@ -142,7 +142,7 @@ async fn per_method_limits_apply_to_their_method_only() {
     clock.advance(Duration::from_secs(60));
     assert!(call(&c, "echo", json!({"message": "again"})).await.is_ok());
     assert!(c.list_tools(None).await.is_ok());
-    let snapshot = rl.snapshot();
+    let snapshot = rl.metrics();
     let row = |key: &str| match snapshot.keys.iter().find(|k| k.key.as_str() == key) {
         Some(row) => (row.allowed, row.rejected),
         None => panic!("no key {key} in {:?}", snapshot.keys),
@@ -199,7 +199,7 @@ async fn waiting_smooths_a_burst() {
     );
     // A hang guard only; the spread above is what shows the smoothing.
     assert!(elapsed < Duration::from_secs(5), "burst took {elapsed:?}");
-    let snapshot = rl.snapshot();
+    let snapshot = rl.metrics();
     assert_eq!(snapshot.rejected_requests, 0);
     assert!(
         snapshot.waited_requests >= BURST as u64 - 1,
@@ -307,7 +307,7 @@ async fn the_readme_pattern_starts_without_a_warning() {
     );
     // `initialize` counted under the fallback key, the call under its session.
     let keys: Vec<String> = limiter
-        .snapshot()
+        .metrics()
         .keys
         .iter()
         .map(|k| k.key.as_str().to_owned())

@@ -6,34 +6,36 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pmcp_resilience::observe::{
-    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
-    MetricsExporter, MetricsMiddleware, Report,
-};
+use pmcp_resilience::circuit_breaker::{CircuitBreakerMetrics, CircuitState, KeySnapshot};
+use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware, Report};
+use pmcp_resilience::rate_limit::{KeyUsage, RateLimitMetrics};
 use support::scrape::{get, parse, value};
 
 #[tokio::test]
 async fn serve_exposes_text_and_json_over_http() {
     let rejected = Arc::new(AtomicU64::new(0));
     let counter = rejected.clone();
-    let breaker =
-        move || {
-            let mut r = BreakerReport::new("upstream", "server");
-            r.keys.push(
-                BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
-                    .with_counts(42, counter.load(Ordering::Relaxed), 10, 1),
-            );
-            r.rejected = counter.load(Ordering::Relaxed);
-            Report::CircuitBreaker(r)
-        };
+    let breaker = move || {
+        let mut r = CircuitBreakerMetrics::new("upstream", "server");
+        r.keys.push(
+            KeySnapshot::new("https://api.example.com", CircuitState::Open).with_counts(
+                42,
+                counter.load(Ordering::Relaxed),
+                10,
+                1,
+            ),
+        );
+        r.rejected_requests = counter.load(Ordering::Relaxed);
+        Report::CircuitBreaker(r)
+    };
     let limiter = || {
-        let mut r = LimiterReport::new("per-session", "session");
+        let mut r = RateLimitMetrics::new("per-session", "session");
         for i in 0..5_000 {
             r.keys
-                .push(LimiterKeyReport::new(format!("session-{i}"), 5, 10).with_counts(2, 1));
+                .push(KeyUsage::new(&format!("session-{i}"), 5, 10).with_counts(2, 1));
         }
-        r.allowed = 10_000;
-        r.rejected = 5_000;
+        r.allowed_requests = 10_000;
+        r.rejected_requests = 5_000;
         Report::RateLimit(r)
     };
     let metrics = MetricsMiddleware::builder()

@@ -279,7 +279,7 @@ async fn keys_back_at_full_capacity_are_not_reloaded() {
         // Well past any refill or window.
         clock.advance(Duration::from_secs(600));
         let rl = file_limiter(&path, &clock, strategy).unwrap();
-        assert_eq!(rl.snapshot().registry.keys, 0, "{}", strategy.label());
+        assert_eq!(rl.metrics().registry.keys, 0, "{}", strategy.label());
         assert_eq!(admitted(&rl, "tools/list").await, 5, "{}", strategy.label());
     }
 }
@@ -477,11 +477,11 @@ async fn a_custom_store_is_used_and_shared_by_two_breakers() {
     assert_eq!(store.records.load(Ordering::SeqCst), 3);
 
     // Counted per key in each middleware.
-    let rows = a.snapshot().keys;
+    let rows = a.metrics().keys;
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].successes, rows[0].failures), (1, 2));
-    assert_eq!(b.snapshot().keys[0].rejections, 1);
-    assert_eq!(b.snapshot().rejected_requests, 1);
+    assert_eq!(b.metrics().keys[0].rejections, 1);
+    assert_eq!(b.metrics().rejected_requests, 1);
 
     // After the open time, one probe through `b` closes it for both.
     clock.advance(Duration::from_secs(10));
@@ -518,7 +518,7 @@ async fn a_failing_custom_store_hands_decisions_to_this_process_and_is_counted()
     // The store failed each admission; this process's state machine decided
     // and counted, so the failures still open the breaker (not fail-open).
     assert_eq!(cb.store_errors(), 2);
-    assert_eq!(cb.snapshot().keys[0].failures, 2);
+    assert_eq!(cb.metrics().keys[0].failures, 2);
     assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
     assert!(matches!(
         call(&cb, 3, ok(3)).await,

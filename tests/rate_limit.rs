@@ -1,7 +1,6 @@
 //! The rate-limit middleware and the keyed limiter, without a network.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -337,10 +336,10 @@ async fn waiters_are_served_in_order_of_arrival() {
     let expected: Vec<_> = (0..5).map(|i| (i, ms(100 * i))).collect();
     assert_eq!(served, expected);
     let m = rl.metrics();
-    assert_eq!(m.total_requests.load(Relaxed), 5);
-    assert_eq!(m.allowed_requests.load(Relaxed), 5);
-    assert_eq!(m.waited_requests.load(Relaxed), 4);
-    assert_eq!(m.wait_time_ms.load(Relaxed), 100 + 200 + 300 + 400);
+    assert_eq!(m.total_requests, 5);
+    assert_eq!(m.allowed_requests, 5);
+    assert_eq!(m.waited_requests, 4);
+    assert_eq!(m.wait_time, ms(100 + 200 + 300 + 400));
 }
 
 #[tokio::test(start_paused = true)]
@@ -408,7 +407,7 @@ async fn a_dropped_waiter_gives_its_slot_back() {
     let start = tokio::time::Instant::now();
     send(&rl, request("ping", None)).await.unwrap();
     assert_eq!(start.elapsed(), ms(100));
-    assert_eq!(rl.metrics().waited_requests.load(Relaxed), 1);
+    assert_eq!(rl.metrics().waited_requests, 1);
 }
 
 /// A request whose `params.cost` says what it costs.
@@ -511,7 +510,7 @@ async fn waiters_who_give_up_hand_their_places_to_those_behind() {
         ]
     );
     assert_eq!(rl.waiting(), 0);
-    assert_eq!(rl.metrics().allowed_requests.load(Relaxed), 6);
+    assert_eq!(rl.metrics().allowed_requests, 6);
 }
 
 #[tokio::test(start_paused = true)]
@@ -798,12 +797,13 @@ async fn metrics_report_usage_per_key_on_demand() {
     send(&rl, tool_call("a")).await.unwrap();
     send(&rl, tool_call("b")).await.unwrap();
     let metrics = rl.metrics();
-    let usage = metrics.current_usage.read().await;
-    assert_eq!(usage["tool:a"].used, 2);
-    assert_eq!(usage["tool:a"].limit, 3);
-    assert_eq!(usage["tool:b"].used, 1);
-    drop(usage);
-    let snap = rl.snapshot();
+    let usage: Vec<(&str, u32, u32)> = metrics
+        .keys
+        .iter()
+        .map(|k| (k.key.as_str(), k.used, k.limit))
+        .collect();
+    assert_eq!(usage, [("tool:a", 2, 3), ("tool:b", 1, 3)]);
+    let snap = rl.metrics();
     assert_eq!(snap.scope, "tool");
     assert_eq!(snap.registry.keys, 2);
     let a = snap
@@ -817,7 +817,7 @@ async fn metrics_report_usage_per_key_on_demand() {
         .build()
         .unwrap();
     send(&quiet, request("ping", None)).await.unwrap();
-    assert_eq!(quiet.snapshot().total_requests, 0);
+    assert_eq!(quiet.metrics().total_requests, 0);
 }
 
 #[tokio::test]
@@ -883,7 +883,7 @@ async fn a_users_own_limiter_plugs_in() {
     ));
     send(&rl, tool_call("b")).await.unwrap();
     assert_eq!(quota.used.lock()["tool:a"], 2);
-    assert_eq!(rl.snapshot().rejected_requests, 1);
+    assert_eq!(rl.metrics().rejected_requests, 1);
 }
 
 #[tokio::test]
@@ -904,7 +904,7 @@ async fn per_session_budgets_are_independent() {
         send(&bob, request("ping", None)).await.unwrap();
     }
     assert!(rl.retry_after("session:alice").is_some());
-    assert_eq!(rl.snapshot().registry.keys, 2);
+    assert_eq!(rl.metrics().registry.keys, 2);
 }
 
 #[tokio::test]
@@ -925,5 +925,5 @@ async fn keys_longer_than_one_part_are_found_again() {
         send(&rl, tool_call(&long)).await.is_err(),
         "the second call must find the first call's state"
     );
-    assert_eq!(rl.snapshot().registry.keys, 1);
+    assert_eq!(rl.metrics().registry.keys, 1);
 }

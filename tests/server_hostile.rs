@@ -72,7 +72,7 @@ async fn junk_never_reaches_healthy_tools(
         .expect("an answer in time");
     assert!(fresh.is_ok(), "{fresh:?}");
     assert_eq!(server.behaviour.calls("flaky"), 1);
-    let snapshot = breaker.snapshot();
+    let snapshot = breaker.metrics();
     assert_eq!(
         snapshot.state_transitions, 0,
         "no breaker opened: {snapshot:?}"
@@ -116,9 +116,9 @@ async fn invented_tool_names_open_no_breaker_with_the_tool_list() {
         .build()
         .expect("valid layer");
     junk_never_reaches_healthy_tools(layer, breaker.clone()).await;
-    let keys: Vec<String> = breaker.snapshot().keys.into_iter().map(|k| k.key).collect();
+    let keys: Vec<String> = breaker.metrics().keys.into_iter().map(|k| k.key).collect();
     assert!(keys.contains(&"tool:<unknown>".to_string()), "{keys:?}");
-    let limits = limiter.snapshot();
+    let limits = limiter.metrics();
     assert!(limits.registry.keys <= 4, "{:?}", limits.registry);
     assert_eq!(limits.rejected_requests, 0);
 }
@@ -262,7 +262,7 @@ async fn forged_session_ids_share_the_clients_budget() {
     }
     // initialize took one unit of the client's budget.
     assert_eq!(admitted, 4);
-    let snapshot = limiter.snapshot();
+    let snapshot = limiter.metrics();
     assert!(snapshot.registry.keys <= 2, "{:?}", snapshot.registry);
     assert_eq!(
         server.behaviour.calls("echo"),

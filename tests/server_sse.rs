@@ -132,7 +132,7 @@ async fn raw_http_answers_in_post_event_streams_open_the_per_tool_breaker() {
         assert_eq!(events[0]["result"]["content"][0]["type"], "text");
     }
     assert_eq!(breaker.state_of("tool:echo"), Some(CircuitState::Closed));
-    let snapshot = breaker.snapshot();
+    let snapshot = breaker.metrics();
     assert_eq!(snapshot.failed_requests, 2);
     // initialize and the three echoes.
     assert_eq!(snapshot.successful_requests, 4);
@@ -178,7 +178,7 @@ async fn a_pmcp_client_answered_on_its_get_stream_trips_the_breaker() {
         .expect("an answer in time");
         assert!(echo.is_ok(), "the healthy tool answers: {echo:?}");
     }
-    let snapshot = breaker.snapshot();
+    let snapshot = breaker.metrics();
     assert_eq!(snapshot.failed_requests, 2);
     assert_eq!(snapshot.in_flight, 0, "every call ended");
 }
@@ -214,7 +214,7 @@ async fn raw_http_answers_on_the_get_stream_open_the_breaker() {
     let (event, _) = stream.next_event().await;
     assert_eq!(event["id"], 4);
     assert!(event["result"].is_object(), "{event}");
-    let snapshot = breaker.snapshot();
+    let snapshot = breaker.metrics();
     assert_eq!(snapshot.failed_requests, 2);
     assert_eq!(snapshot.in_flight, 0);
     // What the client read is what pmcp wrote on the stream.
@@ -315,7 +315,7 @@ async fn events_reach_the_client_unchanged_and_at_once() {
     }
     drop(tx);
     assert_eq!(next_chunk(&mut body).await, None);
-    assert_eq!(breaker.snapshot().failed_requests, 1);
+    assert_eq!(breaker.metrics().failed_requests, 1);
 }
 
 #[tokio::test]
@@ -358,7 +358,7 @@ async fn a_stream_that_ends_or_is_dropped_before_its_answer_is_neutral() {
     assert!(next_chunk(&mut body).await.is_some());
     drop(body);
 
-    let snapshot = breaker.snapshot();
+    let snapshot = breaker.metrics();
     assert_eq!(snapshot.neutral_requests, 2, "{snapshot:?}");
     assert_eq!(snapshot.successful_requests, 0);
     assert_eq!(snapshot.failed_requests, 0);

@@ -93,7 +93,7 @@ impl Default for CircuitBreakerConfig {
             registry_limits: RegistryLimits::default(),
             signal_client: false,
             on_transition: None,
-            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
+            name: super::metrics::DEFAULT_REPORT_NAME.to_owned(),
         }
     }
 }
@@ -238,7 +238,7 @@ pub struct CircuitBreakerBuilder {
     target: RequestTarget,
     file_options: FileStoreOptions<CircuitBreakerState>,
     #[cfg(feature = "redis")]
-    redis_options: crate::redis_store::RedisOptions,
+    redis_options: crate::persistence::RedisOptions,
 }
 
 impl CircuitBreakerBuilder {
@@ -361,7 +361,7 @@ impl CircuitBreakerBuilder {
     /// rules with a clear error.
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
+    pub fn redis_options(mut self, options: crate::persistence::RedisOptions) -> Self {
         self.redis_options = options;
         self
     }

@@ -17,75 +17,69 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::config::validate_policy;
 use super::core::Core;
-use super::metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
+use super::metrics::{CircuitBreakerMetrics, Counters, KeySnapshot};
 use super::middleware::CircuitBreakerMiddleware;
 use super::persist::Backend;
 use super::state::{self, BreakerMode, BreakerPolicy, CircuitState};
 use crate::error::ConfigError;
 
 impl CircuitBreakerMiddleware {
-    /// The metrics, shared by every handle, with
-    /// [`current_state`](CircuitBreakerMetrics::current_state) rebuilt from
-    /// the keys held now. Calls past their deadline are ended first.
-    pub fn metrics(&self) -> Arc<CircuitBreakerMetrics> {
-        let core = &self.core;
-        let now = core.clock.now();
-        core.end_expired(now);
-        core.metrics
-            .total_requests
-            .store(core.total_requests(), Ordering::Relaxed);
-        if let Ok(mut map) = core.metrics.current_state.try_write() {
-            map.clear();
-            core.registry.for_each(|key, e| {
-                if e.state.effective_state() != CircuitState::Closed
-                    || e.state.mode != BreakerMode::Normal
-                    || e.counts.transitions > 0
-                {
-                    map.insert(key.as_str().to_owned(), e.state.effective_state());
-                }
-            });
-        }
-        Arc::clone(&core.metrics)
-    }
-
-    /// A plain copy of the metrics with a row per key (calls past their
-    /// deadline are ended first).
-    pub fn snapshot(&self) -> MetricsSnapshot {
+    /// The breaker now: its counters, a row per key (sorted by key; none
+    /// when `MetricsConfig::per_key` is off) and its store, as an owned
+    /// copy. Calls past their deadline are ended first.
+    ///
+    /// ```
+    /// use pmcp_resilience::CircuitBreakerMiddleware;
+    ///
+    /// let cb = CircuitBreakerMiddleware::builder().build()?;
+    /// let m = cb.metrics();
+    /// assert_eq!(m.total_requests, m.successful_requests + m.failed_requests
+    ///     + m.neutral_requests + m.rejected_requests + m.in_flight + m.untracked_requests);
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn metrics(&self) -> CircuitBreakerMetrics {
         let core = &self.core;
         core.end_expired(core.clock.now());
-        let m = &core.metrics;
         let mut keys = Vec::new();
-        core.registry.for_each(|key, e| {
-            keys.push(KeySnapshot {
-                key: key.as_str().to_owned(),
-                state: e.state.effective_state(),
-                successes: e.counts.successes,
-                failures: e.counts.failures,
-                rejections: e.counts.rejections,
-                transitions: e.counts.transitions,
+        if core.metrics_config.per_key {
+            core.registry.for_each(|key, e| {
+                keys.push(KeySnapshot {
+                    key: key.as_str().to_owned(),
+                    state: e.state.effective_state(),
+                    successes: e.counts.successes,
+                    failures: e.counts.failures,
+                    rejections: e.counts.rejections,
+                    transitions: e.counts.transitions,
+                });
             });
-        });
-        keys.sort_by(|a, b| a.key.cmp(&b.key));
-        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        MetricsSnapshot {
-            scope: core.scope.label(),
-            total_requests: core.total_requests(),
-            successful_requests: read(&m.successful_requests),
-            failed_requests: read(&m.failed_requests),
-            rejected_requests: read(&m.rejected_requests),
-            neutral_requests: read(&m.neutral_requests),
-            timed_out_requests: read(&m.timed_out_requests),
-            untracked_requests: read(&m.untracked_requests),
-            in_flight: core.calls_in_flight() as u64,
-            state_transitions: read(&m.state_transitions),
-            keys,
-            registry: core.registry.stats(),
+            keys.sort_by(|a, b| a.key.cmp(&b.key));
         }
+        let m = &core.metrics;
+        let read = Counters::read;
+        let mut metrics = CircuitBreakerMetrics::new(self.report_name(), core.scope.label());
+        metrics.total_requests = core.total_requests();
+        metrics.successful_requests = read(&m.successful_requests);
+        metrics.failed_requests = read(&m.failed_requests);
+        metrics.rejected_requests = read(&m.rejected_requests);
+        metrics.neutral_requests = read(&m.neutral_requests);
+        metrics.timed_out_requests = read(&m.timed_out_requests);
+        metrics.untracked_requests = read(&m.untracked_requests);
+        metrics.in_flight = core.calls_in_flight() as u64;
+        metrics.state_transitions = read(&m.state_transitions);
+        metrics.keys = keys;
+        metrics.registry = core.registry.stats();
+        metrics.store = self.store_report();
+        metrics
+    }
+
+    /// The same as [`metrics`](Self::metrics).
+    #[deprecated(note = "use `metrics()`, which returns the same plain snapshot")]
+    pub fn snapshot(&self) -> CircuitBreakerMetrics {
+        self.metrics()
     }
 
     /// The state of `key` as callers see it, or `None` if the key is not

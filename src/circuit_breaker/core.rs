@@ -29,7 +29,7 @@ use super::calls::{Call, CallId, Calls, DecidedBy};
 use super::config::TransitionHook;
 use super::entry::{Breakers, KeyBreaker};
 use super::matcher::{self, ErrorMatcher, Outcome};
-use super::metrics::CircuitBreakerMetrics;
+use super::metrics::Counters;
 use super::permit::{Permit, Rejected, spawn_or_drop};
 use super::persist::{self, Backend, adopt, adopt_transition};
 use super::state::{
@@ -90,8 +90,8 @@ pub(crate) struct Core {
     call_timeout: Duration,
     pub(crate) registry: Breakers,
     calls: Calls,
-    pub(crate) metrics: Arc<CircuitBreakerMetrics>,
-    metrics_config: MetricsConfig,
+    pub(crate) metrics: Counters,
+    pub(crate) metrics_config: MetricsConfig,
     pub(crate) clock: SharedClock,
     pub(crate) backend: Backend,
     on_transition: Option<TransitionHook>,
@@ -136,7 +136,7 @@ impl Core {
             call_timeout: settings.call_timeout,
             registry: Breakers::new(settings.registry_limits),
             calls: Calls::new(MAX_CALLS_IN_FLIGHT),
-            metrics: Arc::new(CircuitBreakerMetrics::default()),
+            metrics: Counters::default(),
             metrics_config: settings.metrics_config,
             clock: settings.clock,
             backend: settings.backend,

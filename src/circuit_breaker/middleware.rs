@@ -300,10 +300,10 @@ impl CircuitBreakerMiddleware {
     /// Where this breaker's state lives and how that store is doing (kind
     /// `memory`, `file`, `redis` or `custom`; mode `normal` or the failure
     /// policy in force).
-    pub fn store_report(&self) -> crate::observe::StoreReport {
+    pub fn store_report(&self) -> crate::metrics::StoreReport {
         match &self.core.backend {
-            Backend::Memory => crate::observe::StoreReport::memory(),
-            Backend::File(_) => crate::observe::StoreReport::new("file", "normal"),
+            Backend::Memory => crate::metrics::StoreReport::memory(),
+            Backend::File(_) => crate::metrics::StoreReport::new("file", "normal"),
             Backend::Shared(store) => store.store_report(),
         }
     }
@@ -413,7 +413,7 @@ impl AdvancedMiddleware for CircuitBreakerMiddleware {
         match admitted {
             Ok(_) => Ok(()),
             Err(rejected) => {
-                crate::observe::mark_method(context, &request.method);
+                crate::metrics::mark_method(context, &request.method);
                 Err(self.rejection(&rejected))
             }
         }

@@ -53,14 +53,15 @@ pub mod middleware;
 mod permit;
 mod persist;
 mod policy;
-pub mod report;
 pub mod state;
 pub mod store;
 pub mod transport;
 
 pub use config::{CircuitBreakerBuilder, CircuitBreakerConfig};
 pub use matcher::{ErrorMatcher, Outcome};
-pub use metrics::{CircuitBreakerMetrics, KeySnapshot, MetricsSnapshot};
+#[allow(deprecated)]
+pub use metrics::MetricsSnapshot;
+pub use metrics::{CircuitBreakerMetrics, DEFAULT_REPORT_NAME, KeySnapshot};
 pub use middleware::CircuitBreakerMiddleware;
 pub use permit::{Permit, Rejected};
 pub use state::{

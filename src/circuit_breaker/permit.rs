@@ -12,7 +12,7 @@
 //! // Dropped without a verdict: neutral, nothing counted against the server.
 //! drop(cb.acquire("global").await.expect("still closed"));
 //! assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
-//! assert_eq!(cb.snapshot().neutral_requests, 1);
+//! assert_eq!(cb.metrics().neutral_requests, 1);
 //! # }
 //! ```
 

@@ -52,22 +52,11 @@ pub(crate) struct Opened {
 pub(crate) struct Options {
     pub(crate) file: FileStoreOptions<CircuitBreakerState>,
     #[cfg(feature = "redis")]
-    pub(crate) redis: crate::redis_store::RedisOptions,
+    pub(crate) redis: crate::persistence::RedisOptions,
 }
 
-#[cfg(feature = "redis")]
-fn redis_backend(
-    persistence: &StatePersistence,
-    policy: &crate::circuit_breaker::BreakerPolicy,
-    options: crate::redis_store::RedisOptions,
-) -> Result<Backend, ConfigError> {
-    crate::redis_store::breaker_store_for(persistence, policy, options)?
-        .map(Backend::Shared)
-        .ok_or_else(|| ConfigError::invalid("persistence", "not a Redis persistence"))
-}
-
-/// Opens the backend chosen by `persistence`; each shared store is one arm
-/// returning [`Backend::Shared`].
+/// Opens the backend chosen by `persistence`: the registry alone, mirrored
+/// to a file, or the store [`persistence::breaker_store`](crate::persistence::breaker_store) builds.
 pub(crate) fn open(
     persistence: &StatePersistence,
     policy: &crate::circuit_breaker::BreakerPolicy,
@@ -76,11 +65,6 @@ pub(crate) fn open(
 ) -> Result<Opened, ConfigError> {
     let backend = match persistence {
         StatePersistence::Memory => Backend::Memory,
-        StatePersistence::Custom(store) => Backend::Shared(Arc::clone(store)),
-        #[cfg(feature = "redis")]
-        StatePersistence::Redis { .. } => redis_backend(persistence, policy, options.redis)?,
-        #[cfg(feature = "redis-cluster")]
-        StatePersistence::RedisCluster { .. } => redis_backend(persistence, policy, options.redis)?,
         StatePersistence::File(path) => {
             let options = options
                 .file
@@ -98,6 +82,14 @@ pub(crate) fn open(
                 loaded,
             });
         }
+        _ => crate::persistence::breaker_store(
+            persistence,
+            policy,
+            #[cfg(feature = "redis")]
+            options.redis,
+        )?
+        .map(Backend::Shared)
+        .ok_or_else(|| ConfigError::invalid("persistence", "no store for this persistence"))?,
     };
     Ok(Opened {
         backend,

@@ -60,8 +60,8 @@ pub trait CircuitBreakerStateStore: Send + Sync {
 
     /// Where the store keeps state and how it is doing, for the unified
     /// metrics (default: kind `custom`, mode `normal`).
-    fn store_report(&self) -> crate::observe::StoreReport {
-        crate::observe::StoreReport::new("custom", "normal")
+    fn store_report(&self) -> crate::metrics::StoreReport {
+        crate::metrics::StoreReport::new("custom", "normal")
     }
 
     /// Runs [`state::acquire`] on `key`. The default reads, decides and writes
@@ -125,8 +125,8 @@ impl InMemoryStateStore {
 
 #[async_trait]
 impl CircuitBreakerStateStore for InMemoryStateStore {
-    fn store_report(&self) -> crate::observe::StoreReport {
-        crate::observe::StoreReport::memory()
+    fn store_report(&self) -> crate::metrics::StoreReport {
+        crate::metrics::StoreReport::memory()
     }
 
     async fn get_state(&self, key: &str) -> Result<Option<CircuitBreakerState>, StoreError> {

@@ -35,7 +35,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport, scope_label};
+use crate::circuit_breaker::{CircuitState, KeySnapshot};
+use crate::observe::report::scope_label;
+use crate::rate_limit::KeyUsage;
 
 /// The `key` label of the aggregate of the keys beyond the cap.
 pub const OTHER_KEY: &str = "__other__";
@@ -55,7 +57,7 @@ pub(crate) trait KeyRow: Clone {
     fn absorb(&mut self, other: &Self);
 }
 
-impl KeyRow for BreakerKeyReport {
+impl KeyRow for KeySnapshot {
     fn key(&self) -> &str {
         &self.key
     }
@@ -63,10 +65,12 @@ impl KeyRow for BreakerKeyReport {
         self.key = key;
     }
     fn rank(&self) -> (bool, u64) {
-        (self.state != BreakerStateReport::Closed, self.traffic())
+        (self.state != CircuitState::Closed, self.traffic())
     }
     fn absorb(&mut self, other: &Self) {
-        self.state = self.state.max(other.state);
+        if severity(other.state) > severity(self.state) {
+            self.state = other.state;
+        }
         self.failures = self.failures.saturating_add(other.failures);
         self.rejections = self.rejections.saturating_add(other.rejections);
         self.successes = self.successes.saturating_add(other.successes);
@@ -74,12 +78,13 @@ impl KeyRow for BreakerKeyReport {
     }
 }
 
-impl KeyRow for LimiterKeyReport {
+impl KeyRow for KeyUsage {
     fn key(&self) -> &str {
-        &self.key
+        self.key.as_str()
     }
     fn set_key(&mut self, key: String) {
-        self.key = key;
+        // The label text as the rule made it (a hash bucket, `__other__`).
+        self.key = crate::scope::ScopeKey::verbatim(&key);
     }
     fn rank(&self) -> (bool, u64) {
         (self.rejected > 0, self.traffic())
@@ -89,9 +94,20 @@ impl KeyRow for LimiterKeyReport {
         if other.usage() > self.usage() {
             self.used = other.used;
             self.limit = other.limit;
+            self.reset_at = other.reset_at;
         }
         self.allowed = self.allowed.saturating_add(other.allowed);
         self.rejected = self.rejected.saturating_add(other.rejected);
+    }
+}
+
+/// How bad a state is, for the aggregate of several keys: open, then
+/// half-open, then closed.
+fn severity(state: CircuitState) -> u8 {
+    match state {
+        CircuitState::Closed => 0,
+        CircuitState::HalfOpen => 1,
+        CircuitState::Open => 2,
     }
 }
 
@@ -162,15 +178,15 @@ pub(crate) fn bound_keys<R: KeyRow>(scope: &str, rows: &[R], max_label_keys: usi
 mod tests {
     use super::*;
 
-    fn breaker(key: &str, state: BreakerStateReport, failures: u64) -> BreakerKeyReport {
-        BreakerKeyReport::new(key, state).with_counts(failures, 0, 0, 0)
+    fn breaker(key: &str, state: CircuitState, failures: u64) -> KeySnapshot {
+        KeySnapshot::new(key, state).with_counts(failures, 0, 0, 0)
     }
 
     #[test]
     fn few_keys_pass_unchanged() {
         let rows = vec![
-            breaker("b", BreakerStateReport::Closed, 1),
-            breaker("a", BreakerStateReport::Open, 2),
+            breaker("b", CircuitState::Closed, 1),
+            breaker("a", CircuitState::Open, 2),
         ];
         let out = bound_keys("server", &rows, 10);
         assert_eq!(out.len(), 2);
@@ -181,27 +197,27 @@ mod tests {
     #[test]
     fn cap_keeps_open_then_busiest_then_by_name_and_folds_the_rest() {
         let rows = vec![
-            breaker("quiet", BreakerStateReport::Closed, 0),
-            breaker("busy", BreakerStateReport::Closed, 50),
-            breaker("open", BreakerStateReport::Open, 0),
-            breaker("b-tie", BreakerStateReport::Closed, 5),
-            breaker("a-tie", BreakerStateReport::Closed, 5),
-            breaker("half", BreakerStateReport::HalfOpen, 1),
+            breaker("quiet", CircuitState::Closed, 0),
+            breaker("busy", CircuitState::Closed, 50),
+            breaker("open", CircuitState::Open, 0),
+            breaker("b-tie", CircuitState::Closed, 5),
+            breaker("a-tie", CircuitState::Closed, 5),
+            breaker("half", CircuitState::HalfOpen, 1),
         ];
         let out = bound_keys("server", &rows, 4);
         let keys: Vec<&str> = out.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(keys, ["__other__", "a-tie", "busy", "half", "open"]);
         let other = &out[0];
         assert_eq!(other.failures, 5);
-        assert_eq!(other.state, BreakerStateReport::Closed);
+        assert_eq!(other.state, CircuitState::Closed);
     }
 
     #[test]
     fn aggregate_keeps_the_worst_state() {
         let rows = vec![
-            breaker("a", BreakerStateReport::Closed, 9),
-            breaker("b", BreakerStateReport::Closed, 1),
-            breaker("c", BreakerStateReport::HalfOpen, 0),
+            breaker("a", CircuitState::Closed, 9),
+            breaker("b", CircuitState::Closed, 1),
+            breaker("c", CircuitState::HalfOpen, 0),
         ];
         // Non-closed first: c keeps its label, a and b fold.
         let out = bound_keys("server", &rows, 1);
@@ -209,24 +225,24 @@ mod tests {
         let other = out.iter().find(|r| r.key == OTHER_KEY);
         assert_eq!(other.map(|r| r.failures), Some(10));
         let rows = vec![
-            breaker("a", BreakerStateReport::Open, 0),
-            breaker("b", BreakerStateReport::HalfOpen, 0),
-            breaker("c", BreakerStateReport::Open, 0),
+            breaker("a", CircuitState::Open, 0),
+            breaker("b", CircuitState::HalfOpen, 0),
+            breaker("c", CircuitState::Open, 0),
         ];
         let out = bound_keys("server", &rows, 1);
         assert_eq!(out[0].key, OTHER_KEY);
-        assert_eq!(out[0].state, BreakerStateReport::Open);
+        assert_eq!(out[0].state, CircuitState::Open);
     }
 
     #[test]
     fn session_keys_are_hashed_into_bounded_buckets() {
         let rows: Vec<_> = (0..10_000)
-            .map(|i| LimiterKeyReport::new(format!("session-{i}"), i % 10, 10).with_counts(1, 0))
+            .map(|i| KeyUsage::new(&format!("session-{i}"), i % 10, 10).with_counts(1, 0))
             .collect();
         let out = bound_keys("session", &rows, 1_000);
         assert!(out.len() as u64 <= HASH_BUCKETS);
-        assert!(out.iter().all(|r| r.key.starts_with("h:")));
-        assert!(out.iter().all(|r| !r.key.contains("session")));
+        assert!(out.iter().all(|r| r.key.as_str().starts_with("h:")));
+        assert!(out.iter().all(|r| !r.key.as_str().contains("session")));
         assert_eq!(out.iter().map(|r| r.allowed).sum::<u64>(), 10_000);
         assert!(out.iter().any(|r| r.usage() == 0.9));
         let capped = bound_keys("custom", &rows, 10);
@@ -246,7 +262,7 @@ mod tests {
     #[test]
     fn long_keys_are_cut_at_a_char_boundary() {
         let long = "é".repeat(100);
-        let rows = vec![BreakerKeyReport::new(long, BreakerStateReport::Closed)];
+        let rows = vec![KeySnapshot::new(long, CircuitState::Closed)];
         let out = bound_keys("endpoint", &rows, 10);
         assert!(out[0].key.len() <= MAX_KEY_LEN + 1);
         assert!(out[0].key.ends_with('~'));

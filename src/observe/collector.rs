@@ -8,11 +8,13 @@ use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
 
+use crate::circuit_breaker::{CircuitState, KeySnapshot};
 use crate::error::ConfigError;
+use crate::metrics::HistogramSnapshot;
+use crate::metrics::StoreReport;
 use crate::observe::cardinality::KeyRow;
-use crate::observe::histogram::HistogramSnapshot;
-use crate::observe::report::{BreakerKeyReport, BreakerStateReport, LimiterKeyReport, StoreReport};
 use crate::observe::snapshot::{Gathered, Shared};
+use crate::rate_limit::KeyUsage;
 
 struct Spec {
     name: &'static str,
@@ -244,6 +246,22 @@ impl Families {
     }
 }
 
+/// The states of the one-hot gauge `mcp_circuit_breaker_state_info`, in order.
+const STATES: [CircuitState; 3] = [
+    CircuitState::Closed,
+    CircuitState::Open,
+    CircuitState::HalfOpen,
+];
+
+/// The value of `mcp_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
+fn state_gauge(state: CircuitState) -> f64 {
+    match state {
+        CircuitState::Closed => 0.0,
+        CircuitState::Open => 1.0,
+        CircuitState::HalfOpen => 2.0,
+    }
+}
+
 fn metric(spec: &Spec, values: Vec<String>, sample: Sample) -> Metric {
     let labels = spec
         .labels
@@ -303,7 +321,7 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
 
     // Two sources under one name (handles of one breaker reported twice)
     // merge into one series; two names are two series.
-    let mut breaker_rows: BTreeMap<(&str, &str, String), BreakerKeyReport> = BTreeMap::new();
+    let mut breaker_rows: BTreeMap<(&str, &str, String), KeySnapshot> = BTreeMap::new();
     for b in &gathered.breakers {
         let r = &b.report;
         for row in &b.rows {
@@ -315,12 +333,12 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
             }
         }
         for (outcome, n) in [
-            ("successful", r.successful),
-            ("failed", r.failed),
-            ("rejected", r.rejected),
-            ("neutral", r.neutral),
-            ("timed_out", r.timed_out),
-            ("untracked", r.untracked),
+            ("successful", r.successful_requests),
+            ("failed", r.failed_requests),
+            ("rejected", r.rejected_requests),
+            ("neutral", r.neutral_requests),
+            ("timed_out", r.timed_out_requests),
+            ("untracked", r.untracked_requests),
         ] {
             f.add(
                 "mcp_circuit_breaker_calls_total",
@@ -346,12 +364,8 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
     }
     for ((name, scope, key), row) in &breaker_rows {
         let labels = [*name, *scope, key.as_str()];
-        f.add(
-            "mcp_circuit_breaker_state",
-            &labels,
-            row.state.gauge_value(),
-        );
-        for state in BreakerStateReport::ALL {
+        f.add("mcp_circuit_breaker_state", &labels, state_gauge(row.state));
+        for state in STATES {
             let hot = if state == row.state { 1.0 } else { 0.0 };
             f.add(
                 "mcp_circuit_breaker_state_info",
@@ -381,31 +395,32 @@ pub(crate) fn families(gathered: &Gathered) -> Vec<MetricFamily> {
         );
     }
 
-    let mut limiter_rows: BTreeMap<(&str, &str, String), LimiterKeyReport> = BTreeMap::new();
+    let mut limiter_rows: BTreeMap<(&str, &str, String), KeyUsage> = BTreeMap::new();
     for l in &gathered.limiters {
         let r = &l.report;
         for row in &l.rows {
-            match limiter_rows.get_mut(&(r.name.as_str(), r.scope, row.key.clone())) {
+            match limiter_rows.get_mut(&(r.name.as_str(), r.scope, row.key.to_string())) {
                 Some(existing) => existing.absorb(row),
                 None => {
-                    limiter_rows.insert((r.name.as_str(), r.scope, row.key.clone()), row.clone());
+                    limiter_rows
+                        .insert((r.name.as_str(), r.scope, row.key.to_string()), row.clone());
                 }
             }
         }
         f.add(
             "mcp_rate_limit_requests_total",
             &[&r.name, r.scope],
-            r.total as f64,
+            r.total_requests as f64,
         );
         f.add(
             "mcp_rate_limit_waits_total",
             &[&r.name, r.scope],
-            r.waited as f64,
+            r.waited_requests as f64,
         );
         f.histogram(
             "mcp_rate_limit_wait_seconds",
             &[&r.name, r.scope],
-            &r.wait_time,
+            &r.wait_histogram,
         );
         source_stats(
             &mut f,

@@ -13,10 +13,10 @@ use pmcp::types::{JSONRPCRequest, JSONRPCResponse, jsonrpc::ResponsePayload};
 use serde_json::Value;
 
 use crate::error::ConfigError;
+use crate::metrics::HistogramSnapshot;
+use crate::metrics::METHOD_METADATA_KEY;
 use crate::observe::MetricsError;
 use crate::observe::collector::ResilienceCollector;
-use crate::observe::context::METHOD_METADATA_KEY;
-use crate::observe::histogram::HistogramSnapshot;
 use crate::observe::report::{NamedSource, Report, ReportSource};
 use crate::observe::requests::RequestStats;
 use crate::observe::snapshot::Shared;

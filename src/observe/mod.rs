@@ -1,10 +1,10 @@
 //! One place where an operator sees every breaker and limiter: request
 //! metrics, Prometheus export and an aggregated JSON snapshot.
 //!
-//! Breakers and limiters describe themselves through [`ReportSource`];
-//! `MetricsMiddleware` (feature `prometheus`, on by default) pulls their
-//! [`Report`]s whenever Prometheus scrapes, so values are current at scrape
-//! time. Installed in a pmcp client or server chain, the middleware also
+//! Breakers and limiters describe themselves through [`ReportSource`]: their
+//! report is their `metrics()` snapshot. `MetricsMiddleware` (feature
+//! `prometheus`, on by default) pulls those [`Report`]s whenever Prometheus
+//! scrapes, so values are current at scrape time. Installed in a pmcp client or server chain, the middleware also
 //! counts requests, errors and durations per method, on the client side as
 //! well. Without the feature, the reports are still there to read or to
 //! feed a metrics system of your own.
@@ -14,16 +14,14 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use pmcp_resilience::observe::{
-//!     BreakerKeyReport, BreakerReport, BreakerStateReport, MetricsExporter, MetricsMiddleware,
-//!     Report,
-//! };
+//! use pmcp_resilience::circuit_breaker::{CircuitBreakerMetrics, CircuitState, KeySnapshot};
+//! use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware, Report};
 //!
 //! // A stand-in for a circuit breaker of this crate.
 //! let breaker = Arc::new(|| {
-//!     let mut report = BreakerReport::new("upstream", "server");
+//!     let mut report = CircuitBreakerMetrics::new("upstream", "server");
 //!     report.keys.push(
-//!         BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Open)
+//!         KeySnapshot::new("https://api.example.com", CircuitState::Open)
 //!             .with_counts(42, 15, 100, 1),
 //!     );
 //!     Report::CircuitBreaker(report)
@@ -103,10 +101,8 @@
 pub mod cardinality;
 #[cfg(feature = "prometheus")]
 mod collector;
-mod context;
 #[cfg(feature = "prometheus")]
 mod endpoint;
-mod histogram;
 #[cfg(feature = "prometheus")]
 mod middleware;
 pub(crate) mod report;
@@ -119,22 +115,25 @@ mod tests;
 #[cfg(all(test, feature = "prometheus"))]
 pub(crate) mod text_format;
 
-pub use context::METHOD_METADATA_KEY;
-pub(crate) use context::mark_method;
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use endpoint::MetricsServer;
-pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
+// The vocabulary of reports, defined in `metrics` so that the breaker and the
+// limiter need not depend on this module; re-exported here where readers look.
+pub use crate::metrics::{
+    BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot, METHOD_METADATA_KEY, StoreReport,
+};
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use middleware::{
     ExportTask, INTERNAL_ERROR_CODE, MAX_EXPORT_INTERVAL, MetricsExporter, MetricsMiddleware,
     MetricsMiddlewareBuilder, UNKNOWN_METHOD,
 };
+#[allow(deprecated)]
 pub use report::{
     BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport,
-    NamedSource, Report, ReportSource, StoreReport, scope_label,
 };
+pub use report::{NamedSource, Report, ReportSource, scope_label};
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use requests::OTHER_METHOD;

@@ -1,12 +1,15 @@
-//! The neutral report that breakers and limiters hand to the metrics.
+//! What the metrics read: a [`Report`] from every registered
+//! [`ReportSource`], pulled when Prometheus scrapes, when the JSON snapshot
+//! is asked for and at every export tick.
 //!
-//! A breaker or limiter implements [`ReportSource`]; the metrics pull a
-//! [`Report`] from every registered source when Prometheus scrapes, when the
-//! JSON snapshot is asked for and at every export tick. Sources never see the
-//! metrics types, and the metrics never see the sources' types.
+//! A report is the snapshot a breaker or limiter returns from `metrics()`
+//! ([`CircuitBreakerMetrics`], [`RateLimitMetrics`]): the middlewares are
+//! sources here, and never import this module.
 
-use crate::observe::histogram::HistogramSnapshot;
-use crate::registry::RegistryStats;
+use crate::circuit_breaker::{
+    CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitState, KeySnapshot,
+};
+use crate::rate_limit::{KeyUsage, RateLimitMetrics, RateLimitMiddleware};
 
 /// Something that can describe its current state: a circuit breaker, a rate
 /// limiter, or your own component.
@@ -32,20 +35,56 @@ where
 #[non_exhaustive]
 pub enum Report {
     /// A circuit breaker.
-    CircuitBreaker(BreakerReport),
+    CircuitBreaker(CircuitBreakerMetrics),
     /// A rate limiter.
-    RateLimit(LimiterReport),
+    RateLimit(RateLimitMetrics),
 }
 
-impl From<BreakerReport> for Report {
-    fn from(report: BreakerReport) -> Self {
+impl From<CircuitBreakerMetrics> for Report {
+    fn from(report: CircuitBreakerMetrics) -> Self {
         Report::CircuitBreaker(report)
     }
 }
 
-impl From<LimiterReport> for Report {
-    fn from(report: LimiterReport) -> Self {
+impl From<RateLimitMetrics> for Report {
+    fn from(report: RateLimitMetrics) -> Self {
         Report::RateLimit(report)
+    }
+}
+
+/// A breaker reports its [`metrics`](CircuitBreakerMiddleware::metrics),
+/// under the name given to its builder.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
+/// use pmcp_resilience::observe::{Report, ReportSource};
+///
+/// let cb = CircuitBreakerMiddleware::builder().build()?;
+/// let Report::CircuitBreaker(r) = cb.report() else { panic!("a breaker reports as a breaker") };
+/// assert_eq!((r.name.as_str(), r.scope), ("circuit_breaker", "global"));
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
+impl ReportSource for CircuitBreakerMiddleware {
+    fn report(&self) -> Report {
+        Report::CircuitBreaker(self.metrics())
+    }
+}
+
+/// A limiter reports its [`metrics`](RateLimitMiddleware::metrics), under
+/// the name given to its builder.
+///
+/// ```
+/// use pmcp_resilience::observe::{Report, ReportSource};
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+///
+/// let rl = RateLimitMiddleware::builder().build()?;
+/// let Report::RateLimit(r) = rl.report() else { panic!("a limiter reports as a limiter") };
+/// assert_eq!((r.name.as_str(), r.scope), ("rate_limit", "global"));
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
+impl ReportSource for RateLimitMiddleware {
+    fn report(&self) -> Report {
+        Report::RateLimit(self.metrics())
     }
 }
 
@@ -67,302 +106,25 @@ pub mod scope_label {
     pub const CUSTOM: &str = "custom";
 }
 
-/// Where a breaker's or limiter's state lives and how that store is doing.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct StoreReport {
-    /// `"memory"`, `"file"`, `"redis"` or `"custom"`.
-    pub kind: &'static str,
-    /// The failure policy in force now: `"normal"` (the store answers),
-    /// `"fail_open"`, `"fail_closed"` or `"local_fallback"`.
-    pub mode: &'static str,
-    /// Latency of store operations, for stores that measure it.
-    pub latency: Option<HistogramSnapshot>,
-    /// Decisions taken without the store under its failure policy, for
-    /// stores that can fail (Redis).
-    pub degraded_decisions: Option<u64>,
-}
+/// The breaker's snapshot under its former name in this module.
+#[deprecated(note = "use `circuit_breaker::CircuitBreakerMetrics`, which `metrics()` returns")]
+pub type BreakerReport = CircuitBreakerMetrics;
 
-impl StoreReport {
-    /// Modes a store can report, in the order they are exported.
-    pub const MODES: [&'static str; 4] = ["normal", "fail_open", "fail_closed", "local_fallback"];
+/// A breaker key's row under its former name in this module.
+#[deprecated(note = "use `circuit_breaker::KeySnapshot`")]
+pub type BreakerKeyReport = KeySnapshot;
 
-    /// A store of `kind` in `mode`, without latency.
-    pub fn new(kind: &'static str, mode: &'static str) -> Self {
-        StoreReport {
-            kind,
-            mode,
-            latency: None,
-            degraded_decisions: None,
-        }
-    }
+/// A breaker key's state under its former name in this module.
+#[deprecated(note = "use `CircuitState`")]
+pub type BreakerStateReport = CircuitState;
 
-    /// The in-memory store, working normally.
-    pub fn memory() -> Self {
-        Self::new("memory", "normal")
-    }
+/// The limiter's snapshot under its former name in this module.
+#[deprecated(note = "use `RateLimitMetrics`, which `metrics()` returns")]
+pub type LimiterReport = RateLimitMetrics;
 
-    /// Adds a latency histogram.
-    pub fn with_latency(mut self, latency: HistogramSnapshot) -> Self {
-        self.latency = Some(latency);
-        self
-    }
-
-    /// Adds the count of decisions taken without the store.
-    pub fn with_degraded_decisions(mut self, decisions: u64) -> Self {
-        self.degraded_decisions = Some(decisions);
-        self
-    }
-}
-
-impl Default for StoreReport {
-    fn default() -> Self {
-        Self::memory()
-    }
-}
-
-/// The state of a circuit breaker for one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum BreakerStateReport {
-    /// Requests flow.
-    Closed,
-    /// Probing whether the upstream recovered.
-    HalfOpen,
-    /// Requests are rejected.
-    Open,
-}
-
-impl BreakerStateReport {
-    /// All states, in the order of the one-hot gauge.
-    pub const ALL: [BreakerStateReport; 3] = [
-        BreakerStateReport::Closed,
-        BreakerStateReport::Open,
-        BreakerStateReport::HalfOpen,
-    ];
-
-    /// The value of `mcp_circuit_breaker_state`: 0 closed, 1 open, 2 half-open.
-    pub fn gauge_value(self) -> f64 {
-        match self {
-            BreakerStateReport::Closed => 0.0,
-            BreakerStateReport::Open => 1.0,
-            BreakerStateReport::HalfOpen => 2.0,
-        }
-    }
-
-    /// The `state` label value: `closed`, `open` or `half_open`.
-    pub fn label(self) -> &'static str {
-        match self {
-            BreakerStateReport::Closed => "closed",
-            BreakerStateReport::Open => "open",
-            BreakerStateReport::HalfOpen => "half_open",
-        }
-    }
-}
-
-/// One key of a circuit breaker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BreakerKeyReport {
-    /// The scope key (a server, a method, a session id...).
-    pub key: String,
-    /// Its state now.
-    pub state: BreakerStateReport,
-    /// Calls counted as failures.
-    pub failures: u64,
-    /// Calls rejected because the breaker was open (or its half-open probes were taken).
-    pub rejections: u64,
-    /// Calls that succeeded.
-    pub successes: u64,
-    /// State changes.
-    pub transitions: u64,
-}
-
-impl BreakerKeyReport {
-    /// A key in `state` with all counters at zero.
-    pub fn new(key: impl Into<String>, state: BreakerStateReport) -> Self {
-        BreakerKeyReport {
-            key: key.into(),
-            state,
-            failures: 0,
-            rejections: 0,
-            successes: 0,
-            transitions: 0,
-        }
-    }
-
-    /// Sets the counters: failures, rejections, successes, transitions.
-    pub fn with_counts(
-        mut self,
-        failures: u64,
-        rejections: u64,
-        successes: u64,
-        transitions: u64,
-    ) -> Self {
-        self.failures = failures;
-        self.rejections = rejections;
-        self.successes = successes;
-        self.transitions = transitions;
-        self
-    }
-
-    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
-    pub(crate) fn traffic(&self) -> u64 {
-        self.failures
-            .saturating_add(self.rejections)
-            .saturating_add(self.successes)
-    }
-}
-
-/// The state of a circuit breaker: totals and every key it holds.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct BreakerReport {
-    /// The breaker's name, chosen by its user (a bounded, human-chosen label).
-    pub name: String,
-    /// The scope label: one of [`scope_label`].
-    pub scope: &'static str,
-    /// The keys held now.
-    pub keys: Vec<BreakerKeyReport>,
-    /// Calls seen since start, over all keys (evicted ones included).
-    pub total_requests: u64,
-    /// Calls that succeeded.
-    pub successful: u64,
-    /// Calls counted as failures.
-    pub failed: u64,
-    /// Calls rejected.
-    pub rejected: u64,
-    /// Calls that ended neutral (the caller's mistakes, sibling refusals,
-    /// callers that went away): neither successes nor failures.
-    pub neutral: u64,
-    /// Calls that got no answer within the call deadline (also in `failed`).
-    pub timed_out: u64,
-    /// Calls admitted without being followed (breaker disabled for the key,
-    /// key registry or call table full).
-    pub untracked: u64,
-    /// Calls admitted and not yet ended.
-    pub in_flight: u64,
-    /// State changes over all keys.
-    pub transitions: u64,
-    /// The key registry's size, evictions and overflows.
-    pub registry: RegistryStats,
-    /// The state store.
-    pub store: StoreReport,
-}
-
-impl BreakerReport {
-    /// An empty report for the breaker `name` of `scope`, in memory.
-    pub fn new(name: impl Into<String>, scope: &'static str) -> Self {
-        BreakerReport {
-            name: name.into(),
-            scope,
-            keys: Vec::new(),
-            total_requests: 0,
-            successful: 0,
-            failed: 0,
-            rejected: 0,
-            neutral: 0,
-            timed_out: 0,
-            untracked: 0,
-            in_flight: 0,
-            transitions: 0,
-            registry: RegistryStats::default(),
-            store: StoreReport::memory(),
-        }
-    }
-}
-
-/// One key of a rate limiter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LimiterKeyReport {
-    /// The scope key.
-    pub key: String,
-    /// Capacity used now (tokens taken, requests in the window...).
-    pub used: u64,
-    /// Capacity of the key.
-    pub limit: u64,
-    /// Requests allowed.
-    pub allowed: u64,
-    /// Requests rejected.
-    pub rejected: u64,
-}
-
-impl LimiterKeyReport {
-    /// A key using `used` of `limit`, with zero counters.
-    pub fn new(key: impl Into<String>, used: u64, limit: u64) -> Self {
-        LimiterKeyReport {
-            key: key.into(),
-            used,
-            limit,
-            allowed: 0,
-            rejected: 0,
-        }
-    }
-
-    /// Sets the counters: allowed, rejected.
-    pub fn with_counts(mut self, allowed: u64, rejected: u64) -> Self {
-        self.allowed = allowed;
-        self.rejected = rejected;
-        self
-    }
-
-    /// `used / limit`, clamped to `0.0..=1.0` (a zero limit counts as full).
-    pub fn usage(&self) -> f64 {
-        if self.limit == 0 {
-            return if self.used == 0 { 0.0 } else { 1.0 };
-        }
-        (self.used as f64 / self.limit as f64).clamp(0.0, 1.0)
-    }
-
-    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
-    pub(crate) fn traffic(&self) -> u64 {
-        self.allowed.saturating_add(self.rejected)
-    }
-}
-
-/// The state of a rate limiter: totals and every key it holds.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct LimiterReport {
-    /// The limiter's name, chosen by its user.
-    pub name: String,
-    /// The scope label: one of [`scope_label`].
-    pub scope: &'static str,
-    /// The keys held now.
-    pub keys: Vec<LimiterKeyReport>,
-    /// Requests seen since start.
-    pub total: u64,
-    /// Requests allowed (after waiting or not).
-    pub allowed: u64,
-    /// Requests rejected.
-    pub rejected: u64,
-    /// Requests that waited for capacity.
-    pub waited: u64,
-    /// How long those requests waited.
-    pub wait_time: HistogramSnapshot,
-    /// The key registry's size, evictions and overflows.
-    pub registry: RegistryStats,
-    /// The state store.
-    pub store: StoreReport,
-}
-
-impl LimiterReport {
-    /// An empty report for the limiter `name` of `scope`, in memory.
-    pub fn new(name: impl Into<String>, scope: &'static str) -> Self {
-        LimiterReport {
-            name: name.into(),
-            scope,
-            keys: Vec::new(),
-            total: 0,
-            allowed: 0,
-            rejected: 0,
-            waited: 0,
-            wait_time: HistogramSnapshot::default(),
-            registry: RegistryStats::default(),
-            store: StoreReport::memory(),
-        }
-    }
-}
+/// A limiter key's row under its former name in this module.
+#[deprecated(note = "use `rate_limit::KeyUsage`")]
+pub type LimiterKeyReport = KeyUsage;
 
 impl Report {
     /// The name of the breaker or limiter reported on.

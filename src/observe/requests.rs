@@ -1,4 +1,8 @@
 //! Per-method request counts, error counts and durations.
+//!
+//! Durations go into a `prometheus::Histogram` (this module is built only
+//! with the `prometheus` feature), with the buckets of the crate's own
+//! [`DurationHistogram`](crate::metrics::DurationHistogram).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -7,7 +11,10 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::observe::histogram::{DurationHistogram, HistogramSnapshot};
+use prometheus::core::Metric;
+use prometheus::{Histogram, HistogramOpts};
+
+use crate::metrics::{BUCKET_BOUNDS_SECONDS, HistogramSnapshot};
 
 /// The `method` label of requests whose method is not given its own label.
 pub const OTHER_METHOD: &str = "other";
@@ -47,11 +54,39 @@ const KNOWN_METHODS: &[&str] = &[
     "tasks/cancel",
 ];
 
-#[derive(Default)]
 pub(crate) struct MethodStats {
     requests: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
-    duration: DurationHistogram,
+    duration: Histogram,
+}
+
+impl Default for MethodStats {
+    fn default() -> Self {
+        let opts = HistogramOpts::new("mcp_request_duration_seconds", "request duration")
+            .buckets(BUCKET_BOUNDS_SECONDS.to_vec());
+        MethodStats {
+            requests: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            // Refused only for a bad name or unsorted buckets: both are constants here.
+            duration: Histogram::with_opts(opts).expect("constant, valid histogram options"),
+        }
+    }
+}
+
+/// The counts of `histogram` in the shape the collector and the JSON
+/// snapshot read.
+fn snapshot_of(histogram: &Histogram) -> HistogramSnapshot {
+    let metric = histogram.metric();
+    let h = metric.get_histogram();
+    HistogramSnapshot {
+        buckets: h
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect(),
+        count: h.get_sample_count(),
+        sum_seconds: h.get_sample_sum(),
+    }
 }
 
 impl MethodStats {
@@ -70,7 +105,7 @@ impl MethodStats {
     }
 
     pub(crate) fn record_duration(&self, duration: Duration) {
-        self.duration.record(duration);
+        self.duration.observe(duration.as_secs_f64());
     }
 }
 
@@ -151,7 +186,7 @@ impl RequestStats {
     }
 
     pub(crate) fn duration(&self, method: &str) -> Option<HistogramSnapshot> {
-        self.get(method).map(|s| s.duration.snapshot())
+        self.get(method).map(|s| snapshot_of(&s.duration))
     }
 
     /// Every method label, sorted.
@@ -164,7 +199,7 @@ impl RequestStats {
                 method: method.clone(),
                 requests: stats.requests.load(Ordering::Relaxed),
                 errors: stats.errors.lock().clone(),
-                duration: stats.duration.snapshot(),
+                duration: snapshot_of(&stats.duration),
             })
             .collect();
         out.sort_by(|a, b| a.method.cmp(&b.method));

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde_json::{Value, json};
 
+use crate::circuit_breaker::{CircuitBreakerMetrics, CircuitState, KeySnapshot};
+use crate::metrics::HistogramSnapshot;
+use crate::metrics::StoreReport;
 use crate::observe::cardinality::bound_keys;
-use crate::observe::histogram::HistogramSnapshot;
-use crate::observe::report::{
-    BreakerKeyReport, BreakerReport, BreakerStateReport, LimiterKeyReport, LimiterReport, Report,
-    ReportSource, StoreReport,
-};
+use crate::observe::report::{Report, ReportSource};
 use crate::observe::requests::{MethodSnapshot, RequestStats};
+use crate::rate_limit::{KeyUsage, RateLimitMetrics};
 use crate::registry::RegistryStats;
 
 /// State shared by the middleware, the collector, the exporter and the server.
@@ -26,16 +26,16 @@ pub(crate) struct Shared {
 
 /// A breaker report whose keys are bounded by the cardinality rule.
 pub(crate) struct BoundedBreaker {
-    pub(crate) report: BreakerReport,
-    pub(crate) rows: Vec<BreakerKeyReport>,
+    pub(crate) report: CircuitBreakerMetrics,
+    pub(crate) rows: Vec<KeySnapshot>,
     /// Keys closed, open and half-open, counted before bounding.
     pub(crate) states: [u64; 3],
 }
 
 /// A limiter report whose keys are bounded by the cardinality rule.
 pub(crate) struct BoundedLimiter {
-    pub(crate) report: LimiterReport,
-    pub(crate) rows: Vec<LimiterKeyReport>,
+    pub(crate) report: RateLimitMetrics,
+    pub(crate) rows: Vec<KeyUsage>,
 }
 
 /// Everything, at one moment.
@@ -83,11 +83,11 @@ impl Shared {
 }
 
 /// Index of a state in `[closed, open, half_open]` arrays.
-pub(crate) fn state_index(state: BreakerStateReport) -> usize {
+pub(crate) fn state_index(state: CircuitState) -> usize {
     match state {
-        BreakerStateReport::Closed => 0,
-        BreakerStateReport::Open => 1,
-        BreakerStateReport::HalfOpen => 2,
+        CircuitState::Closed => 0,
+        CircuitState::Open => 1,
+        CircuitState::HalfOpen => 2,
     }
 }
 
@@ -118,17 +118,17 @@ impl Gathered {
                     *total += count;
                 }
                 breaker_totals[0] += r.total_requests;
-                breaker_totals[1] += r.successful;
-                breaker_totals[2] += r.failed;
-                breaker_totals[3] += r.rejected;
+                breaker_totals[1] += r.successful_requests;
+                breaker_totals[2] += r.failed_requests;
+                breaker_totals[3] += r.rejected_requests;
                 json!({
                     "name": r.name,
                     "scope": r.scope,
                     "total_requests": r.total_requests,
-                    "successful": r.successful,
-                    "failed": r.failed,
-                    "rejected": r.rejected,
-                    "transitions": r.transitions,
+                    "successful": r.successful_requests,
+                    "failed": r.failed_requests,
+                    "rejected": r.rejected_requests,
+                    "transitions": r.state_transitions,
                     "registry": registry_json(&r.registry),
                     "store": store_json(&r.store),
                     "keys": b.rows.iter().map(|k| json!({
@@ -148,22 +148,22 @@ impl Gathered {
             .iter()
             .map(|l| {
                 let r = &l.report;
-                limiter_totals[0] += r.total;
-                limiter_totals[1] += r.allowed;
-                limiter_totals[2] += r.rejected;
-                limiter_totals[3] += r.waited;
+                limiter_totals[0] += r.total_requests;
+                limiter_totals[1] += r.allowed_requests;
+                limiter_totals[2] += r.rejected_requests;
+                limiter_totals[3] += r.waited_requests;
                 json!({
                     "name": r.name,
                     "scope": r.scope,
-                    "total": r.total,
-                    "allowed": r.allowed,
-                    "rejected": r.rejected,
-                    "waited": r.waited,
-                    "wait_time_seconds": r.wait_time.to_json(),
+                    "total": r.total_requests,
+                    "allowed": r.allowed_requests,
+                    "rejected": r.rejected_requests,
+                    "waited": r.waited_requests,
+                    "wait_time_seconds": r.wait_histogram.to_json(),
                     "registry": registry_json(&r.registry),
                     "store": store_json(&r.store),
                     "keys": l.rows.iter().map(|k| json!({
-                        "key": k.key,
+                        "key": k.key.as_str(),
                         "used": k.used,
                         "limit": k.limit,
                         "usage": k.usage(),

@@ -7,29 +7,30 @@ use pmcp::shared::{AdvancedMiddleware, EnhancedMiddlewareChain, MiddlewareContex
 use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
 
 use crate::ConfigError;
+use crate::circuit_breaker::{CircuitBreakerMetrics, CircuitState, KeySnapshot};
 use crate::observe::text_format::{parse, value};
 use crate::observe::*;
+use crate::rate_limit::{KeyUsage, RateLimitMetrics};
 use crate::registry::RegistryStats;
 
 fn breaker_report() -> Report {
-    let mut r = BreakerReport::new("upstream", "server");
+    let mut r = CircuitBreakerMetrics::new("upstream", "server");
     r.keys.push(
-        BreakerKeyReport::new("https://api.example.com", BreakerStateReport::Closed)
+        KeySnapshot::new("https://api.example.com", CircuitState::Closed)
             .with_counts(42, 15, 900, 2),
     );
     r.keys.push(
-        BreakerKeyReport::new("https://b.example.com", BreakerStateReport::Open)
-            .with_counts(7, 3, 1, 1),
+        KeySnapshot::new("https://b.example.com", CircuitState::Open).with_counts(7, 3, 1, 1),
     );
-    r.keys.push(BreakerKeyReport::new(
+    r.keys.push(KeySnapshot::new(
         "https://c.example.com",
-        BreakerStateReport::HalfOpen,
+        CircuitState::HalfOpen,
     ));
     r.total_requests = 968;
-    r.successful = 901;
-    r.failed = 49;
-    r.rejected = 18;
-    r.transitions = 3;
+    r.successful_requests = 901;
+    r.failed_requests = 49;
+    r.rejected_requests = 18;
+    r.state_transitions = 3;
     r.registry = RegistryStats {
         keys: 3,
         evicted: 5,
@@ -42,19 +43,19 @@ fn breaker_report() -> Report {
 }
 
 fn limiter_report() -> Report {
-    let mut r = LimiterReport::new("calls", "method");
+    let mut r = RateLimitMetrics::new("calls", "method");
     r.keys
-        .push(LimiterKeyReport::new("tools/call", 85, 100).with_counts(9523, 47));
+        .push(KeyUsage::new("tools/call", 85, 100).with_counts(9523, 47));
     r.keys
-        .push(LimiterKeyReport::new("tools/list", 0, 0).with_counts(1, 0));
-    r.total = 9571;
-    r.allowed = 9524;
-    r.rejected = 47;
-    r.waited = 2;
+        .push(KeyUsage::new("tools/list", 0, 0).with_counts(1, 0));
+    r.total_requests = 9571;
+    r.allowed_requests = 9524;
+    r.rejected_requests = 47;
+    r.waited_requests = 2;
     let waits = DurationHistogram::new();
     waits.record(Duration::from_millis(300));
     waits.record(Duration::from_secs(2));
-    r.wait_time = waits.snapshot();
+    r.wait_histogram = waits.snapshot();
     Report::RateLimit(r)
 }
 
@@ -266,11 +267,11 @@ fn state_info_is_one_hot() {
 
 #[test]
 fn values_are_read_at_scrape_time() {
-    let state = Arc::new(parking_lot::Mutex::new(BreakerStateReport::Closed));
+    let state = Arc::new(parking_lot::Mutex::new(CircuitState::Closed));
     let shared = state.clone();
     let m = metrics_with(vec![Arc::new(move || {
-        let mut r = BreakerReport::new("b", "global");
-        r.keys.push(BreakerKeyReport::new("global", *shared.lock()));
+        let mut r = CircuitBreakerMetrics::new("b", "global");
+        r.keys.push(KeySnapshot::new("global", *shared.lock()));
         Report::CircuitBreaker(r)
     })]);
     let key = [("name", "b"), ("scope", "global"), ("key", "global")];
@@ -278,7 +279,7 @@ fn values_are_read_at_scrape_time() {
         value(&parse(&m.render()), "mcp_circuit_breaker_state", &key),
         Some(0.0)
     );
-    *state.lock() = BreakerStateReport::Open;
+    *state.lock() = CircuitState::Open;
     assert_eq!(
         value(&parse(&m.render()), "mcp_circuit_breaker_state", &key),
         Some(1.0)
@@ -286,10 +287,10 @@ fn values_are_read_at_scrape_time() {
 }
 
 fn session_limiter(n: usize) -> Report {
-    let mut r = LimiterReport::new("per-session", "session");
+    let mut r = RateLimitMetrics::new("per-session", "session");
     for i in 0..n {
         r.keys
-            .push(LimiterKeyReport::new(format!("sess-{i:05}"), 1, 10).with_counts(1, 0));
+            .push(KeyUsage::new(&format!("sess-{i:05}"), 1, 10).with_counts(1, 0));
     }
     Report::RateLimit(r)
 }
@@ -327,17 +328,15 @@ fn many_server_keys_fold_into_other() {
     let m = match MetricsMiddleware::builder()
         .max_label_keys(5)
         .source(Arc::new(|| {
-            let mut r = BreakerReport::new("b", "server");
+            let mut r = CircuitBreakerMetrics::new("b", "server");
             for i in 0..1_000u64 {
                 r.keys.push(
-                    BreakerKeyReport::new(format!("srv-{i:04}"), BreakerStateReport::Closed)
+                    KeySnapshot::new(format!("srv-{i:04}"), CircuitState::Closed)
                         .with_counts(i, 0, 0, 0),
                 );
             }
-            r.keys.push(BreakerKeyReport::new(
-                "quiet-but-open",
-                BreakerStateReport::Open,
-            ));
+            r.keys
+                .push(KeySnapshot::new("quiet-but-open", CircuitState::Open));
             Report::CircuitBreaker(r)
         }))
         .build()
@@ -370,9 +369,8 @@ fn many_server_keys_fold_into_other() {
 fn odd_keys_are_escaped() {
     let odd = "a\"b\\c\nd é {x=\"1\"}";
     let m = metrics_with(vec![Arc::new(move || {
-        let mut r = BreakerReport::new("b", "endpoint");
-        r.keys
-            .push(BreakerKeyReport::new(odd, BreakerStateReport::Open));
+        let mut r = CircuitBreakerMetrics::new("b", "endpoint");
+        r.keys.push(KeySnapshot::new(odd, CircuitState::Open));
         Report::CircuitBreaker(r)
     })]);
     let text = m.render();
@@ -391,15 +389,15 @@ fn odd_keys_are_escaped() {
 #[test]
 fn two_breakers_on_the_same_key_are_two_series_told_apart_by_name() {
     let one = || {
-        let mut r = BreakerReport::new("a", "server");
+        let mut r = CircuitBreakerMetrics::new("a", "server");
         r.keys
-            .push(BreakerKeyReport::new("x", BreakerStateReport::Closed).with_counts(1, 0, 0, 0));
+            .push(KeySnapshot::new("x", CircuitState::Closed).with_counts(1, 0, 0, 0));
         Report::CircuitBreaker(r)
     };
     let two = || {
-        let mut r = BreakerReport::new("b", "server");
+        let mut r = CircuitBreakerMetrics::new("b", "server");
         r.keys
-            .push(BreakerKeyReport::new("x", BreakerStateReport::Open).with_counts(2, 0, 0, 0));
+            .push(KeySnapshot::new("x", CircuitState::Open).with_counts(2, 0, 0, 0));
         Report::CircuitBreaker(r)
     };
     let m = metrics_with(vec![Arc::new(one), Arc::new(two)]);

@@ -34,8 +34,12 @@ use crate::circuit_breaker::CircuitBreakerStateStore;
 
 mod backing;
 pub mod file;
+mod shared;
 
 pub(crate) use backing::FileBacking;
+#[cfg(feature = "redis")]
+pub(crate) use shared::RedisOptions;
+pub(crate) use shared::{breaker_store, rate_limiter};
 
 pub use file::{
     FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,

@@ -117,13 +117,13 @@ pub struct RateLimitBuilder {
     limiter: Option<Arc<dyn RateLimiter>>,
     file_options: FileStoreOptions<LimiterState>,
     #[cfg(feature = "redis")]
-    redis_options: crate::redis_store::RedisOptions,
+    redis_options: crate::persistence::RedisOptions,
 }
 
 impl Default for RateLimitBuilder {
     fn default() -> Self {
         RateLimitBuilder {
-            name: super::report::DEFAULT_REPORT_NAME.to_owned(),
+            name: super::metrics::DEFAULT_REPORT_NAME.to_owned(),
             scope: Scope::Global,
             strategy: RateLimitStrategy::TokenBucket {
                 capacity: 100,
@@ -140,7 +140,7 @@ impl Default for RateLimitBuilder {
             limiter: None,
             file_options: FileStoreOptions::default(),
             #[cfg(feature = "redis")]
-            redis_options: crate::redis_store::RedisOptions::default(),
+            redis_options: crate::persistence::RedisOptions::default(),
         }
     }
 }
@@ -272,7 +272,7 @@ impl RateLimitBuilder {
     /// the persistence itself.
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-    pub fn redis_options(mut self, options: crate::redis_store::RedisOptions) -> Self {
+    pub fn redis_options(mut self, options: crate::persistence::RedisOptions) -> Self {
         self.redis_options = options;
         self
     }
@@ -285,8 +285,6 @@ impl RateLimitBuilder {
     }
 
     /// Checks every setting and builds the middleware.
-    // The label is broken out of only by the `redis` arm.
-    #[cfg_attr(not(feature = "redis"), allow(unused_labels))]
     pub fn build(self) -> Result<RateLimitMiddleware, ConfigError> {
         self.backpressure.validate()?;
         if self.backpressure.wait_for_capacity && self.max_waiters == 0 {
@@ -350,10 +348,10 @@ impl RateLimitBuilder {
                         ),
                     ));
                 }
-                #[cfg(feature = "redis")]
-                if let Some(limiter) = crate::redis_store::rate_limiter_for(
+                if let Some(limiter) = crate::persistence::rate_limiter(
                     &persistence,
                     self.strategy,
+                    #[cfg(feature = "redis")]
                     self.redis_options,
                     self.registry_limits,
                 )? {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::clock::{SharedClock, Timestamp, default_clock, duration_nanos};
 use crate::error::{ConfigError, StoreError};
-use crate::observe::StoreReport;
+use crate::metrics::StoreReport;
 use crate::persistence::{FileBacking, FileStoreOptions, KIND_RATE_LIMIT, LoadReport};
 use crate::registry::{KeyMap, RegistryLimits, RegistryStats};
 use crate::scope::ScopeKey;
@@ -44,6 +44,49 @@ pub struct KeyUsage {
     pub allowed: u64,
     /// Requests rejected for this key since it was created.
     pub rejected: u64,
+}
+
+impl KeyUsage {
+    /// A key using `used` of `limit`, full again now, with zero counters
+    /// (for a limiter or a report of your own).
+    ///
+    /// ```
+    /// use pmcp_resilience::rate_limit::KeyUsage;
+    ///
+    /// let row = KeyUsage::new("tool:search", 3, 4).with_counts(6, 3);
+    /// assert_eq!(row.key.as_str(), "tool:search");
+    /// assert_eq!(row.usage(), 0.75);
+    /// ```
+    pub fn new(key: &str, used: u32, limit: u32) -> Self {
+        KeyUsage {
+            key: ScopeKey::new(key),
+            used,
+            limit,
+            reset_at: Timestamp::ZERO,
+            allowed: 0,
+            rejected: 0,
+        }
+    }
+
+    /// Sets the counters: allowed, rejected.
+    pub fn with_counts(mut self, allowed: u64, rejected: u64) -> Self {
+        self.allowed = allowed;
+        self.rejected = rejected;
+        self
+    }
+
+    /// `used / limit`, clamped to `0.0..=1.0` (a zero limit counts as full).
+    pub fn usage(&self) -> f64 {
+        if self.limit == 0 {
+            return if self.used == 0 { 0.0 } else { 1.0 };
+        }
+        (f64::from(self.used) / f64::from(self.limit)).clamp(0.0, 1.0)
+    }
+
+    /// Requests that reached the key: allowed and rejected.
+    pub(crate) fn traffic(&self) -> u64 {
+        self.allowed.saturating_add(self.rejected)
+    }
 }
 
 /// A rate limiter keyed by [`ScopeKey`]: implement it to plug in a limiter

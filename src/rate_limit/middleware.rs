@@ -13,14 +13,14 @@ use serde_json::json;
 
 use crate::clock::{SharedClock, Timestamp};
 use crate::error::StoreError;
-use crate::metrics::MetricsConfig;
+use crate::metrics::{MetricsConfig, StoreReport};
 use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, ScopeKey, key_in_context};
 
 use super::backpressure::BackpressureConfig;
 use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
 use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
-use super::metrics::{RateLimitMetrics, RateLimitSnapshot};
+use super::metrics::{Counters, RateLimitMetrics};
 use super::strategy::{Decision, Policy};
 use super::waiting::{Arrival, Turn, WaitGuard, WaitQueue};
 
@@ -65,7 +65,7 @@ struct Inner {
     cost: RequestCost,
     backpressure: BackpressureConfig,
     waiters: Arc<WaitQueue>,
-    metrics: Arc<RateLimitMetrics>,
+    metrics: Counters,
     metrics_config: MetricsConfig,
     clock: SharedClock,
     warned_missing: AtomicBool,
@@ -159,7 +159,7 @@ impl RateLimitMiddleware {
             Arc::clone(&clock),
         ));
         Self::from_parts(
-            super::report::DEFAULT_REPORT_NAME.to_owned(),
+            super::metrics::DEFAULT_REPORT_NAME.to_owned(),
             Scope::Global,
             engine,
             RequestCost::default(),
@@ -216,7 +216,7 @@ impl RateLimitMiddleware {
                 cost,
                 backpressure,
                 waiters: Arc::new(WaitQueue::new(max_waiters)),
-                metrics: Arc::new(RateLimitMetrics::default()),
+                metrics: Counters::default(),
                 metrics_config,
                 clock,
                 warned_missing: AtomicBool::new(false),
@@ -296,44 +296,53 @@ impl RateLimitMiddleware {
         self.inner.scope.key_of_tool(tool, &self.target)
     }
 
-    /// The counters, with the per-key view refreshed now (if no reader holds
-    /// it; see [`RateLimitMetrics::current_usage`]).
-    pub fn metrics(&self) -> Arc<RateLimitMetrics> {
+    /// The limiter now: its counters, the use of every key (sorted by key;
+    /// none when `MetricsConfig::per_key` is off) and its store, as an
+    /// owned copy.
+    ///
+    /// ```
+    /// use pmcp_resilience::RateLimitMiddleware;
+    ///
+    /// let rl = RateLimitMiddleware::builder().build()?;
+    /// let m = rl.metrics();
+    /// assert_eq!(m.total_requests, m.allowed_requests + m.rejected_requests);
+    /// # Ok::<(), pmcp_resilience::ConfigError>(())
+    /// ```
+    pub fn metrics(&self) -> RateLimitMetrics {
+        let m = &self.inner.metrics;
+        let read = Counters::read;
+        let mut metrics = RateLimitMetrics::new(self.report_name(), self.inner.scope.label());
+        metrics.total_requests = read(&m.total_requests);
+        metrics.allowed_requests = read(&m.allowed_requests);
+        metrics.rejected_requests = read(&m.rejected_requests);
+        metrics.waited_requests = read(&m.waited_requests);
+        metrics.wait_time = Duration::from_nanos(read(&m.wait_time_nanos));
+        metrics.wait_histogram = m.wait_histogram.snapshot();
         if self.inner.metrics_config.per_key {
-            let rows = self.usage_rows();
-            self.inner.metrics.refresh_usage(&rows);
+            metrics.keys = self.usage_rows();
+            metrics.keys.sort_by(|a, b| a.key.cmp(&b.key));
         }
-        Arc::clone(&self.inner.metrics)
+        metrics.registry = match &self.inner.engine {
+            Engine::Memory(l) => l.registry_stats(),
+            Engine::Custom(l) => l.stats(),
+        };
+        metrics.store = self.store_report();
+        metrics
+    }
+
+    /// The same as [`metrics`](Self::metrics).
+    #[deprecated(note = "use `metrics()`, which returns the same plain snapshot")]
+    pub fn snapshot(&self) -> RateLimitMetrics {
+        self.metrics()
     }
 
     /// Where this limiter's state lives and how that store is doing (kind
     /// `memory`, `file`, `redis` or `custom`; mode `normal` or the failure
     /// policy in force).
-    pub fn store_report(&self) -> crate::observe::StoreReport {
+    pub fn store_report(&self) -> StoreReport {
         match &self.inner.engine {
             Engine::Memory(limiter) => RateLimiter::store_report(limiter),
             Engine::Custom(limiter) => limiter.store_report(),
-        }
-    }
-
-    /// A point-in-time view with one row per key, for exporters.
-    pub fn snapshot(&self) -> RateLimitSnapshot {
-        let m = &self.inner.metrics;
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let registry = match &self.inner.engine {
-            Engine::Memory(l) => l.registry_stats(),
-            Engine::Custom(l) => l.stats(),
-        };
-        RateLimitSnapshot {
-            scope: self.inner.scope.label(),
-            total_requests: load(&m.total_requests),
-            allowed_requests: load(&m.allowed_requests),
-            rejected_requests: load(&m.rejected_requests),
-            waited_requests: load(&m.waited_requests),
-            wait_time_ms: load(&m.wait_time_ms),
-            wait_histogram: m.wait_histogram.snapshot(),
-            keys: self.usage_rows(),
-            registry,
         }
     }
 
@@ -357,7 +366,7 @@ impl RateLimitMiddleware {
 
     fn count(&self, counter: &std::sync::atomic::AtomicU64, n: u64) {
         if self.inner.metrics_config.enabled {
-            RateLimitMetrics::add(counter, n);
+            Counters::add(counter, n);
         }
     }
 
@@ -486,7 +495,7 @@ impl RateLimitMiddleware {
             Ok(admission) => admission,
             Err(e) => {
                 self.count(&inner.metrics.rejected_requests, 1);
-                crate::observe::mark_method(context, &request.method);
+                crate::metrics::mark_method(context, &request.method);
                 return Verdict::refused(
                     None,
                     Error::protocol(
@@ -552,8 +561,8 @@ impl RateLimitMiddleware {
         self.count(&inner.metrics.allowed_requests, 1);
         self.count(&inner.metrics.waited_requests, 1);
         self.count(
-            &inner.metrics.wait_time_ms,
-            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            &inner.metrics.wait_time_nanos,
+            crate::clock::duration_nanos(wait),
         );
         if inner.metrics_config.enabled {
             inner.metrics.wait_histogram.record(wait);
@@ -620,7 +629,7 @@ impl RateLimitMiddleware {
     ) -> Error {
         let inner = &*self.inner;
         self.count(&inner.metrics.rejected_requests, 1);
-        crate::observe::mark_method(context, &request.method);
+        crate::metrics::mark_method(context, &request.method);
         context.record_metric("rate_limit_exceeded".to_string(), 1.0);
         tracing::debug!(key = key.as_str(), method = %request.method, "rate limit exceeded");
         if !inner.backpressure.signal_client {
@@ -711,7 +720,7 @@ mod tests {
             Arc::clone(&shared),
         ));
         let rl = RateLimitMiddleware::from_parts(
-            crate::rate_limit::report::DEFAULT_REPORT_NAME.to_owned(),
+            crate::rate_limit::metrics::DEFAULT_REPORT_NAME.to_owned(),
             Scope::Global,
             engine,
             RequestCost::default(),

@@ -87,13 +87,14 @@ mod entry;
 mod limiter;
 mod metrics;
 mod middleware;
-pub mod report;
 pub mod strategy;
 mod waiting;
 
 pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
 pub use config::{CostFn, RateLimitBuilder, RequestCost};
 pub use limiter::{Admission, KeyUsage, KeyedRateLimiter, RateLimiter};
-pub use metrics::{RateLimitMetrics, RateLimitSnapshot, RateLimitUsage};
+#[allow(deprecated)]
+pub use metrics::RateLimitSnapshot;
+pub use metrics::{DEFAULT_REPORT_NAME, RateLimitMetrics};
 pub use middleware::RateLimitMiddleware;
 pub use strategy::{Decision, LimiterState, RateLimitStrategy, Reservation};

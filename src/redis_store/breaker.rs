@@ -407,7 +407,7 @@ impl CircuitBreakerStateStore for RedisBreakerStore {
         self.check(policy)
     }
 
-    fn store_report(&self) -> crate::observe::StoreReport {
+    fn store_report(&self) -> crate::metrics::StoreReport {
         self.link.store_report()
     }
 

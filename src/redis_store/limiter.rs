@@ -415,7 +415,7 @@ impl RedisRateLimiter {
 
 #[async_trait]
 impl RateLimiter for RedisRateLimiter {
-    fn store_report(&self) -> crate::observe::StoreReport {
+    fn store_report(&self) -> crate::metrics::StoreReport {
         self.link.store_report()
     }
 

@@ -11,7 +11,7 @@ use super::conn::{Conn, Target};
 use super::options::{RedisHealth, RedisOptions, StoreMode};
 use crate::clock::duration_nanos;
 use crate::error::{ConfigError, StoreError};
-use crate::observe::{DurationHistogram, StoreReport};
+use crate::metrics::{DurationHistogram, StoreReport};
 
 /// One lazily created, self-reconnecting connection plus the store's health.
 pub(crate) struct Link {

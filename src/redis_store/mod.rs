@@ -89,73 +89,8 @@ mod scripts;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
 pub use breaker::RedisBreakerStore;
 pub use limiter::RedisRateLimiter;
 pub use options::{FailurePolicy, RedisHealth, RedisOptions, StoreMode};
 
-use conn::Target;
-
-use crate::circuit_breaker::CircuitBreakerStateStore;
-use crate::circuit_breaker::state::BreakerPolicy;
-use crate::error::ConfigError;
-use crate::persistence::StatePersistence;
-use crate::rate_limit::{RateLimitStrategy, RateLimiter};
-use crate::registry::RegistryLimits;
-
-/// The Redis behind `persistence`, with its key prefix; `None` for the
-/// other kinds of persistence.
-fn target_of(persistence: &StatePersistence) -> Option<(Target, &str)> {
-    match persistence {
-        StatePersistence::Redis { client, key_prefix } => {
-            Some((Target::Single(client.clone()), key_prefix))
-        }
-        #[cfg(feature = "redis-cluster")]
-        StatePersistence::RedisCluster { client, key_prefix } => {
-            Some((Target::Cluster(client.clone()), key_prefix))
-        }
-        _ => None,
-    }
-}
-
-/// The Redis breaker store of `persistence` for the builders (`None` if it
-/// is not Redis): its `key_prefix` overrides the one in `options`, and
-/// `policy` is checked against what the store supports.
-pub(crate) fn breaker_store_for(
-    persistence: &StatePersistence,
-    policy: &BreakerPolicy,
-    options: RedisOptions,
-) -> Result<Option<Arc<dyn CircuitBreakerStateStore>>, ConfigError> {
-    let Some((target, key_prefix)) = target_of(persistence) else {
-        return Ok(None);
-    };
-    let verify = options.verify_on_build;
-    let store = RedisBreakerStore::on(target, options.key_prefix(key_prefix))?;
-    store.check(policy)?;
-    if verify {
-        store.verify_blocking()?;
-    }
-    Ok(Some(Arc::new(store)))
-}
-
-/// The Redis rate limiter of `persistence` for the builders (`None` if it is
-/// not Redis): its `key_prefix` overrides the one in `options`, and
-/// `local_limits` (the builder's registry limits) bound the local fallback.
-pub(crate) fn rate_limiter_for(
-    persistence: &StatePersistence,
-    strategy: RateLimitStrategy,
-    options: RedisOptions,
-    local_limits: RegistryLimits,
-) -> Result<Option<Arc<dyn RateLimiter>>, ConfigError> {
-    let Some((target, key_prefix)) = target_of(persistence) else {
-        return Ok(None);
-    };
-    let verify = options.verify_on_build;
-    let options = options.key_prefix(key_prefix).local_limits(local_limits);
-    let limiter = RedisRateLimiter::on(target, strategy, options)?;
-    if verify {
-        limiter.verify_blocking()?;
-    }
-    Ok(Some(Arc::new(limiter)))
-}
+pub(crate) use conn::Target;

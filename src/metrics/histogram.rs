@@ -1,4 +1,8 @@
 //! A lock-free histogram of durations with fixed buckets.
+//!
+//! Hand-written rather than `prometheus::Histogram` because the limiter and
+//! the Redis store record into it, and they build without the optional
+//! `prometheus` crate; `observe` uses `prometheus::Histogram` where it can.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -52,7 +56,7 @@ const BOUNDS_NANOS: [u64; BUCKETS] = {
 ///
 /// ```
 /// use std::time::Duration;
-/// use pmcp_resilience::observe::DurationHistogram;
+/// use pmcp_resilience::metrics::DurationHistogram;
 ///
 /// let h = DurationHistogram::new();
 /// h.record(Duration::from_millis(3));

@@ -1,4 +1,11 @@
-//! Settings shared by the metrics of breakers and limiters.
+//! What breakers and limiters report, in words both they and the metrics
+//! understand: the settings of their counters ([`MetricsConfig`]), their
+//! store's state ([`StoreReport`]), durations ([`DurationHistogram`]) and
+//! the request's method passed along to the request metrics
+//! ([`METHOD_METADATA_KEY`]).
+//!
+//! This module depends on no other of the crate but the clock: the breaker
+//! and the limiter build their reports from it, and `observe` reads them.
 //!
 //! ```
 //! use pmcp_resilience::{CircuitBreakerMiddleware, MetricsConfig};
@@ -10,6 +17,15 @@
 //!     .expect("valid settings");
 //! # drop(cb);
 //! ```
+
+mod context;
+mod histogram;
+mod store;
+
+pub use context::METHOD_METADATA_KEY;
+pub(crate) use context::mark_method;
+pub use histogram::{BUCKET_BOUNDS_SECONDS, DurationHistogram, HistogramSnapshot};
+pub use store::StoreReport;
 
 /// How a middleware aggregates its metrics.
 ///
@@ -26,8 +42,9 @@ pub struct MetricsConfig {
     /// Count requests at all (default `true`). When `false`, the counters stay
     /// at zero and the per-request cost of counting is saved.
     pub enabled: bool,
-    /// Keep the per-key view (`current_state`, `current_usage`) up to date
-    /// (default `true`).
+    /// Read a row per key into `metrics()` (and so into the per-key
+    /// Prometheus series) (default `true`). When `false`, `metrics()` has
+    /// the totals only and costs no walk over the keys.
     pub per_key: bool,
 }
 
