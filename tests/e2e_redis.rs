@@ -4,7 +4,11 @@
 //! clients on loopback.
 #![cfg(feature = "redis")]
 
+#[path = "support/patient.rs"]
+mod patient;
 mod support;
+
+use patient::patient;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +22,6 @@ use support::redis::RedisServer;
 use support::*;
 
 /// Generous: these tests are about what is decided, not how fast.
-fn patient() -> pmcp_resilience::redis_store::RedisOptions {
-    pmcp_resilience::redis_store::RedisOptions::default().call_timeout(Duration::from_secs(5))
-}
-
 fn redis_persistence(server: &RedisServer, prefix: &str) -> StatePersistence {
     let client = match ::redis::Client::open(server.url()) {
         Ok(c) => c,

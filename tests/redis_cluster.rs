@@ -5,15 +5,17 @@
 
 #[path = "support/redis_cluster.rs"]
 mod cluster;
+#[path = "support/patient.rs"]
+mod patient;
+
+use patient::patient;
 
 use std::time::{Duration, Instant};
 
 use cluster::RedisCluster;
 use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, Verdict};
 use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
-use pmcp_resilience::redis_store::{
-    FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
-};
+use pmcp_resilience::redis_store::{FailurePolicy, RedisBreakerStore, RedisRateLimiter, StoreMode};
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitBreakerStateStore, CircuitState, ScopeKey, StatePersistence,
     Timestamp,
@@ -28,10 +30,6 @@ fn client(cluster: &RedisCluster) -> redis::cluster::ClusterClient {
 
 fn now() -> Timestamp {
     Timestamp::from_nanos(0)
-}
-
-fn patient() -> RedisOptions {
-    RedisOptions::default().call_timeout(Duration::from_secs(5))
 }
 
 /// Scope keys whose Redis keys land on at least two different masters.

@@ -3,7 +3,11 @@
 //! that each test starts, kills or pauses (SIGSTOP).
 #![cfg(feature = "redis")]
 
+#[path = "support/patient.rs"]
+mod patient;
 mod support;
+
+use patient::patient;
 
 use std::time::{Duration, Instant};
 
@@ -30,10 +34,6 @@ fn now() -> Timestamp {
 }
 
 /// Generous where a test is about what is decided, not how fast.
-fn patient() -> RedisOptions {
-    RedisOptions::default().call_timeout(Duration::from_secs(5))
-}
-
 fn limiter(url: &str, strategy: RateLimitStrategy, options: RedisOptions) -> RedisRateLimiter {
     match RedisRateLimiter::new(client(url), strategy, options) {
         Ok(l) => l,

@@ -3,7 +3,11 @@
 //! policy.
 #![cfg(feature = "redis")]
 
+#[path = "support/patient.rs"]
+mod patient;
 mod support;
+
+use patient::patient;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,10 +28,6 @@ fn client(url: &str) -> redis::Client {
 
 fn now() -> Timestamp {
     Timestamp::from_nanos(0)
-}
-
-fn patient() -> RedisOptions {
-    RedisOptions::default().call_timeout(Duration::from_secs(5))
 }
 
 fn store(url: &str, options: RedisOptions) -> Arc<RedisBreakerStore> {

@@ -7,7 +7,11 @@
 
 #[path = "support/logs.rs"]
 mod logs;
+#[path = "support/patient.rs"]
+mod patient;
 mod support;
+
+use patient::patient;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,10 +25,6 @@ use support::redis::RedisServer;
 
 fn now() -> Timestamp {
     Timestamp::from_nanos(0)
-}
-
-fn patient() -> RedisOptions {
-    RedisOptions::default().call_timeout(Duration::from_secs(5))
 }
 
 fn limiter(url: &str, strategy: RateLimitStrategy, options: RedisOptions) -> RedisRateLimiter {

@@ -1,7 +1,11 @@
 //! The Redis stores against a real `redis-server` started by each test.
 #![cfg(feature = "redis")]
 
+#[path = "support/patient.rs"]
+mod patient;
 mod support;
+
+use patient::patient;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,10 +60,6 @@ fn now() -> Timestamp {
 
 /// Generous: these tests are about what is decided, not how fast, and the
 /// first call also connects and loads the script on a possibly loaded machine.
-fn patient() -> RedisOptions {
-    RedisOptions::default().call_timeout(Duration::from_secs(5))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_its_limit_is_answered_locally_and_rejections_write_nothing() {
     let server = RedisServer::start();
