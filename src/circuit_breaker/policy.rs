@@ -2,7 +2,7 @@
 //! outcome window, the open time and its backoff.
 //!
 //! ```
-//! use pmcp_resilience::circuit_breaker::state::{BreakerPolicy, OpenBackoff};
+//! use pmcp_resilience::circuit_breaker::{BreakerPolicy, OpenBackoff};
 //! use std::time::Duration;
 //!
 //! let policy = BreakerPolicy {
@@ -22,11 +22,11 @@ use crate::clock::duration_nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlidingWindow {
-    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`](super::state::WINDOW_BUCKETS) buckets, so the
+    /// About the last `n` calls (kept in 8 buckets, so the
     /// oldest bucket's worth of calls leaves at once).
     Calls(u32),
     /// The calls of the last `duration` (with a resolution of
-    /// `duration / WINDOW_BUCKETS`).
+    /// `duration / 8`).
     Time(Duration),
 }
 

@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::circuit_breaker::CircuitBreakerStateStore;
+use crate::circuit_breaker::store::CircuitBreakerStateStore;
 
 mod backing;
 pub mod file;

@@ -97,8 +97,8 @@ pub use options::{FailurePolicy, RedisHealth, RedisOptions, StoreMode};
 
 use conn::Target;
 
-use crate::circuit_breaker::CircuitBreakerStateStore;
 use crate::circuit_breaker::state::BreakerPolicy;
+use crate::circuit_breaker::store::CircuitBreakerStateStore;
 use crate::error::ConfigError;
 use crate::persistence::StatePersistence;
 use crate::rate_limit::{RateLimitStrategy, RateLimiter};
