@@ -1,17 +1,5 @@
-//! The breaker's configuration, its builder, and their validation.
-//!
-//! ```
-//! use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
-//! use std::time::Duration;
-//!
-//! let builder = CircuitBreakerMiddleware::builder()
-//!     .failure_threshold(3)
-//!     .timeout(Duration::from_secs(5));
-//! assert_eq!(builder.config().policy.timeout, Duration::from_secs(5));
-//! assert!(builder.build().is_ok());
-//! // A zero threshold is a configuration error, reported at build time.
-//! assert!(CircuitBreakerMiddleware::builder().failure_threshold(0).build().is_err());
-//! ```
+//! The breaker's configuration, its builder ([`CircuitBreakerBuilder`], with
+//! an example), and their validation.
 
 use std::sync::Arc;
 use std::time::Duration;

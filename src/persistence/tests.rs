@@ -1,16 +1,17 @@
-//! The file store against real files in temporary directories.
+//! The file store against real files in temporary directories (the file
+//! store is the crate's own, so these tests live inside it).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pmcp_resilience::clock::{Clock, ManualClock, Timestamp};
-use pmcp_resilience::persistence::{
+use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::persistence::{
     FileProblem, FileStore, FileStoreOptions, KIND_CIRCUIT_BREAKER, KIND_RATE_LIMIT, LoadOutcome,
     OnCorrupt,
 };
-use pmcp_resilience::{ConfigError, StoreError};
+use crate::{ConfigError, StoreError};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
