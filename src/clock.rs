@@ -225,7 +225,7 @@ impl Clock for ManualClock {
 }
 
 /// A shared clock handle, as the builders take it.
-pub type SharedClock = Arc<dyn Clock>;
+pub(crate) type SharedClock = Arc<dyn Clock>;
 
 /// The default clock used by the builders.
 pub(crate) fn default_clock() -> SharedClock {

@@ -91,8 +91,8 @@ pub mod report;
 pub mod strategy;
 mod waiting;
 
-pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
-pub use config::{CostFn, RateLimitBuilder, RequestCost};
+pub use backpressure::BackpressureConfig;
+pub use config::{CostFn, RateLimitBuilder};
 pub use limiter::{Admission, KeyUsage, KeyedRateLimiter, RateLimiter};
 pub use metrics::{RateLimitMetrics, RateLimitSnapshot, RateLimitUsage};
 pub use middleware::RateLimitMiddleware;
