@@ -70,6 +70,19 @@ pub struct OpenBackoff {
 
 /// The numbers that drive the state machine. Built and validated by the
 /// middleware's builder; changing them keeps every key's counts.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::BreakerPolicy;
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use std::time::Duration;
+///
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(3).build().expect("valid");
+/// assert_eq!(cb.policy().consecutive_failures, 3);
+/// // At run time: stay open a minute from now on, keeping every key's counts.
+/// cb.reconfigure(BreakerPolicy { timeout: Duration::from_secs(60), ..cb.policy() })
+///     .expect("valid");
+/// assert!(cb.reconfigure(BreakerPolicy { consecutive_failures: 0, ..cb.policy() }).is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerPolicy {
     /// Open after this many consecutive failures (0: never on this rule).

@@ -35,6 +35,16 @@ use crate::clock::{Timestamp, duration_nanos};
 pub(crate) const WINDOW_BUCKETS: usize = 8;
 
 /// The three states of a circuit breaker.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState};
+///
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+/// assert_eq!(cb.state_of("global"), None); // no call yet
+/// cb.force_open("global");
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// assert_eq!(CircuitState::HalfOpen.to_string(), "half-open");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum CircuitState {
     /// Calls flow; outcomes are counted.
@@ -127,7 +137,25 @@ pub(crate) struct Probe {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProbeId(pub(crate) u32);
 
-/// The persistent state of one key's breaker: integers and timestamps only.
+/// The persistent state of one key's breaker: integers and timestamps only,
+/// opaque, and serialisable with serde (a store keeps it as it is). The
+/// state machine of [`crate::store`] moves it on.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, CircuitState, Verdict};
+/// use pmcp_resilience::store::{record, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
+/// assert_eq!(state.effective_state(), CircuitState::Open);
+/// assert_eq!(state.retry_after(now), Some(policy.timeout));
+/// let row = serde_json::to_string(&state).expect("plain data");
+/// assert_eq!(serde_json::from_str::<CircuitBreakerState>(&row).ok(), Some(state));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CircuitBreakerState {
     /// Closed, open or half-open.

@@ -14,7 +14,24 @@ use super::state::{
 use crate::clock::Timestamp;
 use crate::error::StoreError;
 
-/// A store of per-key breaker state.
+/// A store of per-key breaker state: implement it to keep breaker state
+/// somewhere of your own ([`crate::store`] has a complete example), and give
+/// it to a breaker with [`StatePersistence::Custom`](crate::StatePersistence::Custom).
+///
+/// ```
+/// use pmcp_resilience::store::{CircuitBreakerStateStore, InMemoryStateStore};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+/// use std::sync::Arc;
+///
+/// # fn main() -> Result<(), pmcp_resilience::ConfigError> {
+/// let store: Arc<dyn CircuitBreakerStateStore> = Arc::new(InMemoryStateStore::new());
+/// let breaker = CircuitBreakerMiddleware::builder()
+///     .persistence(StatePersistence::Custom(store))
+///     .build()?;
+/// # drop(breaker);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait CircuitBreakerStateStore: Send + Sync {
     /// The state of `key`, if the store has one.
@@ -85,7 +102,24 @@ pub trait CircuitBreakerStateStore: Send + Sync {
 }
 
 /// A [`CircuitBreakerStateStore`] in process memory (for tests and as the
-/// model the other stores follow).
+/// model the other stores follow): breakers built on one store share state.
+///
+/// ```
+/// use pmcp_resilience::store::{CircuitBreakerStateStore, InMemoryStateStore};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+/// use std::sync::Arc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(InMemoryStateStore::new());
+/// assert!(store.get_state("tool:search").await?.is_none());
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .persistence(StatePersistence::Custom(store.clone()))
+///     .build()?;
+/// # drop(cb);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Default)]
 pub struct InMemoryStateStore {
     states: Mutex<HashMap<String, CircuitBreakerState>>,

@@ -56,6 +56,21 @@ pub(crate) use file::{KIND_CIRCUIT_BREAKER, KIND_RATE_LIMIT, LoadReport};
 pub use file::{FileStoreOptions, MAX_FLUSH_INTERVAL, OnCorrupt};
 
 /// Where a middleware keeps its per-key state.
+///
+/// ```
+/// use pmcp_resilience::{RateLimitMiddleware, StatePersistence};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let in_memory = RateLimitMiddleware::builder().build()?; // StatePersistence::Memory
+/// let in_a_file = RateLimitMiddleware::builder()
+///     .persistence(StatePersistence::File(dir.path().join("limits.json")))
+///     .build()?;
+/// # drop((in_memory, in_a_file));
+/// # Ok(())
+/// # }
+/// ```
 // A configuration value, built once per middleware: its size does not matter.
 #[cfg_attr(feature = "redis", allow(clippy::large_enum_variant))]
 #[derive(Clone, Default)]
