@@ -486,7 +486,7 @@ async fn a_store_in_another_process_is_refused_until_that_process_exits() {
     let (_dir, path) = setup();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
-            "child_process_holding_the_file",
+            "persistence::tests::child_process_holding_the_file",
             "--exact",
             "--nocapture",
             "--test-threads=1",
