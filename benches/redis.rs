@@ -32,7 +32,7 @@ use criterion::{
     BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
 };
 use parking_lot::Mutex;
-use pmcp_resilience::circuit_breaker::state::BreakerPolicy;
+use pmcp_resilience::circuit_breaker::BreakerPolicy;
 use pmcp_resilience::rate_limit::{KeyedRateLimiter, RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions, RedisRateLimiter};
 use pmcp_resilience::{CircuitBreakerStateStore, ScopeKey, Timestamp};

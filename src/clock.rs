@@ -30,6 +30,16 @@ use serde::{Deserialize, Serialize};
 /// A point in time: nanoseconds since the Unix epoch.
 ///
 /// Small (one `u64`) so that it persists and ships as is.
+///
+/// ```
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let t = Timestamp::from_millis(1_700_000_000_000);
+/// let later = t.saturating_add(Duration::from_millis(1_500));
+/// assert_eq!(later.saturating_since(t), Duration::from_millis(1_500));
+/// assert_eq!(later.as_millis(), 1_700_000_001_500);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timestamp(u64);
@@ -177,6 +187,23 @@ impl Clock for SystemClock {
 /// A clock that moves only when told to: for tests and simulations.
 ///
 /// Clones share the same time.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, Clock, ManualClock};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::new();
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .timeout(Duration::from_secs(30))
+///     .clock(Arc::new(clock.clone()))
+///     .build()
+///     .expect("valid settings");
+/// cb.force_open("global");
+/// let before = clock.now();
+/// clock.advance(Duration::from_secs(5)); // no test sleeps
+/// assert_eq!(clock.now().saturating_since(before), Duration::from_secs(5));
+/// ```
 #[derive(Clone, Debug)]
 pub struct ManualClock {
     nanos: Arc<AtomicU64>,
@@ -225,7 +252,7 @@ impl Clock for ManualClock {
 }
 
 /// A shared clock handle, as the builders take it.
-pub type SharedClock = Arc<dyn Clock>;
+pub(crate) type SharedClock = Arc<dyn Clock>;
 
 /// The default clock used by the builders.
 pub(crate) fn default_clock() -> SharedClock {

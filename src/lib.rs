@@ -52,6 +52,8 @@
 //!   snapshot of all of them.
 //! - `server` (feature `server`): protecting a pmcp server: a tower layer with HTTP 429/503 signals, and a tool middleware.
 //! - [`persistence`]: where state lives (memory, file, Redis, your own store).
+//! - [`store`]: for authors of stores: the breaker's store trait and the state
+//!   machine a store runs.
 //! - `redis_store` (feature `redis`): limiter and breaker state shared through Redis.
 //! - [`error`]: configuration and store errors.
 //!
@@ -94,10 +96,10 @@ pub mod scope;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
+pub mod store;
 
 pub use circuit_breaker::{
-    CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore,
-    CircuitState, ErrorMatcher,
+    CircuitBreakerMetrics, CircuitBreakerMiddleware, CircuitState, ErrorMatcher,
 };
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use error::{ConfigError, StoreError};
@@ -108,6 +110,7 @@ pub use rate_limit::{
 };
 pub use registry::{RegistryLimits, RegistryStats};
 pub use scope::{CircuitBreakerScope, RateLimitScope, RequestTarget, Scope, ScopeKey};
+pub use store::{CircuitBreakerState, CircuitBreakerStateStore};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -352,6 +352,17 @@ pub(crate) fn hint_if_bare(key: &str, scope: &Scope) {
 }
 
 /// The key of one breaker or limiter: cheap to clone, bounded in length.
+/// Its text carries the scope's prefix (`tool:search`, `method:tools/call`);
+/// the middlewares' `key_of` and `key_of_tool` build it.
+///
+/// ```
+/// use pmcp_resilience::{RateLimitMiddleware, Scope};
+///
+/// let limiter = RateLimitMiddleware::builder().scope(Scope::PerTool).build().expect("valid");
+/// let key = limiter.key_of_tool("search");
+/// assert_eq!(key.as_str(), "tool:search");
+/// assert_eq!(key.to_string(), "tool:search");
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScopeKey(Arc<str>);
 

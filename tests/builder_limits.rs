@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
 use pmcp::types::{JSONRPCRequest, RequestId};
-use pmcp_resilience::circuit_breaker::{InMemoryStateStore, Verdict};
+use pmcp_resilience::circuit_breaker::Verdict;
 use pmcp_resilience::persistence::{FileStoreOptions, MAX_FLUSH_INTERVAL};
 use pmcp_resilience::rate_limit::KeyedRateLimiter;
 use pmcp_resilience::rate_limit::strategy::{MAX_RATE_PER_SEC, MAX_WINDOW};
+use pmcp_resilience::store::InMemoryStateStore;
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitState, ConfigError, RateLimitMiddleware, RateLimitStrategy,
     StatePersistence,

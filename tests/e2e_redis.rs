@@ -141,7 +141,7 @@ fn the_redis_breaker_refuses_rules_it_cannot_share() {
     };
     let before = cb.policy();
     let mut with_rate = before;
-    with_rate.failure_rate = Some(pmcp_resilience::circuit_breaker::state::FailureRate {
+    with_rate.failure_rate = Some(pmcp_resilience::circuit_breaker::FailureRate {
         threshold: 0.5,
         minimum_calls: 10,
     });

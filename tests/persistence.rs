@@ -12,15 +12,14 @@ use async_trait::async_trait;
 use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
 use pmcp::types::jsonrpc::ResponsePayload;
 use pmcp::types::{JSONRPCError, JSONRPCRequest, JSONRPCResponse, RequestId};
-use pmcp_resilience::circuit_breaker::state::{
-    Admission, BreakerPolicy, ProbeId, Transition, Verdict,
-};
 use pmcp_resilience::circuit_breaker::{
-    CircuitBreakerMiddleware, CircuitBreakerState, CircuitBreakerStateStore, CircuitState,
-    InMemoryStateStore, KeySnapshot,
+    BreakerPolicy, CircuitBreakerMiddleware, CircuitState, KeySnapshot, Transition, Verdict,
 };
 use pmcp_resilience::persistence::{FileStoreOptions, OnCorrupt};
 use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+use pmcp_resilience::store::{
+    Admission, CircuitBreakerState, CircuitBreakerStateStore, InMemoryStateStore, ProbeId,
+};
 use pmcp_resilience::{ConfigError, ManualClock, Scope, StatePersistence, StoreError, Timestamp};
 use serde_json::json;
 

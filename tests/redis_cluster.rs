@@ -13,9 +13,10 @@ use patient::patient;
 use std::time::{Duration, Instant};
 
 use cluster::RedisCluster;
-use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, Verdict};
+use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
 use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{FailurePolicy, RedisBreakerStore, RedisRateLimiter, StoreMode};
+use pmcp_resilience::store::Admission;
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitBreakerStateStore, CircuitState, ScopeKey, StatePersistence,
     Timestamp,
@@ -121,7 +122,12 @@ async fn every_strategy_and_the_breaker_decide_on_keys_spread_over_the_cluster()
             assert!(r.is_ok(), "{r:?}");
         }
         assert_eq!(
-            store.get_state(key).await.ok().flatten().map(|s| s.state),
+            store
+                .get_state(key)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.effective_state()),
             Some(CircuitState::Open)
         );
         assert!(matches!(

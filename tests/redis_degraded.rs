@@ -11,11 +11,12 @@ use patient::patient;
 
 use std::time::{Duration, Instant};
 
-use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, Verdict};
+use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
 use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{
     FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
 };
+use pmcp_resilience::store::Admission;
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitBreakerStateStore, RegistryLimits, ScopeKey, StatePersistence,
     Timestamp,

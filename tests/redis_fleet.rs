@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pmcp_resilience::circuit_breaker::state::{BreakerPolicy, Verdict};
+use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
 use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions};
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitBreakerStateStore, StatePersistence, Timestamp,

@@ -12,8 +12,9 @@ use patient::patient;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pmcp_resilience::circuit_breaker::state::{Admission, BreakerMode, BreakerPolicy, Verdict};
+use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
 use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions};
+use pmcp_resilience::store::{Admission, BreakerMode};
 use pmcp_resilience::{
     CircuitBreakerMiddleware, CircuitBreakerStateStore, CircuitState, StatePersistence, Timestamp,
 };
@@ -92,11 +93,11 @@ async fn a_forced_mode_outlives_a_short_breaker_ttl() {
     tokio::time::sleep(ttl + Duration::from_millis(500)).await;
     let state = s.get_state(key).await.ok().flatten();
     assert_eq!(
-        state.as_ref().map(|s| s.mode),
+        state.as_ref().map(|s| s.mode()),
         Some(BreakerMode::ForcedOpen)
     );
     assert_eq!(
-        state.map(|s| s.consecutive_failures),
+        state.map(|s| s.consecutive_failures()),
         Some(1),
         "counts kept"
     );
@@ -151,7 +152,7 @@ async fn force_open_through_the_middleware_lasts_past_the_ttl() {
         .await
         .ok()
         .flatten()
-        .map(|s| s.mode)
+        .map(|s| s.mode())
         != Some(BreakerMode::ForcedOpen)
     {
         assert!(Instant::now() < deadline, "the mode never reached Redis");
@@ -165,7 +166,7 @@ async fn force_open_through_the_middleware_lasts_past_the_ttl() {
             .await
             .ok()
             .flatten()
-            .map(|s| s.mode),
+            .map(|s| s.mode()),
         Some(BreakerMode::ForcedOpen)
     );
 }
@@ -210,7 +211,9 @@ async fn a_mode_change_does_not_undo_a_concurrent_trip() {
         assert!(modes.await.is_ok() && trips.await.is_ok());
         let state = a.get_state(&key).await.ok().flatten();
         assert_eq!(
-            state.as_ref().map(|s| (s.state, s.mode, s.trips)),
+            state
+                .as_ref()
+                .map(|s| (s.effective_state(), s.mode(), s.trips())),
             Some((CircuitState::Open, BreakerMode::Normal, 1)),
             "round {round}: {state:?}"
         );

@@ -10,11 +10,12 @@ use patient::patient;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy, Verdict};
+use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
 use pmcp_resilience::rate_limit::{RateLimitStrategy, RateLimiter};
 use pmcp_resilience::redis_store::{
     FailurePolicy, RedisBreakerStore, RedisOptions, RedisRateLimiter, StoreMode,
 };
+use pmcp_resilience::store::Admission;
 use pmcp_resilience::{
     CircuitBreakerStateStore, CircuitState, Clock, ManualClock, ScopeKey, Timestamp,
 };
@@ -140,7 +141,12 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
             .await;
         assert!(r.is_ok());
     }
-    let seen = b.get_state(key).await.ok().flatten().map(|s| s.state);
+    let seen = b
+        .get_state(key)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.effective_state());
     assert_eq!(seen, Some(CircuitState::Open));
     assert!(matches!(
         b.acquire(key, &policy, now(), 0.5).await,
@@ -148,7 +154,12 @@ async fn breakers_share_failures_and_half_open_probes_across_stores() {
     ));
     // A real process waits out the open time on Redis's clock.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while b.get_state(key).await.ok().flatten().map(|s| s.open_until)
+    while b
+        .get_state(key)
+        .await
+        .ok()
+        .flatten()
+        .map(|s| s.open_until())
         > Some(Timestamp::from_nanos(
             redis_time_us(&server.url()).await * 1000,
         ))

@@ -1,17 +1,5 @@
-//! The breaker's configuration, its builder, and their validation.
-//!
-//! ```
-//! use pmcp_resilience::circuit_breaker::CircuitBreakerMiddleware;
-//! use std::time::Duration;
-//!
-//! let builder = CircuitBreakerMiddleware::builder()
-//!     .failure_threshold(3)
-//!     .timeout(Duration::from_secs(5));
-//! assert_eq!(builder.config().policy.timeout, Duration::from_secs(5));
-//! assert!(builder.build().is_ok());
-//! // A zero threshold is a configuration error, reported at build time.
-//! assert!(CircuitBreakerMiddleware::builder().failure_threshold(0).build().is_err());
-//! ```
+//! The breaker's configuration, its builder ([`CircuitBreakerBuilder`], with
+//! an example), and their validation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +7,8 @@ use std::time::Duration;
 use super::matcher::ErrorMatcher;
 use super::middleware::CircuitBreakerMiddleware;
 use super::persist;
-use super::state::{
-    BreakerPolicy, CircuitBreakerState, FailureRate, OpenBackoff, SlidingWindow, SlowCalls,
-};
+use super::policy::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
+use super::state::CircuitBreakerState;
 use crate::clock::{Clock, SharedClock, default_clock};
 use crate::error::ConfigError;
 use crate::metrics::MetricsConfig;
@@ -31,48 +18,49 @@ use crate::scope::{RequestTarget, Scope};
 
 /// The call deadline unless set: pmcp has no request timeout of its own, so
 /// without one a hanging server would never be counted.
-pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a circuit breaker is built from (the feature request's
 /// `CircuitBreakerConfig`, plus the optional rules).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct CircuitBreakerConfig {
+pub(crate) struct CircuitBreakerConfig {
     /// How requests are grouped into independent breakers.
-    pub scope: Scope,
+    pub(crate) scope: Scope,
     /// Which outcomes count as failures.
-    pub trigger_errors: ErrorMatcher,
+    pub(crate) trigger_errors: ErrorMatcher,
     /// Which outcomes are neutral: neither a failure nor a success (default
     /// [`ErrorMatcher::CallerMistakes`]). A neutral match wins over a failure match.
-    pub neutral_errors: ErrorMatcher,
+    pub(crate) neutral_errors: ErrorMatcher,
     /// A call with no answer within this long ends as timed out (a failure).
-    pub call_timeout: Duration,
+    pub(crate) call_timeout: Duration,
     /// Where state lives (default [`StatePersistence::Memory`]).
-    pub persistence: StatePersistence,
+    pub(crate) persistence: StatePersistence,
     /// What metrics are kept.
-    pub metrics_config: MetricsConfig,
+    pub(crate) metrics_config: MetricsConfig,
     /// The numbers of the state machine (thresholds, windows, timeouts).
-    pub policy: BreakerPolicy,
+    pub(crate) policy: BreakerPolicy,
     /// Bounds on the number of keys.
-    pub registry_limits: RegistryLimits,
+    pub(crate) registry_limits: RegistryLimits,
     /// Reject with a JSON-RPC error carrying `retryAfterMs` instead of
     /// `pmcp::Error::CircuitBreakerOpen`.
-    pub signal_client: bool,
+    pub(crate) signal_client: bool,
     /// Called on every change of a key's state (see
     /// [`CircuitBreakerBuilder::on_transition`]).
-    pub on_transition: Option<TransitionHook>,
+    pub(crate) on_transition: Option<TransitionHook>,
     /// The `name` label of this breaker's metrics and its name in the JSON
     /// snapshot (default `circuit_breaker`, see
     /// [`CircuitBreakerBuilder::name`]).
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// The function behind a [`TransitionHook`].
-pub type TransitionFn = dyn Fn(&str, crate::circuit_breaker::state::Transition) + Send + Sync;
+pub(crate) type TransitionFn =
+    dyn Fn(&str, crate::circuit_breaker::state::Transition) + Send + Sync;
 
 /// A function told of every state change of a breaker's keys.
 #[derive(Clone)]
-pub struct TransitionHook(pub Arc<TransitionFn>);
+pub(crate) struct TransitionHook(pub(crate) Arc<TransitionFn>);
 
 impl std::fmt::Debug for TransitionHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,7 +97,7 @@ fn check_rate(field: &'static str, rate: f64) -> Result<(), ConfigError> {
 }
 
 /// Checks a policy as the builder and `reconfigure` do.
-pub fn validate_policy(p: &BreakerPolicy) -> Result<(), ConfigError> {
+pub(crate) fn validate_policy(p: &BreakerPolicy) -> Result<(), ConfigError> {
     if p.consecutive_failures == 0
         && p.failures_in_window.is_none()
         && p.failure_rate.is_none()
@@ -316,7 +304,7 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// The call deadline (default [`DEFAULT_CALL_TIMEOUT`], 30 s): a call
+    /// The call deadline (default 30 s): a call
     /// with no answer within it ends as timed out, a failure, whatever
     /// became of its caller, so a server that hangs trips the breaker.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
@@ -490,11 +478,6 @@ impl CircuitBreakerBuilder {
     ) -> Self {
         self.config.on_transition = Some(TransitionHook(Arc::new(f)));
         self
-    }
-
-    /// The configuration so far.
-    pub fn config(&self) -> &CircuitBreakerConfig {
-        &self.config
     }
 
     /// Validates the settings and builds the breaker.

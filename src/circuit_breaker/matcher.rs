@@ -130,18 +130,11 @@ const CALLER_MISTAKES: [i32; 4] = [-32700, -32600, -32601, -32602];
 /// neutral match wins, as resilience4j's ignored exceptions do), a failure
 /// when `failures` matches it (a timeout as [`Verdict::TimedOut`]), and a
 /// success otherwise.
-///
-/// ```
-/// use pmcp_resilience::circuit_breaker::{ErrorMatcher, Outcome, Verdict, matcher::verdict};
-///
-/// let (failures, neutral) = (ErrorMatcher::ServerErrors, ErrorMatcher::CallerMistakes);
-/// let judge = |o: Outcome<'_>| verdict(&failures, &neutral, &o);
-/// assert_eq!(judge(Outcome::JsonRpcError { code: -32603, message: "boom" }), Verdict::Failure);
-/// assert_eq!(judge(Outcome::JsonRpcError { code: -32602, message: "bad" }), Verdict::Neutral);
-/// assert_eq!(judge(Outcome::Timeout), Verdict::TimedOut);
-/// assert_eq!(judge(Outcome::Result { tool_error: false }), Verdict::Success);
-/// ```
-pub fn verdict(failures: &ErrorMatcher, neutral: &ErrorMatcher, outcome: &Outcome<'_>) -> Verdict {
+pub(crate) fn verdict(
+    failures: &ErrorMatcher,
+    neutral: &ErrorMatcher,
+    outcome: &Outcome<'_>,
+) -> Verdict {
     if neutral.matches(outcome) {
         Verdict::Neutral
     } else if failures.matches(outcome) {
@@ -217,7 +210,7 @@ impl ErrorMatcher {
 const STATUS_PREFIX: &str = "Request failed with status: ";
 
 /// The outcome of a call that failed with `error` (for the transport wrapper).
-pub fn outcome_of_error(error: &pmcp::Error) -> Outcome<'_> {
+pub(crate) fn outcome_of_error(error: &pmcp::Error) -> Outcome<'_> {
     use pmcp::error::TransportError;
     match error {
         pmcp::Error::Transport(TransportError::Request(message)) => match parse_status(message) {
@@ -264,6 +257,27 @@ pub(crate) fn outcome_of_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_neutral_match_wins_and_a_timeout_is_its_own_verdict() {
+        let (failures, neutral) = (ErrorMatcher::ServerErrors, ErrorMatcher::CallerMistakes);
+        let judge = |o: Outcome<'_>| verdict(&failures, &neutral, &o);
+        let internal = Outcome::JsonRpcError {
+            code: -32603,
+            message: "boom",
+        };
+        assert_eq!(judge(internal), Verdict::Failure);
+        let bad_params = Outcome::JsonRpcError {
+            code: -32602,
+            message: "bad",
+        };
+        assert_eq!(judge(bad_params), Verdict::Neutral);
+        assert_eq!(judge(Outcome::Timeout), Verdict::TimedOut);
+        assert_eq!(
+            judge(Outcome::Result { tool_error: false }),
+            Verdict::Success
+        );
+    }
 
     fn rpc(code: i32) -> Outcome<'static> {
         Outcome::JsonRpcError { code, message: "" }

@@ -43,30 +43,29 @@
 //! ```
 
 mod calls;
-pub mod config;
+mod config;
 mod control;
 mod core;
 mod entry;
-pub mod matcher;
+mod matcher;
 pub mod metrics;
-pub mod middleware;
+mod middleware;
 mod permit;
 mod persist;
 mod policy;
-pub mod state;
-pub mod store;
-pub mod transport;
+pub(crate) mod state;
+pub(crate) mod store;
+#[cfg(test)]
+mod tests;
+mod transport;
 
-pub use config::{CircuitBreakerBuilder, CircuitBreakerConfig};
-pub use matcher::{ErrorMatcher, Outcome};
+pub use config::CircuitBreakerBuilder;
+pub use matcher::{ErrorMatcher, Outcome, OutcomePredicate};
 #[allow(deprecated)]
 pub use metrics::MetricsSnapshot;
 pub use metrics::{CircuitBreakerMetrics, DEFAULT_REPORT_NAME, KeySnapshot};
 pub use middleware::CircuitBreakerMiddleware;
 pub use permit::{Permit, Rejected};
-pub use state::{
-    BreakerMode, BreakerPolicy, CircuitBreakerState, CircuitState, SlidingWindow, Transition,
-    TransitionReason, Verdict,
-};
-pub use store::{CircuitBreakerStateStore, InMemoryStateStore};
+pub use policy::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
+pub use state::{CircuitState, Transition, TransitionReason, Verdict};
 pub use transport::ObservedTransport;

@@ -27,7 +27,28 @@ use super::state::Verdict;
 use crate::hooks::BoxFuture;
 use crate::scope::ScopeKey;
 
-/// Why a call was not admitted.
+/// Why a call was not admitted: the key and when to come back.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::Verdict;
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(30))
+///     .build()
+///     .expect("valid settings");
+/// let permit = cb.acquire("global").await.expect("closed");
+/// assert_eq!(permit.key().as_str(), "global");
+/// permit.record(Verdict::Failure).await; // the server failed: the breaker opens
+/// let refused = cb.acquire("global").await.expect_err("open");
+/// assert_eq!(refused.key.as_str(), "global");
+/// assert!(refused.retry_after.is_some_and(|wait| wait <= Duration::from_secs(30)));
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
     /// The key whose breaker refused the call.
@@ -59,6 +80,27 @@ impl std::error::Error for Rejected {}
 /// counted against the server. A call whose deadline (`call_timeout`) passes
 /// first has already ended as [`Verdict::TimedOut`], and a later verdict is
 /// ignored: every call ends exactly once.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::Verdict;
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(30))
+///     .build()
+///     .expect("valid settings");
+/// let permit = cb.acquire("global").await.expect("closed");
+/// assert_eq!(permit.key().as_str(), "global");
+/// permit.record(Verdict::Failure).await; // the server failed: the breaker opens
+/// let refused = cb.acquire("global").await.expect_err("open");
+/// assert_eq!(refused.key.as_str(), "global");
+/// assert!(refused.retry_after.is_some_and(|wait| wait <= Duration::from_secs(30)));
+/// # }
+/// ```
 #[must_use = "a permit dropped at once ends its call as neutral"]
 pub struct Permit {
     core: Arc<Core>,

@@ -2,7 +2,7 @@
 //! outcome window, the open time and its backoff.
 //!
 //! ```
-//! use pmcp_resilience::circuit_breaker::state::{BreakerPolicy, OpenBackoff};
+//! use pmcp_resilience::circuit_breaker::{BreakerPolicy, OpenBackoff};
 //! use std::time::Duration;
 //!
 //! let policy = BreakerPolicy {
@@ -22,11 +22,11 @@ use crate::clock::duration_nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlidingWindow {
-    /// About the last `n` calls (kept in [`WINDOW_BUCKETS`](super::state::WINDOW_BUCKETS) buckets, so the
+    /// About the last `n` calls (kept in 8 buckets, so the
     /// oldest bucket's worth of calls leaves at once).
     Calls(u32),
     /// The calls of the last `duration` (with a resolution of
-    /// `duration / WINDOW_BUCKETS`).
+    /// `duration / 8`).
     Time(Duration),
 }
 
@@ -70,6 +70,19 @@ pub struct OpenBackoff {
 
 /// The numbers that drive the state machine. Built and validated by the
 /// middleware's builder; changing them keeps every key's counts.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::BreakerPolicy;
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use std::time::Duration;
+///
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(3).build().expect("valid");
+/// assert_eq!(cb.policy().consecutive_failures, 3);
+/// // At run time: stay open a minute from now on, keeping every key's counts.
+/// cb.reconfigure(BreakerPolicy { timeout: Duration::from_secs(60), ..cb.policy() })
+///     .expect("valid");
+/// assert!(cb.reconfigure(BreakerPolicy { consecutive_failures: 0, ..cb.policy() }).is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerPolicy {
     /// Open after this many consecutive failures (0: never on this rule).

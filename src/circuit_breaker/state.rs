@@ -7,9 +7,8 @@
 //! timestamps.
 //!
 //! ```
-//! use pmcp_resilience::circuit_breaker::state::{
-//!     acquire, record, Admission, BreakerPolicy, Verdict, CircuitBreakerState, CircuitState,
-//! };
+//! use pmcp_resilience::circuit_breaker::{BreakerPolicy, CircuitState, Verdict};
+//! use pmcp_resilience::store::{acquire, record, Admission, CircuitBreakerState};
 //! use pmcp_resilience::Timestamp;
 //! use std::time::Duration;
 //!
@@ -21,7 +20,7 @@
 //!     assert!(matches!(admission, Admission::Allowed { probe: None }));
 //!     record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
 //! }
-//! assert_eq!(state.state, CircuitState::Open);
+//! assert_eq!(state.effective_state(), CircuitState::Open);
 //! assert!(matches!(acquire(&mut state, &policy, now, 0.5).0, Admission::Rejected { .. }));
 //! ```
 
@@ -29,13 +28,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::policy::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
+pub(crate) use super::policy::{BreakerPolicy, SlidingWindow};
 use crate::clock::{Timestamp, duration_nanos};
 
 /// Number of buckets of the outcome window (fixed, so the state stays small).
-pub const WINDOW_BUCKETS: usize = 8;
+pub(crate) const WINDOW_BUCKETS: usize = 8;
 
 /// The three states of a circuit breaker.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState};
+///
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+/// assert_eq!(cb.state_of("global"), None); // no call yet
+/// cb.force_open("global");
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// assert_eq!(CircuitState::HalfOpen.to_string(), "half-open");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum CircuitState {
     /// Calls flow; outcomes are counted.
@@ -104,58 +113,76 @@ pub enum BreakerMode {
 
 /// One bucket of the outcome window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     /// Which slot of time (or of calls) the counts belong to.
-    pub slot: u64,
+    pub(crate) slot: u64,
     /// Calls finished in the slot.
-    pub calls: u32,
+    pub(crate) calls: u32,
     /// Failed calls in the slot.
-    pub failures: u32,
+    pub(crate) failures: u32,
     /// Slow calls in the slot.
-    pub slow: u32,
+    pub(crate) slow: u32,
 }
 
 /// A half-open probe in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Probe {
+pub(crate) struct Probe {
     /// The probe's id, handed to the caller by [`acquire`].
-    pub id: ProbeId,
+    pub(crate) id: ProbeId,
     /// When the probe counts as failed if no answer came.
-    pub deadline: Timestamp,
+    pub(crate) deadline: Timestamp,
 }
 
 /// Identifies a half-open probe so that its answer frees its place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ProbeId(pub u32);
+pub struct ProbeId(pub(crate) u32);
 
-/// The persistent state of one key's breaker: integers and timestamps only.
+/// The persistent state of one key's breaker: integers and timestamps only,
+/// opaque, and serialisable with serde (a store keeps it as it is). The
+/// state machine of [`crate::store`] moves it on.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, CircuitState, Verdict};
+/// use pmcp_resilience::store::{record, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
+/// assert_eq!(state.effective_state(), CircuitState::Open);
+/// assert_eq!(state.retry_after(now), Some(policy.timeout));
+/// let row = serde_json::to_string(&state).expect("plain data");
+/// assert_eq!(serde_json::from_str::<CircuitBreakerState>(&row).ok(), Some(state));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CircuitBreakerState {
     /// Closed, open or half-open.
-    pub state: CircuitState,
+    pub(crate) state: CircuitState,
     /// The operator's override for this key.
-    pub mode: BreakerMode,
+    pub(crate) mode: BreakerMode,
     /// Failures since the last success (closed state).
-    pub consecutive_failures: u32,
+    pub(crate) consecutive_failures: u32,
     /// Successful probes since entering half-open.
-    pub half_open_successes: u32,
+    pub(crate) half_open_successes: u32,
     /// Trips since the breaker last closed (drives the backoff).
-    pub trips: u32,
+    pub(crate) trips: u32,
     /// When the breaker last opened.
-    pub opened_at: Timestamp,
+    pub(crate) opened_at: Timestamp,
     /// When an open breaker lets probes through.
-    pub open_until: Timestamp,
+    pub(crate) open_until: Timestamp,
     /// Probes in flight.
-    pub probes: Vec<Probe>,
+    pub(crate) probes: Vec<Probe>,
     /// Source of probe ids.
-    pub next_probe: u32,
+    pub(crate) next_probe: u32,
     /// The outcome window: empty while no rule reads it (keeping the
     /// per-key state small), else `WINDOW_BUCKETS` buckets.
-    pub window: Vec<Bucket>,
+    pub(crate) window: Vec<Bucket>,
     /// The current slot of a count window.
-    pub window_head: u64,
+    pub(crate) window_head: u64,
     /// The shape the window was counted under.
-    pub window_shape: u64,
+    pub(crate) window_shape: u64,
 }
 
 /// Whether a call may start.
@@ -266,16 +293,36 @@ impl std::fmt::Display for Transition {
 
 /// Window totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WindowTotals {
+pub(crate) struct WindowTotals {
     /// Calls in the window.
-    pub calls: u32,
+    pub(crate) calls: u32,
     /// Failures in the window.
-    pub failures: u32,
+    pub(crate) failures: u32,
     /// Slow calls in the window.
-    pub slow: u32,
+    pub(crate) slow: u32,
 }
 
 impl CircuitBreakerState {
+    /// The operator's override of this key ([`BreakerMode::Normal`] if none).
+    pub fn mode(&self) -> BreakerMode {
+        self.mode
+    }
+
+    /// Failures since the last success, while closed.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// Trips since the breaker last closed (what the open backoff grows with).
+    pub fn trips(&self) -> u32 {
+        self.trips
+    }
+
+    /// When an open breaker starts letting probes through.
+    pub fn open_until(&self) -> Timestamp {
+        self.open_until
+    }
+
     /// The state callers see, forced modes applied.
     pub fn effective_state(&self) -> CircuitState {
         match self.mode {
@@ -286,7 +333,7 @@ impl CircuitBreakerState {
     }
 
     /// The totals of the window at `now` under `policy`.
-    pub fn window_totals(&self, policy: &BreakerPolicy, now: Timestamp) -> WindowTotals {
+    pub(crate) fn window_totals(&self, policy: &BreakerPolicy, now: Timestamp) -> WindowTotals {
         if self.window_shape != policy.window_shape() {
             return WindowTotals::default();
         }
@@ -611,8 +658,10 @@ fn trip_reason(
 /// `uses_window` false), a quiet state admits every call and a success
 /// leaves it unchanged: [`acquire`] returns `Allowed` with no probe and no
 /// transition, and [`record`] of a success returns `None`, neither writing
-/// anything. The middleware relies on this to skip both on the quiet path.
-pub fn is_quiet(state: &CircuitBreakerState) -> bool {
+/// anything: a fast path may skip both. The tests hold the state machine to
+/// this.
+#[cfg(test)]
+pub(crate) fn is_quiet(state: &CircuitBreakerState) -> bool {
     state.state == CircuitState::Closed
         && state.mode == BreakerMode::Normal
         && state.consecutive_failures == 0

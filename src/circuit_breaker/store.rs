@@ -1,31 +1,5 @@
-//! Where breaker state can be kept outside the middleware.
-//!
-//! ```
-//! use pmcp_resilience::circuit_breaker::{CircuitBreakerStateStore, InMemoryStateStore};
-//! use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
-//! use std::sync::Arc;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = Arc::new(InMemoryStateStore::new());
-//! assert!(store.get_state("tool:search").await?.is_none());
-//! // Breakers built on one store share their state.
-//! let cb = CircuitBreakerMiddleware::builder()
-//!     .persistence(StatePersistence::Custom(store.clone()))
-//!     .build()?;
-//! # drop(cb);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! The middleware's in-memory path works on its own registry, synchronously,
-//! with no trait object per request. A [`CircuitBreakerStateStore`] is the
-//! seam for stores that live elsewhere (a file, Redis, your own): it moves
-//! [`CircuitBreakerState`] values, and its [`acquire`](CircuitBreakerStateStore::acquire)
-//! and [`record`](CircuitBreakerStateStore::record) run the pure state
-//! machine of [`super::state`] on one key. Their default implementations read,
-//! run and write back; a store shared by several processes overrides them to
-//! do the same atomically (a Lua script, a compare-and-swap).
+//! The store seam of the breaker (documented for store authors in
+//! [`crate::store`]) and the store in memory.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,12 +8,30 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::metrics::KeySnapshot;
-pub use super::state::CircuitBreakerState;
-use super::state::{self, Admission, BreakerMode, BreakerPolicy, ProbeId, Transition, Verdict};
+use super::state::{
+    self, Admission, BreakerMode, BreakerPolicy, CircuitBreakerState, ProbeId, Transition, Verdict,
+};
 use crate::clock::Timestamp;
 use crate::error::StoreError;
 
-/// A store of per-key breaker state.
+/// A store of per-key breaker state: implement it to keep breaker state
+/// somewhere of your own ([`crate::store`] has a complete example), and give
+/// it to a breaker with [`StatePersistence::Custom`](crate::StatePersistence::Custom).
+///
+/// ```
+/// use pmcp_resilience::store::{CircuitBreakerStateStore, InMemoryStateStore};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+/// use std::sync::Arc;
+///
+/// # fn main() -> Result<(), pmcp_resilience::ConfigError> {
+/// let store: Arc<dyn CircuitBreakerStateStore> = Arc::new(InMemoryStateStore::new());
+/// let breaker = CircuitBreakerMiddleware::builder()
+///     .persistence(StatePersistence::Custom(store))
+///     .build()?;
+/// # drop(breaker);
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait CircuitBreakerStateStore: Send + Sync {
     /// The state of `key`, if the store has one.
@@ -64,7 +56,7 @@ pub trait CircuitBreakerStateStore: Send + Sync {
         crate::metrics::StoreReport::new("custom", "normal")
     }
 
-    /// Runs [`state::acquire`] on `key`. The default reads, decides and writes
+    /// Runs [`acquire`](crate::store::acquire) on `key`. The default reads, decides and writes
     /// back, which is atomic only for a store private to one process.
     async fn acquire(
         &self,
@@ -79,7 +71,7 @@ pub trait CircuitBreakerStateStore: Send + Sync {
         Ok(decision)
     }
 
-    /// Runs [`state::record`] on `key` (see [`Self::acquire`] about atomicity).
+    /// Runs [`record`](crate::store::record) on `key` (see [`Self::acquire`] about atomicity).
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
@@ -110,7 +102,24 @@ pub trait CircuitBreakerStateStore: Send + Sync {
 }
 
 /// A [`CircuitBreakerStateStore`] in process memory (for tests and as the
-/// model the other stores follow).
+/// model the other stores follow): breakers built on one store share state.
+///
+/// ```
+/// use pmcp_resilience::store::{CircuitBreakerStateStore, InMemoryStateStore};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+/// use std::sync::Arc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = Arc::new(InMemoryStateStore::new());
+/// assert!(store.get_state("tool:search").await?.is_none());
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .persistence(StatePersistence::Custom(store.clone()))
+///     .build()?;
+/// # drop(cb);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Default)]
 pub struct InMemoryStateStore {
     states: Mutex<HashMap<String, CircuitBreakerState>>,

@@ -1,33 +1,7 @@
 //! Per-key state kept in one JSON file that survives restarts.
 //!
-//! ```
-//! use pmcp_resilience::persistence::file::{FileStore, FileStoreOptions, LoadOutcome};
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-//! struct Bucket {
-//!     tokens: u32,
-//! }
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dir = tempfile::tempdir()?;
-//! let path = dir.path().join("limits.json");
-//!
-//! let (store, report) =
-//!     FileStore::<Bucket>::open(&path, "rate_limit", FileStoreOptions::default())?;
-//! assert_eq!(report.outcome, LoadOutcome::NoFile);
-//! store.update("tool:search", Bucket { tokens: 3 }); // written within the flush interval
-//! store.shutdown().await?; // writes what is pending and releases the file
-//!
-//! // The next process (here: the next store) finds the state again.
-//! let (store, report) =
-//!     FileStore::<Bucket>::open(&path, "rate_limit", FileStoreOptions::default())?;
-//! assert_eq!(report.loaded, 1);
-//! assert_eq!(store.get("tool:search"), Some(Bucket { tokens: 3 }));
-//! # Ok(())
-//! # }
-//! ```
+//! The store behind [`StatePersistence::File`](super::StatePersistence::File)
+//! (its tests are in `super::tests`).
 //!
 //! # What is on disk
 //!
@@ -95,23 +69,45 @@ use crate::clock::{SharedClock, Timestamp, default_clock};
 use crate::error::{ConfigError, StoreError};
 
 /// The `format` field of every state file written by this crate.
-pub const FORMAT_NAME: &str = "pmcp-resilience-state";
+pub(crate) const FORMAT_NAME: &str = "pmcp-resilience-state";
 
 /// The newest file format version this build reads and the one it writes.
-pub const FORMAT_VERSION: u64 = 1;
+pub(crate) const FORMAT_VERSION: u64 = 1;
 
 /// The `kind` used for circuit breaker state files.
-pub const KIND_CIRCUIT_BREAKER: &str = "circuit_breaker";
+pub(crate) const KIND_CIRCUIT_BREAKER: &str = "circuit_breaker";
 
 /// The `kind` used for rate limiter state files.
-pub const KIND_RATE_LIMIT: &str = "rate_limit";
+pub(crate) const KIND_RATE_LIMIT: &str = "rate_limit";
 
-/// What [`FileStore::open`] does with a state file it cannot read.
+/// What a middleware does at `build()` with a state file it cannot read.
+///
+/// ```
+/// use pmcp_resilience::persistence::{FileStoreOptions, OnCorrupt};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, StatePersistence};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("breakers.json");
+/// std::fs::write(&path, b"{ not json")?;
+/// let strict = CircuitBreakerMiddleware::builder()
+///     .persistence(StatePersistence::File(path.clone()))
+///     .file_options(FileStoreOptions::default().on_corrupt(OnCorrupt::Fail))
+///     .build();
+/// assert!(strict.is_err()); // the file is left where it is
+/// let lenient = CircuitBreakerMiddleware::builder() // OnCorrupt::StartEmpty, the default
+///     .persistence(StatePersistence::File(path))
+///     .build();
+/// assert!(lenient.is_ok()); // the file was set aside as breakers.json.corrupt-<ms>
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum OnCorrupt {
     /// Rename the file to `<name>.corrupt-<unix-ms>`, log a warning and start
-    /// with empty state; the [`LoadReport`] says where the file went.
+    /// with empty state; the warning says where the file went.
     #[default]
     StartEmpty,
     /// Leave the file where it is and return [`StoreError::Corrupt`], for
@@ -123,11 +119,35 @@ pub enum OnCorrupt {
 /// Decides whether a loaded state still matters at `now`; `false` drops it.
 type StillMatters<S> = Arc<dyn Fn(&S, Timestamp) -> bool + Send + Sync>;
 
-/// Settings of a [`FileStore`]: how often it writes, what it does with an
-/// unreadable file, and which loaded entries it drops.
+/// Settings of a middleware's state file ([`StatePersistence::File`](super::StatePersistence::File)):
+/// how often it writes and what it does with an unreadable file. Give them
+/// to the builders' `file_options(..)`.
 ///
-/// The defaults: a 1 s flush interval, [`OnCorrupt::StartEmpty`], the system
-/// clock, and no expiry on load.
+/// The defaults: a 1 s flush interval and [`OnCorrupt::StartEmpty`]. (The
+/// middleware sets the clock and which loaded entries are stale itself.)
+///
+/// ```
+/// use pmcp_resilience::persistence::{FileStoreOptions, OnCorrupt};
+/// use pmcp_resilience::{ConfigError, RateLimitMiddleware, StatePersistence};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let options = FileStoreOptions::default()
+///     .flush_interval(Duration::from_millis(250)) // a crash loses at most 250 ms
+///     .on_corrupt(OnCorrupt::Fail); // refuse to start on an unreadable file
+/// assert!(options.validate().is_ok());
+/// let dir = tempfile::tempdir()?;
+/// let limiter = RateLimitMiddleware::builder()
+///     .persistence(StatePersistence::File(dir.path().join("limits.json")))
+///     .file_options(options)
+///     .build()?;
+/// # drop(limiter);
+/// let never = FileStoreOptions::<()>::default().flush_interval(Duration::ZERO);
+/// assert!(matches!(never.validate(), Err(ConfigError::Invalid { field: "flush_interval", .. })));
+/// # Ok(())
+/// # }
+/// ```
 pub struct FileStoreOptions<S> {
     flush_interval: Duration,
     on_corrupt: OnCorrupt,
@@ -173,8 +193,8 @@ impl<S> fmt::Debug for FileStoreOptions<S> {
 pub const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl<S> FileStoreOptions<S> {
-    /// Sets the longest time an [`FileStore::update`] waits before it is
-    /// written: the most a crash can lose (default 1 s; above zero and at
+    /// Sets the longest time a change waits before it is written (breaker
+    /// transitions are written at once): the most a crash can lose (default 1 s; above zero and at
     /// most [`MAX_FLUSH_INTERVAL`], 24 h).
     pub fn flush_interval(mut self, every: Duration) -> Self {
         self.flush_interval = every;
@@ -188,7 +208,7 @@ impl<S> FileStoreOptions<S> {
     }
 
     /// Sets the clock that gives `now` for expiry and the file's `saved_at_ms`.
-    pub fn clock(mut self, clock: SharedClock) -> Self {
+    pub(crate) fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
     }
@@ -196,7 +216,7 @@ impl<S> FileStoreOptions<S> {
     /// Drops loaded entries for which `still_matters(state, now)` is `false`.
     ///
     /// Without it every loaded entry is kept.
-    pub fn expire_on_load(
+    pub(crate) fn expire_on_load(
         mut self,
         still_matters: impl Fn(&S, Timestamp) -> bool + Send + Sync + 'static,
     ) -> Self {
@@ -204,7 +224,7 @@ impl<S> FileStoreOptions<S> {
         self
     }
 
-    /// Checks the settings, as [`FileStore::open`] does: a flush interval
+    /// Checks the settings, as `build()` does: a flush interval
     /// above zero and at most [`MAX_FLUSH_INTERVAL`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.flush_interval.is_zero() {
@@ -229,7 +249,7 @@ impl<S> FileStoreOptions<S> {
 /// Why a state file could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum FileProblem {
+pub(crate) enum FileProblem {
     /// The file is empty or ends in the middle of its JSON.
     #[error("the file is empty or cut short (truncated)")]
     Truncated,
@@ -266,7 +286,7 @@ pub enum FileProblem {
 /// Where the state of a freshly opened [`FileStore`] came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum LoadOutcome {
+pub(crate) enum LoadOutcome {
     /// There was no file: the store starts empty and creates it on first write.
     NoFile,
     /// The file was read.
@@ -287,7 +307,7 @@ pub enum LoadOutcome {
 /// What [`FileStore::open`] found, for logs and start-up checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     /// The state file.
     pub path: PathBuf,
     /// Whether the file was missing, read, or set aside.
@@ -303,7 +323,7 @@ pub struct LoadReport {
 /// Counters of a [`FileStore`]'s writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub struct FileStoreStats {
+pub(crate) struct FileStoreStats {
     /// Successful writes of the file.
     pub writes: u64,
     /// Writes that failed (each is retried at the next flush).
@@ -315,7 +335,7 @@ pub struct FileStoreStats {
 /// A map from key to state `S`, kept in one file that survives restarts.
 ///
 /// See the [module documentation](self) for the format and the guarantees.
-pub struct FileStore<S>
+pub(crate) struct FileStore<S>
 where
     S: Serialize + DeserializeOwned + Clone + Send + 'static,
 {
@@ -423,6 +443,7 @@ where
     }
 
     /// The state of `key`, if any.
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<S> {
         self.shared.state.lock().map.get(key).cloned()
     }
@@ -433,11 +454,13 @@ where
     }
 
     /// The number of entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shared.state.lock().map.len()
     }
 
     /// Whether the store has no entries.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.shared.state.lock().map.is_empty()
     }
@@ -500,16 +523,6 @@ where
             failed_writes: self.shared.failed_writes.load(Ordering::Relaxed),
             pending: self.shared.is_pending(),
         }
-    }
-
-    /// The state file.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
-    /// The kind of state in the file.
-    pub fn kind(&self) -> &str {
-        &self.shared.kind
     }
 
     /// The longest time an [`update`](Self::update) waits before it is written.

@@ -1,22 +1,33 @@
 //! Where breaker and limiter state lives.
 //!
 //! ```
-//! use pmcp_resilience::persistence::{FileStore, FileStoreOptions, KIND_CIRCUIT_BREAKER};
+//! use pmcp_resilience::persistence::{FileStoreOptions, OnCorrupt};
+//! use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState, StatePersistence};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
 //! let path = dir.path().join("breakers.json");
-//! let (store, _report) =
-//!     FileStore::<String>::open(&path, KIND_CIRCUIT_BREAKER, FileStoreOptions::default())?;
-//! store.write_through("tool:search", "open".to_string()).await?; // on disk now
+//! let breaker = |path| {
+//!     CircuitBreakerMiddleware::builder()
+//!         .failure_threshold(1)
+//!         .persistence(StatePersistence::File(path))
+//!         .file_options(FileStoreOptions::default().on_corrupt(OnCorrupt::Fail))
+//!         .build()
+//! };
+//! let first = breaker(path.clone())?;
+//! first.force_open("tool:search"); // on disk before this returns
+//! first.shutdown().await?;
+//! // The next process starts where the last one stopped.
+//! let next = breaker(path)?;
+//! assert_eq!(next.state_of("tool:search"), Some(CircuitState::Open));
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! [`StatePersistence::Memory`] is the embedded default: state lives in the
 //! process and is lost on restart. [`StatePersistence::File`] keeps it in a
-//! [`FileStore`]: one file per process, written atomically, read back on start.
+//! file: one file per process, written atomically, read back on start.
 //!
 //! The middlewares take either through their builders' `persistence(..)`
 //! (and `file_options(..)` for the flush interval and the corrupt-file
@@ -30,23 +41,40 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::circuit_breaker::CircuitBreakerStateStore;
+use crate::circuit_breaker::store::CircuitBreakerStateStore;
 
 mod backing;
-pub mod file;
+mod file;
 mod shared;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use backing::FileBacking;
+#[cfg(test)]
+pub(crate) use file::{FileProblem, FileStore, LoadOutcome};
+pub(crate) use file::{KIND_CIRCUIT_BREAKER, KIND_RATE_LIMIT, LoadReport};
 #[cfg(feature = "redis")]
 pub(crate) use shared::RedisOptions;
 pub(crate) use shared::{breaker_store, rate_limiter};
 
-pub use file::{
-    FileProblem, FileStore, FileStoreOptions, FileStoreStats, KIND_CIRCUIT_BREAKER,
-    KIND_RATE_LIMIT, LoadOutcome, LoadReport, MAX_FLUSH_INTERVAL, OnCorrupt,
-};
+pub use file::{FileStoreOptions, MAX_FLUSH_INTERVAL, OnCorrupt};
 
 /// Where a middleware keeps its per-key state.
+///
+/// ```
+/// use pmcp_resilience::{RateLimitMiddleware, StatePersistence};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let in_memory = RateLimitMiddleware::builder().build()?; // StatePersistence::Memory
+/// let in_a_file = RateLimitMiddleware::builder()
+///     .persistence(StatePersistence::File(dir.path().join("limits.json")))
+///     .build()?;
+/// # drop((in_memory, in_a_file));
+/// # Ok(())
+/// # }
+/// ```
 // A configuration value, built once per middleware: its size does not matter.
 #[cfg_attr(feature = "redis", allow(clippy::large_enum_variant))]
 #[derive(Clone, Default)]

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use super::StatePersistence;
-use crate::circuit_breaker::CircuitBreakerStateStore;
 use crate::circuit_breaker::state::BreakerPolicy;
+use crate::circuit_breaker::store::CircuitBreakerStateStore;
 use crate::error::ConfigError;
 use crate::rate_limit::{RateLimitStrategy, RateLimiter};
 use crate::registry::RegistryLimits;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::error::ConfigError;
 
 /// The default bound on requests waiting at once, per middleware.
-pub const DEFAULT_MAX_WAITERS: usize = 1024;
+pub(crate) const DEFAULT_MAX_WAITERS: usize = 1024;
 
 /// What the rate-limit middleware does when a request finds no capacity.
 ///
@@ -29,7 +29,7 @@ pub const DEFAULT_MAX_WAITERS: usize = 1024;
 ///   [`max_wait`](BackpressureConfig::max_wait), it is rejected at once, not
 ///   after waiting; so is a request arriving when the number of waiters is
 ///   at its bound (`max_waiters` on the builder, default
-///   [`DEFAULT_MAX_WAITERS`]).
+///   1024).
 ///
 /// Per strategy, in memory:
 ///

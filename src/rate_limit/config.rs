@@ -28,7 +28,7 @@ pub type CostFn = Arc<dyn Fn(&JSONRPCRequest) -> u32 + Send + Sync>;
 /// cost function, then 1. A cost of 0 makes a request free. A cost above the
 /// limit is rejected at once with a clear reason (it could never pass).
 #[derive(Clone, Default)]
-pub struct RequestCost {
+pub(crate) struct RequestCost {
     by_method: HashMap<String, u32>,
     by_tool: HashMap<String, u32>,
     function: Option<CostFn>,

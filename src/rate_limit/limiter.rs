@@ -254,27 +254,6 @@ impl KeyedRateLimiter {
         }
     }
 
-    /// A limiter whose state is kept in the file at `path`: what the file
-    /// holds is loaded now (keys back at full capacity are dropped), and
-    /// changes are written at most every [`FileStoreOptions::flush_interval`]
-    /// (the most a crash loses), on [`shutdown`](Self::shutdown) and, best
-    /// effort, on drop.
-    ///
-    /// Must be called inside a Tokio runtime. The file is for this limiter
-    /// alone: a second limiter (or process) on it gets [`ConfigError::Store`].
-    /// The options' clock and expiry rule are replaced by the limiter's own.
-    pub fn with_file(
-        strategy: RateLimitStrategy,
-        limits: RegistryLimits,
-        clock: SharedClock,
-        path: impl AsRef<Path>,
-        options: FileStoreOptions<LimiterState>,
-    ) -> Result<(Self, LoadReport), ConfigError> {
-        let mut limiter = Self::new(strategy, limits, clock)?;
-        let report = limiter.attach_file(path.as_ref(), options)?;
-        Ok((limiter, report))
-    }
-
     /// Opens the state file, loads it into the registry and starts the
     /// background sync.
     pub(crate) fn attach_file(
@@ -348,11 +327,6 @@ impl KeyedRateLimiter {
     /// The per-key limit.
     pub fn limit(&self) -> u32 {
         self.policy.limit()
-    }
-
-    /// The clock this limiter reads.
-    pub fn clock(&self) -> &SharedClock {
-        &self.clock
     }
 
     /// Decides on `cost` units for `key` now, without waiting.

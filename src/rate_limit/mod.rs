@@ -90,8 +90,8 @@ mod middleware;
 pub mod strategy;
 mod waiting;
 
-pub use backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
-pub use config::{CostFn, RateLimitBuilder, RequestCost};
+pub use backpressure::BackpressureConfig;
+pub use config::{CostFn, RateLimitBuilder};
 pub use limiter::{Admission, KeyUsage, KeyedRateLimiter, RateLimiter};
 #[allow(deprecated)]
 pub use metrics::RateLimitSnapshot;

@@ -12,11 +12,12 @@ use super::link::Link;
 use super::options::{FailurePolicy, RedisHealth, RedisOptions};
 use super::scripts;
 use crate::circuit_breaker::metrics::KeySnapshot;
+use crate::circuit_breaker::state::CircuitBreakerState;
 use crate::circuit_breaker::state::{
     Admission, BreakerMode, BreakerPolicy, CircuitState, Probe, ProbeId, Transition,
     TransitionReason, Verdict,
 };
-use crate::circuit_breaker::{CircuitBreakerState, CircuitBreakerStateStore};
+use crate::circuit_breaker::store::CircuitBreakerStateStore;
 use crate::clock::Timestamp;
 use crate::error::{ConfigError, StoreError};
 
@@ -31,8 +32,8 @@ const MAX_METRIC_KEYS: usize = 10_000;
 ///
 /// [`acquire`](CircuitBreakerStateStore::acquire) and
 /// [`record`](CircuitBreakerStateStore::record) are each one Lua script
-/// mirroring [`state::acquire`](crate::circuit_breaker::state::acquire) and
-/// [`state::record`](crate::circuit_breaker::state::record), on Redis `TIME`
+/// mirroring [`store::acquire`](crate::store::acquire) and
+/// [`store::record`](crate::store::record), on Redis `TIME`
 /// in whole microseconds (the `now` and `jitter` arguments are not used).
 /// [`set_mode`](CircuitBreakerStateStore::set_mode) is one script call too,
 /// so a trip recorded by another process at the same moment is kept; a
@@ -59,9 +60,10 @@ const MAX_METRIC_KEYS: usize = 10_000;
 /// `window` is ignored, and the window buckets of a state are not stored.
 ///
 /// ```no_run
-/// use pmcp_resilience::circuit_breaker::state::{Admission, BreakerPolicy};
+/// use pmcp_resilience::circuit_breaker::BreakerPolicy;
 /// use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions};
-/// use pmcp_resilience::{CircuitBreakerStateStore, Timestamp};
+/// use pmcp_resilience::store::{Admission, CircuitBreakerStateStore};
+/// use pmcp_resilience::Timestamp;
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let client = redis::Client::open("redis://127.0.0.1:6380/")?;
@@ -316,7 +318,7 @@ impl RedisBreakerStore {
             .await
     }
 
-    /// [`state::acquire`](crate::circuit_breaker::state::acquire) in Redis;
+    /// [`store::acquire`](crate::store::acquire) in Redis;
     /// `now_us` is `-1` (Redis `TIME`) except in tests.
     pub(crate) async fn acquire_at(
         &self,
@@ -343,7 +345,7 @@ impl RedisBreakerStore {
         Ok((admission, transition(r[3], r[4], r[5])))
     }
 
-    /// [`state::record`](crate::circuit_breaker::state::record) in Redis;
+    /// [`store::record`](crate::store::record) in Redis;
     /// `now_us` is `-1` (Redis `TIME`) except in tests.
     pub(crate) async fn record_at(
         &self,
@@ -369,7 +371,7 @@ impl RedisBreakerStore {
         Ok(transition(r[0], r[1], r[2]))
     }
 
-    /// [`state::set_mode`](crate::circuit_breaker::state::set_mode) in Redis.
+    /// [`store::set_mode`](crate::store::set_mode) in Redis.
     pub(crate) async fn set_mode_at(
         &self,
         key: &str,

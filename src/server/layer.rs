@@ -20,7 +20,7 @@ use super::tools::ToolCatalog;
 use super::trust::{Caller, DEFAULT_MAX_SESSIONS, IssuedSessions};
 
 /// The default bound on a request body read by the layer: 1 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 pub(crate) struct Settings {
     pub(crate) limiter: Option<RateLimitMiddleware>,
@@ -244,7 +244,7 @@ impl ResilienceLayerBuilder {
         self
     }
 
-    /// The largest request body read (default [`DEFAULT_MAX_BODY_BYTES`]);
+    /// The largest request body read (default 1 MiB);
     /// larger bodies are answered 413.
     pub fn max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = Some(max);
@@ -252,7 +252,7 @@ impl ResilienceLayerBuilder {
     }
 
     /// How many session ids (seen on the server's answers to `initialize`)
-    /// the layer remembers (default [`DEFAULT_MAX_SESSIONS`]); past it, the
+    /// the layer remembers (default 100,000); past it, the
     /// oldest is forgotten and its requests are keyed by client address.
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = Some(max);

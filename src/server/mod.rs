@@ -137,9 +137,8 @@ mod trust;
 
 pub use cors::CorsOrigins;
 pub use keys::{HttpKeyFn, ProxyHeader, ProxyTrust, RequestKey, SESSION_HEADER};
-pub use layer::{DEFAULT_MAX_BODY_BYTES, ResilienceLayer, ResilienceLayerBuilder};
+pub use layer::{ResilienceLayer, ResilienceLayerBuilder};
 pub use service::ResilienceService;
 pub use signals::Refusals;
 pub use tool::ToolRateLimit;
 pub use tools::UNKNOWN_TOOL;
-pub use trust::DEFAULT_MAX_SESSIONS;

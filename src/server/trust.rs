@@ -12,7 +12,7 @@ use pmcp::types::JSONRPCRequest;
 use crate::scope::{Scope, ScopeKey};
 
 /// The default bound on the session ids the layer remembers.
-pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+pub(crate) const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 /// Who sent a request, as far as keys go.
 #[derive(Debug, Clone, PartialEq, Eq)]

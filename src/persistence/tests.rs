@@ -1,16 +1,17 @@
-//! The file store against real files in temporary directories.
+//! The file store against real files in temporary directories (the file
+//! store is the crate's own, so these tests live inside it).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pmcp_resilience::clock::{Clock, ManualClock, Timestamp};
-use pmcp_resilience::persistence::{
+use crate::clock::{Clock, ManualClock, Timestamp};
+use crate::persistence::{
     FileProblem, FileStore, FileStoreOptions, KIND_CIRCUIT_BREAKER, KIND_RATE_LIMIT, LoadOutcome,
     OnCorrupt,
 };
-use pmcp_resilience::{ConfigError, StoreError};
+use crate::{ConfigError, StoreError};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
@@ -485,7 +486,7 @@ async fn a_store_in_another_process_is_refused_until_that_process_exits() {
     let (_dir, path) = setup();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
-            "child_process_holding_the_file",
+            "persistence::tests::child_process_holding_the_file",
             "--exact",
             "--nocapture",
             "--test-threads=1",
