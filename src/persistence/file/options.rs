@@ -41,7 +41,7 @@ pub enum OnCorrupt {
     /// with empty state; the warning says where the file went.
     #[default]
     StartEmpty,
-    /// Leave the file where it is and return [`StoreError::Corrupt`], for
+    /// Leave the file where it is and return [`StoreError::Corrupt`](crate::StoreError::Corrupt), for
     /// deployments where starting without the saved state is worse than not
     /// starting.
     Fail,
@@ -50,7 +50,7 @@ pub enum OnCorrupt {
 /// Decides whether a loaded state still matters at `now`; `false` drops it.
 type StillMatters<S> = Arc<dyn Fn(&S, Timestamp) -> bool + Send + Sync>;
 
-/// Settings of a middleware's state file ([`StatePersistence::File`](super::StatePersistence::File)):
+/// Settings of a middleware's state file ([`StatePersistence::File`](crate::StatePersistence::File)):
 /// how often it writes and what it does with an unreadable file. Give them
 /// to the builders' `file_options(..)`.
 ///
@@ -214,7 +214,7 @@ pub(crate) enum FileProblem {
     BadEntries(String),
 }
 
-/// Where the state of a freshly opened [`FileStore`] came from.
+/// Where the state of a freshly opened [`FileStore`](super::FileStore) came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub(crate) enum LoadOutcome {
@@ -235,7 +235,7 @@ pub(crate) enum LoadOutcome {
     },
 }
 
-/// What [`FileStore::open`] found, for logs and start-up checks.
+/// What [`FileStore::open`](super::FileStore::open) found, for logs and start-up checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub(crate) struct LoadReport {
@@ -251,7 +251,7 @@ pub(crate) struct LoadReport {
     pub removed_stale_temp: bool,
 }
 
-/// Counters of a [`FileStore`]'s writes.
+/// Counters of a [`FileStore`](super::FileStore)'s writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub(crate) struct FileStoreStats {
