@@ -94,7 +94,6 @@
 //! atomic step (a transaction, a compare-and-swap; the Redis store runs the
 //! same state machine as a Lua script).
 
-pub use crate::circuit_breaker::state::{
-    Admission, BreakerMode, CircuitBreakerState, ProbeId, acquire, record, set_mode,
-};
+pub use crate::circuit_breaker::machine::{acquire, record, set_mode};
+pub use crate::circuit_breaker::state::{Admission, BreakerMode, CircuitBreakerState, ProbeId};
 pub use crate::circuit_breaker::store::{CircuitBreakerStateStore, InMemoryStateStore};

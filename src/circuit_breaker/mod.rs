@@ -47,6 +47,7 @@ mod config;
 mod control;
 mod core;
 mod entry;
+pub(crate) mod machine;
 mod matcher;
 pub mod metrics;
 mod middleware;

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use super::machine::{acquire, is_quiet, record, set_mode};
 use super::policy::{BreakerPolicy, FailureRate, OpenBackoff, SlidingWindow, SlowCalls};
 use super::state::{
     Admission, BreakerMode, CircuitBreakerState, CircuitState, ProbeId, TransitionReason, Verdict,
-    acquire, is_quiet, record, set_mode,
 };
 use crate::clock::Timestamp;
 
