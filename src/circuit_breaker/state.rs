@@ -202,6 +202,21 @@ pub enum Admission {
 
 /// How an admitted call ended, as far as the breaker is concerned: every
 /// admitted call ends exactly once with one of these.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, Verdict};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(5).build().expect("valid");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Success).await;
+/// cb.acquire("global").await.expect("closed").record(Verdict::TimedOut).await;
+/// let metrics = cb.metrics();
+/// assert_eq!((metrics.successful_requests, metrics.failed_requests), (1, 1));
+/// assert_eq!(metrics.timed_out_requests, 1);
+/// assert_eq!(Verdict::TimedOut.to_string(), "timed_out");
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// The server did its job.
@@ -237,6 +252,34 @@ impl std::fmt::Display for Verdict {
 }
 
 /// Why a breaker changed state.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, Verdict};
+/// use pmcp_resilience::ManualClock;
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let clock = ManualClock::new();
+/// let reasons = Arc::new(Mutex::new(Vec::new()));
+/// let log = reasons.clone();
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(10))
+///     .clock(Arc::new(clock.clone()))
+///     .on_transition(move |_key, t| log.lock().unwrap().push(t.reason.label()))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// clock.advance(Duration::from_secs(10));
+/// cb.acquire("global").await.expect("a probe").record(Verdict::Success).await;
+/// assert_eq!(
+///     *reasons.lock().unwrap(),
+///     ["consecutive_failures", "open_time_elapsed", "probes_succeeded"]
+/// );
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransitionReason {
@@ -275,6 +318,26 @@ impl TransitionReason {
 }
 
 /// A change of state. Prints as `closed -> open (consecutive_failures)`.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, Transition, Verdict};
+/// use std::sync::{Arc, Mutex};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
+/// let log = seen.clone();
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .on_transition(move |_key, transition| log.lock().unwrap().push(transition))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// let trip = seen.lock().unwrap()[0];
+/// assert_eq!((trip.from, trip.to), (CircuitState::Closed, CircuitState::Open));
+/// assert_eq!(trip.to_string(), "closed -> open (consecutive_failures)");
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
     /// The state before.
