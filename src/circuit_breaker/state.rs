@@ -94,6 +94,23 @@ impl std::fmt::Display for CircuitState {
 }
 
 /// An operator's override of one key's breaker.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::BreakerPolicy;
+/// use pmcp_resilience::store::{acquire, set_mode, Admission, BreakerMode, CircuitBreakerState};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState, Timestamp};
+///
+/// // Operators set a mode through the middleware...
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+/// cb.force_open("global");
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// // ...which a store keeps with the key's state.
+/// let mut state = CircuitBreakerState::default();
+/// set_mode(&mut state, BreakerMode::ForcedOpen);
+/// assert_eq!(state.mode(), BreakerMode::ForcedOpen);
+/// let (admission, _) = acquire(&mut state, &BreakerPolicy::default(), Timestamp::from_millis(1_000), 0.5);
+/// assert!(matches!(admission, Admission::Rejected { .. }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BreakerMode {
@@ -134,6 +151,26 @@ pub(crate) struct Probe {
 }
 
 /// Identifies a half-open probe so that its answer frees its place.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, CircuitState, Verdict};
+/// use pmcp_resilience::store::{acquire, record, Admission, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, success_threshold: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5); // opens
+/// // Once the open time is over, the next call is a half-open probe with an id...
+/// let later = now.saturating_add(policy.timeout);
+/// let (Admission::Allowed { probe: Some(probe) }, _) = acquire(&mut state, &policy, later, 0.5) else {
+///     panic!("a probe");
+/// };
+/// // ...that its outcome hands back, freeing its place.
+/// record(&mut state, &policy, later, Verdict::Success, Duration::ZERO, Some(probe), 0.5);
+/// assert_eq!(state.effective_state(), CircuitState::Closed);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProbeId(pub(crate) u32);
 
@@ -186,6 +223,22 @@ pub struct CircuitBreakerState {
 }
 
 /// Whether a call may start.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
+/// use pmcp_resilience::store::{acquire, record, Admission, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// let (admission, _) = acquire(&mut state, &policy, now, 0.5);
+/// assert_eq!(admission, Admission::Allowed { probe: None });
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
+/// let (refused, _) = acquire(&mut state, &policy, now, 0.5);
+/// assert_eq!(refused, Admission::Rejected { retry_after: policy.timeout });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Go ahead; a half-open probe carries its id, to hand back to [`record`].
