@@ -131,8 +131,10 @@ pub(crate) fn ceil_millis(d: Duration) -> u64 {
 /// go backwards.
 ///
 /// ```
+/// use pmcp_resilience::circuit_breaker::Verdict;
 /// use pmcp_resilience::{CircuitBreakerMiddleware, Clock, Timestamp};
 /// use std::sync::Arc;
+/// use std::time::Duration;
 ///
 /// // A clock of your own: here, one stopped at a fixed instant.
 /// #[derive(Debug)]
@@ -144,10 +146,19 @@ pub(crate) fn ceil_millis(d: Duration) -> u64 {
 ///     }
 /// }
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let frozen = Frozen(Timestamp::from_millis(1_700_000_000_000));
-/// assert_eq!(frozen.now(), frozen.now());
-/// let cb = CircuitBreakerMiddleware::builder().clock(Arc::new(frozen)).build();
-/// assert!(cb.is_ok());
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(30))
+///     .clock(Arc::new(frozen))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// // The breaker reads time only from its clock: stopped, the open time never runs down.
+/// assert_eq!(cb.retry_after("global"), Some(Duration::from_secs(30)));
+/// # }
 /// ```
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.
