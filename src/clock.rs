@@ -129,6 +129,37 @@ pub(crate) fn ceil_millis(d: Duration) -> u64 {
 ///
 /// Implementations must be cheap (it is called on every request) and must not
 /// go backwards.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::Verdict;
+/// use pmcp_resilience::{CircuitBreakerMiddleware, Clock, Timestamp};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// // A clock of your own: here, one stopped at a fixed instant.
+/// #[derive(Debug)]
+/// struct Frozen(Timestamp);
+///
+/// impl Clock for Frozen {
+///     fn now(&self) -> Timestamp {
+///         self.0
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let frozen = Frozen(Timestamp::from_millis(1_700_000_000_000));
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(30))
+///     .clock(Arc::new(frozen))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// // The breaker reads time only from its clock: stopped, the open time never runs down.
+/// assert_eq!(cb.retry_after("global"), Some(Duration::from_secs(30)));
+/// # }
+/// ```
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.
     fn now(&self) -> Timestamp;
@@ -137,6 +168,19 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
 /// The production clock: wall time at start-up, advanced monotonically.
 ///
 /// Reading it costs one `quanta` counter read (about 10 ns), not a system call.
+///
+/// ```
+/// use pmcp_resilience::{Clock, SystemClock};
+/// use std::time::SystemTime;
+///
+/// let clock = SystemClock::new();
+/// let (a, b) = (clock.now(), clock.now());
+/// assert!(b >= a); // never backwards, whatever the wall clock does
+/// // Anchored to the wall clock: a timestamp written by this process means
+/// // the same instant to the next one.
+/// let drift = SystemTime::now().duration_since(a.to_system_time()).unwrap_or_default();
+/// assert!(drift.as_secs() < 60);
+/// ```
 #[derive(Clone)]
 pub struct SystemClock {
     counter: quanta::Clock,
@@ -266,6 +310,19 @@ pub(crate) fn default_clock() -> SharedClock {
 /// moves exactly as far as `tokio::time::sleep` and `advance` make tokio's
 /// time move, so waiting can be tested without really sleeping. Create it
 /// inside the runtime.
+///
+/// ```
+/// use pmcp_resilience::{Clock, TokioClock};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let clock = TokioClock::new(); // inside the runtime
+/// let before = clock.now();
+/// tokio::time::sleep(Duration::from_secs(30)).await; // paused time: returns at once
+/// assert_eq!(clock.now().saturating_since(before), Duration::from_secs(30));
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct TokioClock {
     origin: tokio::time::Instant,

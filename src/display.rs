@@ -22,6 +22,15 @@ use crate::clock::Timestamp;
 
 /// A duration shown in seconds with one decimal (`29.9 s`); a precision in
 /// the format string (`{:.3}`) shows more or fewer decimals.
+///
+/// ```
+/// use pmcp_resilience::display::Seconds;
+/// use std::time::Duration;
+///
+/// let wait = Duration::from_millis(29_940);
+/// assert_eq!(format!("retry in {}", Seconds(wait)), "retry in 29.9 s");
+/// assert_eq!(format!("{:.2}", Seconds::from(Duration::from_millis(250))), "0.25 s");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Seconds(pub Duration);
 
@@ -40,6 +49,18 @@ impl From<Duration> for Seconds {
 
 /// An instant shown as an RFC 3339 date and time in UTC with milliseconds
 /// (`2026-11-30T05:50:04.120Z`). Instants before 1970 show as the Unix epoch.
+///
+/// ```
+/// use pmcp_resilience::display::Rfc3339;
+/// use pmcp_resilience::Timestamp;
+/// use std::time::{Duration, SystemTime};
+///
+/// let reset_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+/// assert_eq!(format!("resets at {}", Rfc3339(reset_at)), "resets at 2026-01-01T00:00:00.000Z");
+/// // A `Timestamp` converts too (and its own `Display` shows the same text).
+/// let t = Timestamp::from_millis(1_767_225_600_500);
+/// assert_eq!(Rfc3339::from(t).to_string(), t.to_string());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Rfc3339(pub SystemTime);
 

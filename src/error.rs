@@ -21,6 +21,15 @@
 use std::borrow::Cow;
 
 /// An invalid configuration, found when a builder's `build()` runs.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, ConfigError};
+///
+/// let error = CircuitBreakerMiddleware::builder().failure_threshold(0).build().expect_err("zero");
+/// // The field is named as the builder method is, and the message says what to change.
+/// assert!(matches!(error, ConfigError::Invalid { field: "failure_threshold", .. }));
+/// assert!(error.to_string().starts_with("invalid `failure_threshold`: "));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -63,6 +72,22 @@ impl From<StoreError> for ConfigError {
 }
 
 /// A failure of a state store (file, Redis, or a custom store).
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, ConfigError, StoreError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // What a store of your own returns when its backend does not answer...
+/// let down = StoreError::Unavailable("connection refused".into());
+/// assert_eq!(down.to_string(), "state store unavailable: connection refused");
+/// // ...and what a builder makes of it when the store cannot be opened.
+/// assert!(matches!(ConfigError::from(down), ConfigError::Store(_)));
+/// // A breaker's `flush` and `shutdown` report the store's failures.
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid");
+/// assert!(cb.flush().await.is_ok()); // the memory store never fails
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

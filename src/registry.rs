@@ -81,6 +81,24 @@ pub(crate) trait Record: Send + 'static {
 }
 
 /// Bounds on the number of keys a breaker or limiter keeps.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, RegistryLimits, Scope};
+/// use std::time::Duration;
+///
+/// // Per-session breakers: at most 50 000 sessions, idle ones dropped after 5 minutes.
+/// let limits = RegistryLimits { max_keys: 50_000, idle_after: Duration::from_secs(300) };
+/// assert!(limits.validate().is_ok());
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .scope(Scope::PerSession)
+///     .registry_limits(limits)
+///     .build()
+///     .expect("valid settings");
+/// # let _ = cb;
+/// // A zero cap is refused at build time.
+/// let none = RegistryLimits { max_keys: 0, ..RegistryLimits::default() };
+/// assert!(CircuitBreakerMiddleware::builder().registry_limits(none).build().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistryLimits {
     /// Most keys kept at once (default 100,000).
@@ -117,6 +135,24 @@ impl RegistryLimits {
 }
 
 /// Counters describing a registry.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, RegistryLimits, Scope};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .scope(Scope::PerTool)
+///     .registry_limits(RegistryLimits { max_keys: 1, ..RegistryLimits::default() })
+///     .build()
+///     .expect("valid settings");
+/// drop(cb.acquire("tool:search").await);
+/// drop(cb.acquire("tool:fetch").await); // beyond the cap: served by the shared overflow entry
+/// let stats = cb.metrics().registry;
+/// assert_eq!(stats.overflowed, 1);
+/// assert_eq!(stats.evicted, 0);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegistryStats {
     /// Keys held now (the overflow entry included).

@@ -63,9 +63,40 @@ pub const NO_SESSION: &str = "no-session";
 pub const MAX_KEY_PART: usize = 200;
 
 /// A function computing a custom scope key from a request.
+///
+/// ```
+/// use pmcp::types::{JSONRPCRequest, RequestId};
+/// use pmcp_resilience::scope::{KeyFn, RequestTarget, Scope};
+/// use std::sync::Arc;
+///
+/// // One limiter per tenant, named by the request's `tenant` parameter.
+/// let by_tenant: KeyFn = Arc::new(|request: &JSONRPCRequest| {
+///     let tenant = request.params.as_ref().and_then(|p| p["tenant"].as_str());
+///     tenant.unwrap_or("anonymous").to_owned()
+/// });
+/// let request = JSONRPCRequest {
+///     jsonrpc: "2.0".into(),
+///     method: "tools/call".into(),
+///     params: Some(serde_json::json!({"name": "search", "tenant": "acme"})),
+///     id: RequestId::from(1i64),
+/// };
+/// let key = Scope::Custom(by_tenant).key(&request, &RequestTarget::default());
+/// assert_eq!(key.as_str(), "custom:acme");
+/// ```
 pub type KeyFn = Arc<dyn Fn(&JSONRPCRequest) -> String + Send + Sync>;
 
 /// A function returning the current session id (read after `initialize`).
+///
+/// ```
+/// use pmcp_resilience::scope::{RequestTarget, SessionSource};
+/// use std::sync::Arc;
+///
+/// // Where the session id comes from (for pmcp's streamable HTTP transport:
+/// // `move || transport.session_id()`); here, a fixed one.
+/// let source: SessionSource = Arc::new(|| Some("session-42".to_owned()));
+/// let target = RequestTarget::default().with_session_source(move || source());
+/// assert_eq!(target.session_id().as_deref(), Some("session-42"));
+/// ```
 pub type SessionSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// How requests are grouped into independent breakers or limiters.
@@ -115,9 +146,25 @@ pub enum Scope {
 
 /// Another name for [`Scope`], kept from the original feature request so
 /// that code written against it compiles. New code writes `Scope`.
+///
+/// ```
+/// use pmcp_resilience::{CircuitBreakerMiddleware, CircuitBreakerScope, Scope};
+///
+/// let scope: CircuitBreakerScope = Scope::PerTool; // the same type
+/// let cb = CircuitBreakerMiddleware::builder().scope(scope).build().expect("valid");
+/// assert_eq!(cb.metrics().scope, "tool");
+/// ```
 pub type CircuitBreakerScope = Scope;
 /// Another name for [`Scope`], kept from the original feature request so
 /// that code written against it compiles. New code writes `Scope`.
+///
+/// ```
+/// use pmcp_resilience::{RateLimitMiddleware, RateLimitScope, Scope};
+///
+/// let scope: RateLimitScope = Scope::PerSession; // the same type
+/// let limiter = RateLimitMiddleware::builder().scope(scope).build().expect("valid");
+/// assert_eq!(limiter.metrics().scope, "session");
+/// ```
 pub type RateLimitScope = Scope;
 
 impl fmt::Debug for Scope {

@@ -28,6 +28,25 @@ use http::StatusCode;
 use super::state::Verdict;
 
 /// What happened to one call, as the breaker classifies it.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitState, Outcome};
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use http::StatusCode;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(1).build().expect("valid");
+/// // The caller's mistake says nothing about the server: the breaker stays closed.
+/// let bad_params = Outcome::JsonRpcError { code: -32602, message: "bad params" };
+/// cb.acquire("global").await.expect("closed").record_outcome(&bad_params).await;
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Closed));
+/// // A 503 from the server is its failure: the breaker opens.
+/// let unavailable = Outcome::HttpStatus(StatusCode::SERVICE_UNAVAILABLE);
+/// cb.acquire("global").await.expect("closed").record_outcome(&unavailable).await;
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome<'a> {
@@ -55,12 +74,48 @@ pub enum Outcome<'a> {
 }
 
 /// A predicate over outcomes.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{ErrorMatcher, Outcome, OutcomePredicate};
+/// use std::sync::Arc;
+///
+/// // Only internal errors that mention the database count.
+/// let database_down: OutcomePredicate = Arc::new(|outcome: &Outcome<'_>| {
+///     matches!(outcome, Outcome::JsonRpcError { code: -32603, message } if message.contains("database"))
+/// });
+/// let matcher = ErrorMatcher::Predicate(database_down);
+/// assert!(matcher.matches(&Outcome::JsonRpcError { code: -32603, message: "database down" }));
+/// assert!(!matcher.matches(&Outcome::JsonRpcError { code: -32603, message: "out of memory" }));
+/// assert!(!matcher.matches(&Outcome::Timeout));
+/// ```
 pub type OutcomePredicate = Arc<dyn Fn(&Outcome<'_>) -> bool + Send + Sync>;
 
 /// Which outcomes count as failures of the server.
 ///
 /// The default, [`ErrorMatcher::ServerErrors`], counts what the server did
 /// wrong and leaves out what the caller did wrong (see its docs).
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitState, ErrorMatcher, Outcome};
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // The server's failures, and tool results with `isError: true` as well.
+/// let failures = ErrorMatcher::Any(vec![ErrorMatcher::ServerErrors, ErrorMatcher::ToolErrors]);
+/// assert!(failures.matches(&Outcome::Result { tool_error: true }));
+/// assert!(!failures.matches(&Outcome::Result { tool_error: false }));
+///
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .trigger_errors(failures)
+///     .build()
+///     .expect("valid settings");
+/// let permit = cb.acquire("global").await.expect("closed");
+/// permit.record_outcome(&Outcome::Result { tool_error: true }).await;
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// # }
+/// ```
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum ErrorMatcher {

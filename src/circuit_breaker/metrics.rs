@@ -56,6 +56,20 @@ impl Counters {
 
 /// One key's row in [`CircuitBreakerMetrics::keys`] (and what a shared
 /// store reports per key).
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, Verdict};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(1).build().expect("valid");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// let _refused = cb.acquire("global").await.expect_err("open");
+/// let row = &cb.metrics().keys[0];
+/// assert_eq!((row.key.as_str(), row.state), ("global", CircuitState::Open));
+/// assert_eq!((row.failures, row.rejections, row.transitions), (1, 1, 1));
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySnapshot {
     /// The scope key, in the API's own text (`tool:search`).
@@ -110,6 +124,23 @@ impl KeySnapshot {
 
 /// A breaker at one moment: an owned, plain copy of its counters, every key
 /// it holds and its store, returned by `CircuitBreakerMiddleware::metrics()`.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, Verdict};
+/// use pmcp_resilience::Scope;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder().name("upstream").scope(Scope::PerTool).build().expect("valid");
+/// cb.acquire("tool:search").await.expect("closed").record(Verdict::Success).await;
+/// cb.acquire("tool:search").await.expect("closed").record(Verdict::Failure).await;
+/// let m = cb.metrics();
+/// assert_eq!((m.name.as_str(), m.scope), ("upstream", "tool"));
+/// assert_eq!(m.total_requests, 2);
+/// assert_eq!((m.successful_requests, m.failed_requests, m.in_flight), (1, 1, 0));
+/// assert_eq!(m.registry.keys, 1);
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct CircuitBreakerMetrics {

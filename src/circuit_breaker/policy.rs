@@ -19,6 +19,20 @@ use std::time::Duration;
 use crate::clock::duration_nanos;
 
 /// The window over which failure and slow-call rates are computed.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, SlidingWindow};
+/// use std::time::Duration;
+///
+/// // Judge the failure rate over the calls of the last minute.
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .sliding_window(SlidingWindow::Time(Duration::from_secs(60)))
+///     .failure_rate(0.5, 20)
+///     .build()
+///     .expect("valid settings");
+/// assert_eq!(cb.policy().window, SlidingWindow::Time(Duration::from_secs(60)));
+/// assert_eq!(SlidingWindow::default(), SlidingWindow::Calls(100));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SlidingWindow {
@@ -37,6 +51,16 @@ impl Default for SlidingWindow {
 }
 
 /// Trip on the share of failed calls in the window.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, FailureRate};
+///
+/// // Open when half of the last 100 calls failed, once 20 calls were seen.
+/// let cb = CircuitBreakerMiddleware::builder().failure_rate(0.5, 20).build().expect("valid");
+/// assert_eq!(cb.policy().failure_rate, Some(FailureRate { threshold: 0.5, minimum_calls: 20 }));
+/// // A rate outside (0, 1] is a configuration error.
+/// assert!(CircuitBreakerMiddleware::builder().failure_rate(1.5, 20).build().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FailureRate {
     /// Open when failures / calls reaches this, in (0, 1].
@@ -46,6 +70,19 @@ pub struct FailureRate {
 }
 
 /// Trip on the share of slow calls in the window.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, SlowCalls};
+/// use std::time::Duration;
+///
+/// // Open when 80% of the calls in the window took 2 s or more, once 10 were seen.
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .slow_calls(Duration::from_secs(2), 0.8, 10)
+///     .build()
+///     .expect("valid settings");
+/// let rule = cb.policy().slow_calls.expect("set");
+/// assert_eq!(rule, SlowCalls { duration: Duration::from_secs(2), threshold: 0.8, minimum_calls: 10 });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlowCalls {
     /// A call taking at least this long is slow.
@@ -57,6 +94,22 @@ pub struct SlowCalls {
 }
 
 /// A growing open time: `timeout * multiplier^(trips - 1)`, capped, with jitter.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, OpenBackoff};
+/// use std::time::Duration;
+///
+/// // Stay open 10 s, then 20 s, 40 s, ... up to 5 minutes, spread by ±10%.
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .timeout(Duration::from_secs(10))
+///     .open_backoff(2.0, Duration::from_secs(300), 0.1)
+///     .build()
+///     .expect("valid settings");
+/// let policy = cb.policy();
+/// assert_eq!(policy.open_backoff.map(|b: OpenBackoff| b.max), Some(Duration::from_secs(300)));
+/// // `unit` 0.5 draws no jitter: the second trip stays open 20 s.
+/// assert_eq!(policy.open_duration(2, 0.5), Duration::from_secs(20));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OpenBackoff {
     /// Growth per consecutive trip (at least 1).

@@ -75,6 +75,23 @@ impl std::fmt::Display for CircuitState {
 }
 
 /// An operator's override of one key's breaker.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::BreakerPolicy;
+/// use pmcp_resilience::store::{acquire, set_mode, Admission, BreakerMode, CircuitBreakerState};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, CircuitState, Timestamp};
+///
+/// // Operators set a mode through the middleware...
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+/// cb.force_open("global");
+/// assert_eq!(cb.state_of("global"), Some(CircuitState::Open));
+/// // ...which a store keeps with the key's state.
+/// let mut state = CircuitBreakerState::default();
+/// set_mode(&mut state, BreakerMode::ForcedOpen);
+/// assert_eq!(state.mode(), BreakerMode::ForcedOpen);
+/// let (admission, _) = acquire(&mut state, &BreakerPolicy::default(), Timestamp::from_millis(1_000), 0.5);
+/// assert!(matches!(admission, Admission::Rejected { .. }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BreakerMode {
@@ -115,6 +132,26 @@ pub(crate) struct Probe {
 }
 
 /// Identifies a half-open probe so that its answer frees its place.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, CircuitState, Verdict};
+/// use pmcp_resilience::store::{acquire, record, Admission, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, success_threshold: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5); // opens
+/// // Once the open time is over, the next call is a half-open probe with an id...
+/// let later = now.saturating_add(policy.timeout);
+/// let (Admission::Allowed { probe: Some(probe) }, _) = acquire(&mut state, &policy, later, 0.5) else {
+///     panic!("a probe");
+/// };
+/// // ...that its outcome hands back, freeing its place.
+/// record(&mut state, &policy, later, Verdict::Success, Duration::ZERO, Some(probe), 0.5);
+/// assert_eq!(state.effective_state(), CircuitState::Closed);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProbeId(pub(crate) u32);
 
@@ -167,6 +204,22 @@ pub struct CircuitBreakerState {
 }
 
 /// Whether a call may start.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, Verdict};
+/// use pmcp_resilience::store::{acquire, record, Admission, CircuitBreakerState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let policy = BreakerPolicy { consecutive_failures: 1, ..BreakerPolicy::default() };
+/// let mut state = CircuitBreakerState::default();
+/// let now = Timestamp::from_millis(1_000);
+/// let (admission, _) = acquire(&mut state, &policy, now, 0.5);
+/// assert_eq!(admission, Admission::Allowed { probe: None });
+/// record(&mut state, &policy, now, Verdict::Failure, Duration::ZERO, None, 0.5);
+/// let (refused, _) = acquire(&mut state, &policy, now, 0.5);
+/// assert_eq!(refused, Admission::Rejected { retry_after: policy.timeout });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Go ahead; a half-open probe carries its id, to hand back to [`record`].
@@ -183,6 +236,21 @@ pub enum Admission {
 
 /// How an admitted call ended, as far as the breaker is concerned: every
 /// admitted call ends exactly once with one of these.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, Verdict};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cb = CircuitBreakerMiddleware::builder().failure_threshold(5).build().expect("valid");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Success).await;
+/// cb.acquire("global").await.expect("closed").record(Verdict::TimedOut).await;
+/// let metrics = cb.metrics();
+/// assert_eq!((metrics.successful_requests, metrics.failed_requests), (1, 1));
+/// assert_eq!(metrics.timed_out_requests, 1);
+/// assert_eq!(Verdict::TimedOut.to_string(), "timed_out");
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// The server did its job.
@@ -218,6 +286,34 @@ impl std::fmt::Display for Verdict {
 }
 
 /// Why a breaker changed state.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, Verdict};
+/// use pmcp_resilience::ManualClock;
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let clock = ManualClock::new();
+/// let reasons = Arc::new(Mutex::new(Vec::new()));
+/// let log = reasons.clone();
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .timeout(Duration::from_secs(10))
+///     .clock(Arc::new(clock.clone()))
+///     .on_transition(move |_key, t| log.lock().unwrap().push(t.reason.label()))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// clock.advance(Duration::from_secs(10));
+/// cb.acquire("global").await.expect("a probe").record(Verdict::Success).await;
+/// assert_eq!(
+///     *reasons.lock().unwrap(),
+///     ["consecutive_failures", "open_time_elapsed", "probes_succeeded"]
+/// );
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransitionReason {
@@ -256,6 +352,26 @@ impl TransitionReason {
 }
 
 /// A change of state. Prints as `closed -> open (consecutive_failures)`.
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{CircuitBreakerMiddleware, CircuitState, Transition, Verdict};
+/// use std::sync::{Arc, Mutex};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let seen: Arc<Mutex<Vec<Transition>>> = Arc::default();
+/// let log = seen.clone();
+/// let cb = CircuitBreakerMiddleware::builder()
+///     .failure_threshold(1)
+///     .on_transition(move |_key, transition| log.lock().unwrap().push(transition))
+///     .build()
+///     .expect("valid settings");
+/// cb.acquire("global").await.expect("closed").record(Verdict::Failure).await;
+/// let trip = seen.lock().unwrap()[0];
+/// assert_eq!((trip.from, trip.to), (CircuitState::Closed, CircuitState::Open));
+/// assert_eq!(trip.to_string(), "closed -> open (consecutive_failures)");
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
     /// The state before.

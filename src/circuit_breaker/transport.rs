@@ -35,6 +35,18 @@ use pmcp::shared::{SharedSender, Transport, TransportMessage};
 use super::middleware::CircuitBreakerMiddleware;
 
 /// A transport whose send failures reach a circuit breaker.
+///
+/// ```
+/// use pmcp_resilience::CircuitBreakerMiddleware;
+/// use pmcp::shared::{StdioTransport, Transport};
+///
+/// let cb = CircuitBreakerMiddleware::builder().build().expect("valid settings");
+/// // Send failures of this transport (HTTP 5xx, refused connections) reach `cb`;
+/// // everything else is the wrapped transport's.
+/// let transport = cb.wrap_transport(StdioTransport::new());
+/// assert_eq!(transport.transport_type(), transport.get_ref().transport_type());
+/// let _unwrapped: StdioTransport = transport.into_inner();
+/// ```
 pub struct ObservedTransport<T> {
     inner: T,
     breaker: CircuitBreakerMiddleware,

@@ -110,6 +110,21 @@ impl DurationHistogram {
 }
 
 /// The counts of a histogram at one moment, in Prometheus' shape.
+///
+/// ```
+/// use pmcp_resilience::metrics::{DurationHistogram, HistogramSnapshot};
+/// use std::time::Duration;
+///
+/// let (a, b) = (DurationHistogram::new(), DurationHistogram::new());
+/// a.record(Duration::from_millis(2));
+/// b.record(Duration::from_millis(40));
+/// // Two limiters' wait histograms, added up.
+/// let mut total: HistogramSnapshot = a.snapshot();
+/// assert!(total.merge(&b.snapshot()));
+/// assert_eq!(total.count, 2);
+/// assert_eq!(total.cumulative_count_le(0.0025), 1); // one wait of 2.5 ms or less
+/// assert_eq!(total.cumulative_count_le(0.05), 2);
+/// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HistogramSnapshot {
     /// `(upper bound in seconds, cumulative count of observations <= bound)`,

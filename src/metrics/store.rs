@@ -5,6 +5,20 @@
 use super::histogram::HistogramSnapshot;
 
 /// Where a breaker's or limiter's state lives and how that store is doing.
+///
+/// ```
+/// use pmcp_resilience::metrics::StoreReport;
+/// use pmcp_resilience::RateLimitMiddleware;
+///
+/// // What a limiter in memory reports...
+/// let limiter = RateLimitMiddleware::builder().build().expect("valid settings");
+/// let store = limiter.metrics().store;
+/// assert_eq!((store.kind, store.mode), ("memory", "normal"));
+/// assert_eq!(store.degraded_decisions, None); // memory never fails
+/// // ...and what a store of your own might report while its backend is down.
+/// let custom = StoreReport::new("custom", "fail_open").with_degraded_decisions(12);
+/// assert!(StoreReport::MODES.contains(&custom.mode));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct StoreReport {

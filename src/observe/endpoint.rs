@@ -79,6 +79,21 @@ impl MetricsMiddleware {
 }
 
 /// A running metrics server; dropping it stops the server.
+///
+/// ```
+/// use pmcp_resilience::observe::MetricsMiddleware;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let metrics = MetricsMiddleware::builder().build()?;
+/// // Port 0 picks a free port; the handle says which.
+/// let server = metrics.serve("127.0.0.1:0".parse()?).await?;
+/// assert_ne!(server.local_addr().port(), 0);
+/// assert_eq!(server.metrics_url(), format!("http://{}/metrics", server.local_addr()));
+/// server.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "the metrics server stops when this handle is dropped"]
 #[derive(Debug)]
 pub struct MetricsServer {

@@ -44,6 +44,18 @@ fn now_nanos() -> u64 {
 pub const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How the metrics are exported.
+///
+/// ```
+/// use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware};
+///
+/// assert_eq!(MetricsExporter::default(), MetricsExporter::Prometheus { endpoint: "/metrics".into() });
+/// let metrics = MetricsMiddleware::builder()
+///     .exporter(MetricsExporter::Prometheus { endpoint: "/prom".into() })
+///     .build()
+///     .expect("valid settings");
+/// // The text format at `/prom`, the JSON snapshot at `/prom.json`.
+/// assert_eq!(metrics.endpoint(), "/prom");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MetricsExporter {
@@ -65,6 +77,21 @@ impl Default for MetricsExporter {
 }
 
 /// Builds a [`MetricsMiddleware`]; see [`MetricsMiddleware::builder`].
+///
+/// ```
+/// use pmcp_resilience::observe::{MetricsExporter, MetricsMiddleware};
+/// use std::time::Duration;
+///
+/// let metrics = MetricsMiddleware::builder()
+///     .exporter(MetricsExporter::Prometheus { endpoint: "/internal/metrics".into() })
+///     .export_interval(Duration::from_secs(300))
+///     .max_label_keys(50) // per source; the other keys are exported as `__other__`
+///     .build()
+///     .expect("valid settings");
+/// assert_eq!(metrics.endpoint(), "/internal/metrics");
+/// // Settings that cannot work are refused at `build()`.
+/// assert!(MetricsMiddleware::builder().export_interval(Duration::ZERO).build().is_err());
+/// ```
 #[must_use]
 pub struct MetricsMiddlewareBuilder {
     export_interval: Duration,
@@ -314,6 +341,30 @@ impl ReportSource for SharedSource {
 /// Cloning is cheap and clones share everything: install one clone in the
 /// pmcp chain (`Arc::new(metrics.clone())`) and keep another to serve or
 /// render the metrics. See the [module documentation](crate::observe).
+///
+/// ```
+/// use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+/// use pmcp::types::{JSONRPCRequest, JSONRPCResponse, RequestId};
+/// use pmcp_resilience::observe::MetricsMiddleware;
+/// use pmcp_resilience::RateLimitMiddleware;
+/// use std::sync::Arc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let limiter = RateLimitMiddleware::builder().name("api").build()?;
+/// let metrics = MetricsMiddleware::builder().source(Arc::new(limiter.clone())).build()?;
+/// // In a pmcp chain, the middleware counts every request and its answer.
+/// let context = MiddlewareContext::default();
+/// let mut ping = JSONRPCRequest { jsonrpc: "2.0".into(), method: "ping".into(), params: None, id: RequestId::from(1i64) };
+/// metrics.on_request_with_context(&mut ping, &context).await?;
+/// let mut pong = JSONRPCResponse::success(RequestId::from(1i64), serde_json::json!({}));
+/// metrics.on_response_with_context(&mut pong, &context).await?;
+/// assert_eq!(metrics.get_request_count("ping"), 1);
+/// // The limiter's series are read from it at every scrape.
+/// assert!(metrics.render().contains(r#"mcp_rate_limit_requests_total{name="api",scope="global"} 0"#));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct MetricsMiddleware {
     pub(crate) inner: Arc<Inner>,
@@ -436,6 +487,24 @@ impl MetricsMiddleware {
 
 /// The running export task of [`MetricsMiddleware::start_export`]; dropping
 /// it stops the task.
+///
+/// ```
+/// use pmcp_resilience::observe::MetricsMiddleware;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let metrics = MetricsMiddleware::builder()
+///     .export_interval(Duration::from_secs(60))
+///     .build()
+///     .expect("valid settings");
+/// let task = metrics.start_export().expect("inside a runtime");
+/// tokio::time::sleep(Duration::from_secs(61)).await; // paused time: no real wait
+/// assert_eq!(metrics.export_count(), 1);
+/// assert!(metrics.last_export().is_some());
+/// task.stop(); // dropping the handle stops it too
+/// # }
+/// ```
 #[must_use = "the export task stops when this handle is dropped"]
 #[derive(Debug)]
 pub struct ExportTask {

@@ -139,6 +139,16 @@ pub use report::{NamedSource, Report, ReportSource, scope_label};
 pub use requests::OTHER_METHOD;
 
 /// A failure to start or run the metrics server or export task.
+///
+/// ```
+/// use pmcp_resilience::observe::{MetricsError, MetricsMiddleware};
+///
+/// let metrics = MetricsMiddleware::builder().build().expect("valid settings");
+/// // The export task runs on Tokio: outside a runtime, starting it says so.
+/// let error = metrics.start_export().expect_err("no runtime here");
+/// assert!(matches!(error, MetricsError::NoRuntime));
+/// assert!(error.to_string().contains("Tokio runtime"));
+/// ```
 #[cfg(feature = "prometheus")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,26 @@ use crate::rate_limit::{KeyUsage, RateLimitMetrics, RateLimitMiddleware};
 ///
 /// `report` is called on every scrape, so it should be a read of counters
 /// and per-key state, not I/O. Any `Fn() -> Report` closure is a source too.
+///
+/// ```
+/// use pmcp_resilience::observe::{Report, ReportSource};
+/// use pmcp_resilience::rate_limit::{KeyUsage, RateLimitMetrics};
+///
+/// // A limiter of your own, reporting in the crate's words.
+/// struct Quota;
+///
+/// impl ReportSource for Quota {
+///     fn report(&self) -> Report {
+///         let mut metrics = RateLimitMetrics::new("quota", "tool");
+///         metrics.keys.push(KeyUsage::new("tool:search", 30, 100));
+///         Report::RateLimit(metrics)
+///     }
+/// }
+///
+/// let report = Quota.report();
+/// assert_eq!(report.name(), "quota");
+/// // With feature `prometheus`: `MetricsMiddleware::builder().source(Arc::new(Quota))`.
+/// ```
 pub trait ReportSource: Send + Sync {
     /// The state now.
     fn report(&self) -> Report;
@@ -31,6 +51,21 @@ where
 }
 
 /// The state of one breaker or one limiter (with all its keys).
+///
+/// ```
+/// use pmcp_resilience::observe::{Report, ReportSource};
+/// use pmcp_resilience::{CircuitBreakerMiddleware, RateLimitMiddleware};
+///
+/// let cb = CircuitBreakerMiddleware::builder().name("upstream").build().expect("valid");
+/// let rl = RateLimitMiddleware::builder().name("api").build().expect("valid");
+/// for report in [cb.report(), rl.report()] {
+///     match report {
+///         Report::CircuitBreaker(m) => assert_eq!(m.name, "upstream"),
+///         Report::RateLimit(m) => assert_eq!(m.name, "api"),
+///         _ => unreachable!("only breakers and limiters here"),
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Report {

@@ -20,6 +20,28 @@ use super::middleware::{Engine, RateLimitMiddleware};
 use super::strategy::{LimiterState, RateLimitStrategy};
 
 /// A function giving the cost of a request in units.
+///
+/// ```
+/// use pmcp::types::JSONRPCRequest;
+/// use pmcp_resilience::rate_limit::CostFn;
+/// use pmcp_resilience::RateLimitMiddleware;
+/// use std::sync::Arc;
+///
+/// // A request costs one unit per item of its `items` parameter (at least one).
+/// let per_item: CostFn = Arc::new(|request: &JSONRPCRequest| {
+///     let items = request.params.as_ref().and_then(|p| p["items"].as_array()).map_or(0, Vec::len);
+///     u32::try_from(items).unwrap_or(u32::MAX).max(1)
+/// });
+/// let batch = JSONRPCRequest {
+///     jsonrpc: "2.0".into(),
+///     method: "batch/put".into(),
+///     params: Some(serde_json::json!({"items": [1, 2, 3]})),
+///     id: 1i64.into(),
+/// };
+/// assert_eq!(per_item(&batch), 3);
+/// let limiter = RateLimitMiddleware::builder().cost_fn(per_item).build();
+/// assert!(limiter.is_ok());
+/// ```
 pub type CostFn = Arc<dyn Fn(&JSONRPCRequest) -> u32 + Send + Sync>;
 
 /// How many units a request costs.

@@ -20,6 +20,23 @@ use super::strategy::{Decision, LimiterState, Policy, RateLimitStrategy, Reserva
 
 /// The outcome of [`RateLimiter::acquire`]: the decision, and the slot held
 /// for a request that must wait (to give back if it does not).
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{Admission, KeyedRateLimiter, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let limiter = KeyedRateLimiter::with_strategy(RateLimitStrategy::TokenBucket { capacity: 1, refill_rate: 2 })?;
+/// let now = Timestamp::from_millis(1_767_225_600_000);
+/// let first: Admission = limiter.acquire_key_at("alice", 1, now, Duration::from_secs(1));
+/// assert!(first.decision.allowed && first.decision.wait.is_zero());
+/// assert!(first.reservation.is_none()); // nothing to give back
+/// // The next token is 500 ms away, within the second the caller will wait.
+/// let second = limiter.acquire_key_at("alice", 1, now, Duration::from_secs(1));
+/// assert_eq!(second.decision.wait, Duration::from_millis(500));
+/// assert!(second.reservation.is_some());
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// The decision.
@@ -29,6 +46,23 @@ pub struct Admission {
 }
 
 /// The use of one key, as reported by [`RateLimiter::usage`].
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{KeyUsage, KeyedRateLimiter, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let limiter = KeyedRateLimiter::with_strategy(RateLimitStrategy::TokenBucket { capacity: 4, refill_rate: 1 })?;
+/// let now = Timestamp::from_millis(1_767_225_600_000);
+/// limiter.check_key_at("tool:search", 3, now);
+/// let rows: Vec<KeyUsage> = limiter.usage_at(now);
+/// let row = &rows[0];
+/// assert_eq!((row.key.as_str(), row.used, row.limit), ("tool:search", 3, 4));
+/// assert_eq!(row.usage(), 0.75);
+/// assert_eq!((row.allowed, row.rejected), (1, 0));
+/// assert_eq!(row.reset_at, now.saturating_add(Duration::from_secs(3))); // a token a second
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyUsage {
     /// The key.

@@ -59,6 +59,30 @@ impl Counters {
 /// A limiter at one moment: an owned, plain copy of its counters, the use
 /// of every key it holds and its store, returned by
 /// `RateLimitMiddleware::metrics()`.
+///
+/// ```
+/// use pmcp::shared::{AdvancedMiddleware, MiddlewareContext};
+/// use pmcp::types::{JSONRPCRequest, RequestId};
+/// use pmcp_resilience::{RateLimitMiddleware, RateLimitStrategy};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), pmcp_resilience::ConfigError> {
+/// let limiter = RateLimitMiddleware::builder()
+///     .name("api")
+///     .strategy(RateLimitStrategy::TokenBucket { capacity: 2, refill_rate: 1 })
+///     .build()?;
+/// let context = MiddlewareContext::default();
+/// for id in 0..3i64 {
+///     let mut ping = JSONRPCRequest { jsonrpc: "2.0".into(), method: "ping".into(), params: None, id: RequestId::from(id) };
+///     let _ = limiter.on_request_with_context(&mut ping, &context).await;
+/// }
+/// let m = limiter.metrics();
+/// assert_eq!(m.name, "api");
+/// assert_eq!((m.total_requests, m.allowed_requests, m.rejected_requests), (3, 2, 1));
+/// assert_eq!(m.keys[0].key.as_str(), "global");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct RateLimitMetrics {

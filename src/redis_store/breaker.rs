@@ -75,6 +75,26 @@ const MAX_METRIC_KEYS: usize = 10_000;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Building one connects nothing, so it can be checked without Redis:
+///
+/// ```
+/// use pmcp_resilience::circuit_breaker::{BreakerPolicy, FailureRate};
+/// use pmcp_resilience::redis_store::{RedisBreakerStore, RedisOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1:6380/")?;
+/// let store = RedisBreakerStore::new(client, RedisOptions::default().key_prefix("myapp:"))?;
+/// assert_eq!(store.redis_key("tool:search"), "myapp:{tool:search}:cb");
+/// assert_eq!(store.health().round_trips, 0); // the first call connects
+/// // Window rules are not in the script: a policy with one is refused up front.
+/// assert!(RedisBreakerStore::supports(&BreakerPolicy::default()).is_ok());
+/// let rated = BreakerPolicy { failure_rate: Some(FailureRate { threshold: 0.5, minimum_calls: 10 }), ..BreakerPolicy::default() };
+/// assert!(RedisBreakerStore::supports(&rated).is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub struct RedisBreakerStore {
     link: Link,
     script: redis::Script,

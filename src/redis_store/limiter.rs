@@ -55,6 +55,26 @@ const EXACT: u64 = 1 << 51;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Building one connects nothing, so it can be checked without Redis:
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::redis_store::{RedisOptions, RedisRateLimiter};
+/// use std::sync::Arc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1:6380/")?;
+/// let strategy = RateLimitStrategy::TokenBucket { capacity: 10, refill_rate: 1 };
+/// let limiter = Arc::new(RedisRateLimiter::new(client, strategy, RedisOptions::default().key_prefix("myapp:"))?);
+/// assert_eq!(limiter.redis_key("tool:search"), "myapp:{tool:search}:rl:token_bucket");
+/// let middleware = RateLimitMiddleware::builder().limiter(limiter.clone()).build()?;
+/// assert_eq!(middleware.metrics().store.kind, "redis");
+/// assert_eq!(limiter.health().round_trips, 0); // the first request connects
+/// # Ok(())
+/// # }
+/// ```
 pub struct RedisRateLimiter {
     link: Link,
     strategy: RateLimitStrategy,

@@ -13,6 +13,19 @@ use crate::registry::RegistryLimits;
 /// [`RedisOptions::retry_interval`], so a hung Redis costs one waiting call
 /// per interval. When Redis answers again, its state decides again from
 /// that answer on (what one process decided alone is not merged back).
+///
+/// ```
+/// use pmcp_resilience::redis_store::{FailurePolicy, RedisOptions};
+/// use std::time::Duration;
+///
+/// assert_eq!(FailurePolicy::default(), FailurePolicy::LocalFallback);
+/// // A payment API would rather refuse than let a flood through unlimited:
+/// // while Redis is away, reject, and try Redis again every 2 s.
+/// let options = RedisOptions::default()
+///     .failure_policy(FailurePolicy::FailClosed)
+///     .retry_interval(Duration::from_secs(2));
+/// assert!(options.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailurePolicy {
@@ -49,6 +62,25 @@ impl FailurePolicy {
 }
 
 /// How a Redis store is deciding right now.
+///
+/// ```
+/// use pmcp_resilience::metrics::StoreReport;
+/// use pmcp_resilience::rate_limit::RateLimitStrategy;
+/// use pmcp_resilience::redis_store::{RedisOptions, RedisRateLimiter, StoreMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // `open` parses the URL only: nothing connects until the first request.
+/// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+/// let strategy = RateLimitStrategy::TokenBucket { capacity: 10, refill_rate: 1 };
+/// let limiter = RedisRateLimiter::new(client, strategy, RedisOptions::default())?;
+/// assert_eq!(limiter.health().mode, StoreMode::Normal);
+/// // The label is the `mode` of the store in metrics.
+/// assert_eq!(StoreMode::LocalFallback.label(), "local_fallback");
+/// assert!(StoreReport::MODES.contains(&StoreMode::FailClosed.label()));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreMode {
@@ -93,6 +125,21 @@ impl StoreMode {
 }
 
 /// The health of a Redis store, for metrics.
+///
+/// ```
+/// use pmcp_resilience::redis_store::{RedisBreakerStore, RedisHealth, RedisOptions, StoreMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // `open` parses the URL only: nothing connects until the first call.
+/// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+/// let store = RedisBreakerStore::new(client, RedisOptions::default())?;
+/// let health: RedisHealth = store.health();
+/// assert_eq!(health.mode, StoreMode::Normal);
+/// assert_eq!((health.round_trips, health.store_errors, health.degraded_decisions), (0, 0, 0));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedisHealth {
     /// How the store decides now.

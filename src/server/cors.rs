@@ -11,6 +11,39 @@ use super::signals::HeaderNames;
 
 /// The browser origins allowed to read the layer's answers: set it as you
 /// set pmcp's `RouterConfig::allowed_origins`.
+///
+/// ```
+/// use axum::body::Body;
+/// use http::Request;
+/// use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::server::{CorsOrigins, ResilienceLayer};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let once = RateLimitStrategy::FixedWindow { max_requests: 1, window: Duration::from_secs(60) };
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(RateLimitMiddleware::builder().strategy(once).build()?)
+///     .cors_origins(CorsOrigins::List(vec!["https://app.example.com".into()]))
+///     .build()?;
+/// let server = pmcp::Server::builder().name("demo").version("1.0.0").build()?;
+/// let app = pmcp::axum::concurrent_router(Arc::new(server)).layer(layer);
+/// let ping = || {
+///     Request::post("/")
+///         .header("content-type", "application/json")
+///         .header("accept", "application/json, text/event-stream")
+///         .header("origin", "https://app.example.com")
+///         .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))
+/// };
+/// app.clone().oneshot(ping()?).await?;
+/// // The layer's own refusal is readable by the page, retry hint included.
+/// let refused = app.oneshot(ping()?).await?;
+/// assert_eq!(refused.headers()["access-control-allow-origin"], "https://app.example.com");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CorsOrigins {

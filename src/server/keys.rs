@@ -96,12 +96,73 @@ pub(crate) const UNKNOWN_CLIENT: &str = "client:unknown";
 
 /// A function computing a rate-limit key from an HTTP request's head;
 /// `None` falls back to the limiter's own scope.
+///
+/// ```
+/// use axum::body::Body;
+/// use http::Request;
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+/// use pmcp_resilience::server::{HttpKeyFn, RequestKey, ResilienceLayer};
+/// use std::sync::Arc;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // One budget per API key; requests without one fall back to the limiter's scope.
+/// let by_api_key: HttpKeyFn = Arc::new(|parts: &http::request::Parts| {
+///     parts.headers.get("x-api-key")?.to_str().ok().map(str::to_owned)
+/// });
+/// let limiter = RateLimitMiddleware::builder().build()?;
+/// let layer = ResilienceLayer::builder().rate_limit(limiter.clone()).key(RequestKey::Custom(by_api_key)).build()?;
+/// let server = pmcp::Server::builder().name("demo").version("1.0.0").build()?;
+/// let app = pmcp::axum::concurrent_router(Arc::new(server)).layer(layer);
+/// let ping = Request::post("/")
+///     .header("content-type", "application/json")
+///     .header("accept", "application/json, text/event-stream")
+///     .header("x-api-key", "alice")
+///     .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))?;
+/// app.oneshot(ping).await?;
+/// assert_eq!(limiter.metrics().keys[0].key.as_str(), "http:alice");
+/// # Ok(())
+/// # }
+/// ```
 pub type HttpKeyFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
 /// Which key the layer's rate limiter uses for a request.
 ///
 /// The circuit breaker always uses its own [`Scope`](crate::Scope) (a breaker
 /// guards a dependency, not a client).
+///
+/// ```
+/// use axum::body::Body;
+/// use http::Request;
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+/// use pmcp_resilience::server::{ProxyTrust, RequestKey, ResilienceLayer};
+/// use std::sync::Arc;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = pmcp::Server::builder().name("demo").version("1.0.0").build()?;
+/// let limiter = RateLimitMiddleware::builder().build()?;
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(limiter.clone())
+///     .key(RequestKey::ClientAddress) // one budget per client IP
+///     .trust_proxy(ProxyTrust::x_forwarded_for(1))
+///     .build()?;
+/// let app = pmcp::axum::concurrent_router(Arc::new(server)).layer(layer);
+/// for client in ["198.51.100.1", "198.51.100.2"] {
+///     let ping = Request::post("/")
+///         .header("content-type", "application/json")
+///         .header("accept", "application/json, text/event-stream")
+///         .header("x-forwarded-for", client)
+///         .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))?;
+///     app.clone().oneshot(ping).await?;
+/// }
+/// let keys: Vec<String> = limiter.metrics().keys.iter().map(|k| k.key.as_str().to_owned()).collect();
+/// assert_eq!(keys, ["client:198.51.100.1", "client:198.51.100.2"]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum RequestKey {
@@ -126,6 +187,21 @@ impl fmt::Debug for RequestKey {
 }
 
 /// The proxy header to trust for the client address.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+/// use pmcp_resilience::server::{ProxyHeader, ProxyTrust, RequestKey, ResilienceLayer};
+///
+/// // Two proxies appending RFC 7239 `Forwarded: for=client, for=proxy1`.
+/// let trust = ProxyTrust::forwarded(2);
+/// assert_eq!((trust.header, trust.trusted_hops), (ProxyHeader::Forwarded, 2));
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(RateLimitMiddleware::builder().build().expect("valid"))
+///     .key(RequestKey::ClientAddress)
+///     .trust_proxy(trust)
+///     .build();
+/// assert!(layer.is_ok());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProxyHeader {
@@ -138,6 +214,36 @@ pub enum ProxyHeader {
 /// Trust in the proxies in front of the server: which of them append to
 /// the forwarding header. Off unless configured, since any client can send
 /// these headers.
+///
+/// ```
+/// use axum::body::Body;
+/// use http::Request;
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+/// use pmcp_resilience::server::{ProxyTrust, RequestKey, ResilienceLayer};
+/// use std::sync::Arc;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let limiter = RateLimitMiddleware::builder().build()?;
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(limiter.clone())
+///     .key(RequestKey::ClientAddress)
+///     .trust_proxy(ProxyTrust::x_forwarded_for(1)) // one load balancer appends the client's address
+///     .build()?;
+/// let server = pmcp::Server::builder().name("demo").version("1.0.0").build()?;
+/// let app = pmcp::axum::concurrent_router(Arc::new(server)).layer(layer);
+/// // The client wrote "1.2.3.4" itself; the balancer appended the address it saw.
+/// let ping = Request::post("/")
+///     .header("content-type", "application/json")
+///     .header("accept", "application/json, text/event-stream")
+///     .header("x-forwarded-for", "1.2.3.4, 203.0.113.7")
+///     .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))?;
+/// app.oneshot(ping).await?;
+/// assert_eq!(limiter.metrics().keys[0].key.as_str(), "client:203.0.113.7");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyTrust {
     /// The header the proxies append to.

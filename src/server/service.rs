@@ -25,6 +25,30 @@ use super::tools::{self, ToolCall};
 use super::trust::Caller;
 
 /// The service made by [`ResilienceLayer`](super::ResilienceLayer).
+///
+/// ```
+/// use axum::body::Body;
+/// use http::{Request, Response, StatusCode};
+/// use pmcp_resilience::rate_limit::RateLimitMiddleware;
+/// use pmcp_resilience::server::{ResilienceLayer, ResilienceService};
+/// use std::convert::Infallible;
+/// use tower::{Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let layer = ResilienceLayer::builder().rate_limit(RateLimitMiddleware::builder().build()?).build()?;
+/// // Any HTTP service can be wrapped; here a stand-in for pmcp's router.
+/// let inner = tower::service_fn(|_: Request<Body>| async {
+///     Ok::<_, Infallible>(Response::new(Body::from(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)))
+/// });
+/// let service: ResilienceService<_> = layer.layer(inner);
+/// let ping = Request::post("/")
+///     .header("content-type", "application/json")
+///     .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))?;
+/// assert_eq!(service.oneshot(ping).await?.status(), StatusCode::OK);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ResilienceService<S> {
     inner: S,

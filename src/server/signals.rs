@@ -72,6 +72,38 @@ pub const CIRCUIT_BREAKER_OPEN: i32 = -32006;
 /// | Python `mcp` 1.x | the JSON-RPC error with its `data` | `HTTPStatusError` raised out of the transport: the session is lost |
 /// | TypeScript SDK 1.x | the JSON-RPC error with its `data` | `StreamableHTTPError` with the status only |
 /// | gateways, curl, load balancers | a 200 (only the headers tell) | a 429/503 they understand |
+///
+/// ```
+/// use axum::body::Body;
+/// use http::{Request, StatusCode};
+/// use pmcp_resilience::rate_limit::{RateLimitMiddleware, RateLimitStrategy};
+/// use pmcp_resilience::server::{Refusals, ResilienceLayer};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = pmcp::Server::builder().name("demo").version("1.0.0").build()?;
+/// let once_a_minute = RateLimitStrategy::FixedWindow { max_requests: 1, window: Duration::from_secs(60) };
+/// let layer = ResilienceLayer::builder()
+///     .rate_limit(RateLimitMiddleware::builder().strategy(once_a_minute).build()?)
+///     .refusals(Refusals::HttpStatus) // for gateways that act on the status
+///     .build()?;
+/// let app = pmcp::axum::concurrent_router(Arc::new(server)).layer(layer);
+/// let ping = || {
+///     Request::post("/")
+///         .header("content-type", "application/json")
+///         .header("accept", "application/json, text/event-stream")
+///         .body(Body::from(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#))
+/// };
+/// let _first = app.clone().oneshot(ping()?).await?;
+/// let refused = app.oneshot(ping()?).await?;
+/// assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert!(refused.headers().contains_key("retry-after"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusals {

@@ -31,6 +31,19 @@ use serde::{Deserialize, Serialize};
 use super::{Decision, mul, to_u32};
 
 /// State of a fixed window.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::strategy::{FixedWindowState, LimiterState, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let strategy = RateLimitStrategy::FixedWindow { max_requests: 10, window: Duration::from_secs(1) };
+/// let mut state = strategy.initial_state();
+/// strategy.check(&mut state, Timestamp::from_millis(5_300), 3);
+/// // Windows are aligned to the Unix epoch: this one started at 5 s.
+/// let start = Timestamp::from_millis(5_000).as_nanos();
+/// assert_eq!(state, LimiterState::FixedWindow(FixedWindowState { window_start: start, count: 3 }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FixedWindowState {
     /// Start of the current window, nanoseconds since the Unix epoch.

@@ -35,6 +35,20 @@ use serde::{Deserialize, Serialize};
 use super::{Decision, mul, to_u32};
 
 /// State of a leaky bucket: one timestamp.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::strategy::{LeakyBucketState, LimiterState, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// // Two units a second leak out: one every 500 ms.
+/// let strategy = RateLimitStrategy::LeakyBucket { capacity: 5, leak_rate: 2 };
+/// let mut state = strategy.initial_state();
+/// let now = Timestamp::from_millis(10_000);
+/// assert!(strategy.check(&mut state, now, 1).allowed);
+/// let empty_at = now.saturating_add(Duration::from_millis(500)).as_nanos();
+/// assert_eq!(state, LimiterState::LeakyBucket(LeakyBucketState { next_free: empty_at }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LeakyBucketState {
     /// When the last admitted unit has left, in nanoseconds since the Unix

@@ -470,6 +470,19 @@ impl Policy {
 
 /// The stored state of one key, for any strategy: small, plain and
 /// serialisable (a file or a Redis hash holds it as is).
+///
+/// ```
+/// use pmcp_resilience::rate_limit::strategy::{LimiterState, RateLimitStrategy, TokenBucketState};
+/// use pmcp_resilience::Timestamp;
+///
+/// let strategy = RateLimitStrategy::TokenBucket { capacity: 10, refill_rate: 5 };
+/// let mut state: LimiterState = strategy.initial_state();
+/// assert_eq!(state, LimiterState::TokenBucket(TokenBucketState { tat: 0 }));
+/// strategy.check(&mut state, Timestamp::from_millis(1_000), 1);
+/// // What a file or a Redis hash holds: plain and tagged by strategy.
+/// let stored = serde_json::to_string(&state).expect("serialisable");
+/// assert_eq!(stored, r#"{"strategy":"token_bucket","tat":1200000000}"#);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -498,6 +511,24 @@ pub enum LimiterState {
 /// would let the newcomer and a later waiter pass together, beyond the
 /// limit. A slot that cannot be given back is simply unused; its capacity
 /// returns as time passes, like that of any idle moment.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{KeyedRateLimiter, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let limiter = KeyedRateLimiter::with_strategy(RateLimitStrategy::TokenBucket { capacity: 1, refill_rate: 1 })?;
+/// let now = Timestamp::from_millis(1_767_225_600_000);
+/// let max_wait = Duration::from_secs(5);
+/// limiter.acquire_key_at("alice", 1, now, max_wait); // takes the only token
+/// let waiter = limiter.acquire_key_at("alice", 1, now, max_wait);
+/// assert_eq!(waiter.decision.wait, Duration::from_secs(1));
+/// let reservation = waiter.reservation.expect("a waiting request holds a slot");
+/// assert_eq!(reservation.cost, 1);
+/// // The caller gave up before its turn: no later request reserved since, so the slot comes back.
+/// assert!(limiter.cancel_at("alice", &reservation, now));
+/// # Ok::<(), pmcp_resilience::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     /// Units reserved.
@@ -509,6 +540,24 @@ pub struct Reservation {
 }
 
 /// The answer of a limiter to one request.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::{Decision, RateLimitStrategy};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let strategy = RateLimitStrategy::FixedWindow { max_requests: 2, window: Duration::from_secs(60) };
+/// let mut state = strategy.initial_state();
+/// let now = Timestamp::from_millis(1_767_225_600_000); // 2026-01-01T00:00:00Z, a window start
+/// let first: Decision = strategy.check(&mut state, now, 1);
+/// assert!(first.allowed);
+/// assert_eq!((first.remaining, first.limit), (1, 2));
+/// assert_eq!(first.reset_at, now.saturating_add(Duration::from_secs(60)));
+/// strategy.check(&mut state, now, 1);
+/// let third = strategy.check(&mut state, now, 1);
+/// assert!(!third.allowed);
+/// assert_eq!(third.retry_after, Some(Duration::from_secs(60))); // when the next window opens
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     /// Whether the request may proceed (possibly after [`wait`](Self::wait)).

@@ -49,6 +49,21 @@ use serde::{Deserialize, Serialize};
 use super::{Decision, to_u32};
 
 /// State of a sliding window: two counters.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::strategy::{LimiterState, RateLimitStrategy, SlidingWindowState};
+/// use pmcp_resilience::Timestamp;
+/// use std::time::Duration;
+///
+/// let strategy = RateLimitStrategy::SlidingWindow { max_requests: 10, window: Duration::from_secs(1) };
+/// let mut state = strategy.initial_state();
+/// strategy.check(&mut state, Timestamp::from_millis(5_300), 4);
+/// strategy.check(&mut state, Timestamp::from_millis(6_100), 1);
+/// // In the window that started at 6 s: 1 unit now, 4 in the window before.
+/// let start = Timestamp::from_millis(6_000).as_nanos();
+/// let expected = SlidingWindowState { window_start: start, current: 1, previous: 4 };
+/// assert_eq!(state, LimiterState::SlidingWindow(expected));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SlidingWindowState {
     /// Start of the current window, nanoseconds since the Unix epoch.

@@ -31,6 +31,19 @@ use serde::{Deserialize, Serialize};
 use super::{Decision, mul, to_u32};
 
 /// State of a token bucket: one timestamp.
+///
+/// ```
+/// use pmcp_resilience::rate_limit::strategy::{LimiterState, RateLimitStrategy, TokenBucketState};
+/// use pmcp_resilience::Timestamp;
+///
+/// // 4 tokens a second: each taken token comes back after 250 ms.
+/// let strategy = RateLimitStrategy::TokenBucket { capacity: 4, refill_rate: 4 };
+/// let mut state = strategy.initial_state();
+/// let now = Timestamp::from_millis(10_000);
+/// strategy.check(&mut state, now, 2);
+/// let full_again = now.saturating_add(std::time::Duration::from_millis(500));
+/// assert_eq!(state, LimiterState::TokenBucket(TokenBucketState { tat: full_again.as_nanos() }));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TokenBucketState {
     /// Theoretical arrival time, in nanoseconds since the Unix epoch: when the
