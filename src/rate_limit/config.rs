@@ -15,7 +15,8 @@ use crate::registry::RegistryLimits;
 use crate::scope::{RequestTarget, Scope, tool_name};
 
 use super::backpressure::{BackpressureConfig, DEFAULT_MAX_WAITERS};
-use super::limiter::{KeyedRateLimiter, RateLimiter};
+use super::keyed::KeyedRateLimiter;
+use super::limiter::RateLimiter;
 use super::middleware::{Engine, RateLimitMiddleware};
 use super::strategy::{LimiterState, RateLimitStrategy};
 

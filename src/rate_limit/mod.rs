@@ -84,6 +84,7 @@
 mod backpressure;
 mod config;
 mod entry;
+mod keyed;
 mod limiter;
 mod metrics;
 mod middleware;
@@ -92,7 +93,8 @@ mod waiting;
 
 pub use backpressure::BackpressureConfig;
 pub use config::{CostFn, RateLimitBuilder};
-pub use limiter::{Admission, KeyUsage, KeyedRateLimiter, RateLimiter};
+pub use keyed::KeyedRateLimiter;
+pub use limiter::{Admission, KeyUsage, RateLimiter};
 #[allow(deprecated)]
 pub use metrics::RateLimitSnapshot;
 pub use metrics::{DEFAULT_REPORT_NAME, RateLimitMetrics};

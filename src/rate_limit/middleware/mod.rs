@@ -18,7 +18,8 @@ use crate::scope::{RequestTarget, Scope, ScopeKey};
 
 use super::backpressure::BackpressureConfig;
 use super::config::{RateLimitBuilder, RequestCost, pmcp_interval};
-use super::limiter::{Admission, KeyedRateLimiter, RateLimiter};
+use super::keyed::KeyedRateLimiter;
+use super::limiter::{Admission, RateLimiter};
 use super::metrics::{Counters, RateLimitMetrics};
 use super::strategy::{Decision, Policy};
 use super::waiting::{Arrival, Turn, WaitGuard, WaitQueue};
