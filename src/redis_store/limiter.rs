@@ -295,18 +295,18 @@ impl RedisRateLimiter {
     ) -> Result<ScriptReply, StoreError> {
         let redis_key = self.redis_key(key);
         let max_wait = u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX);
-        let mut invocation = self.script.key(redis_key);
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &redis_key, 7);
+        cmd.arg(now_us)
             .arg(self.kind)
             .arg(self.p1)
             .arg(self.p2)
             .arg("a")
             .arg(cost)
             .arg(max_wait.min(EXACT));
+        let script = &self.script;
         let reply: Vec<i64> = self
             .link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call(|mut conn| async move { scripts::run(script, &cmd, &mut conn).await })
             .await?;
         ScriptReply::parse(&reply)
     }
@@ -320,18 +320,18 @@ impl RedisRateLimiter {
         now_us: i64,
     ) -> Result<bool, StoreError> {
         let redis_key = self.redis_key(key);
-        let mut invocation = self.script.key(redis_key);
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &redis_key, 11);
+        cmd.arg(now_us)
             .arg(self.kind)
             .arg(self.p1)
             .arg(self.p2)
             .arg("c")
             .arg(&before[..])
             .arg(&after[..]);
+        let script = &self.script;
         let reply: Vec<i64> = self
             .link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call(|mut conn| async move { scripts::run(script, &cmd, &mut conn).await })
             .await?;
         Ok(reply.first() == Some(&1))
     }
@@ -391,6 +391,46 @@ impl RedisRateLimiter {
         })
     }
 
+    /// A decision from the denial cache, the script, or (Redis failing) the
+    /// failure policy.
+    async fn admit(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
+        let limit = self.micros.limit();
+        if cost > limit {
+            return Admission {
+                decision: Decision::never(limit, now),
+                reservation: None,
+            };
+        }
+        if let Some(decision) = self.denials.lookup(key, cost, max_wait, now) {
+            self.link
+                .cached_denials
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Admission {
+                decision,
+                reservation: None,
+            };
+        }
+        match self.script_acquire(key, cost, max_wait, -1).await {
+            Ok(reply) => {
+                let decision = self.decision(&reply, now);
+                if !decision.allowed {
+                    self.denials.insert(key, cost, decision, now);
+                }
+                let reservation =
+                    (decision.allowed && !decision.wait.is_zero()).then(|| Reservation {
+                        cost,
+                        before: self.state(reply.before),
+                        after: self.state(reply.after),
+                    });
+                Admission {
+                    decision,
+                    reservation,
+                }
+            }
+            Err(_) => self.degraded(key, cost, now, max_wait),
+        }
+    }
+
     fn degraded(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
         self.link.count_degraded();
         let limit = self.micros.limit();
@@ -425,7 +465,11 @@ impl RateLimiter for RedisRateLimiter {
         cost: u32,
         now: Timestamp,
     ) -> Result<Decision, StoreError> {
-        Ok(self.acquire(key, cost, now, Duration::ZERO).await?.decision)
+        // Not through `acquire`: that would box a second future per check.
+        Ok(self
+            .admit(key.as_str(), cost, now, Duration::ZERO)
+            .await
+            .decision)
     }
 
     async fn acquire(
@@ -435,42 +479,7 @@ impl RateLimiter for RedisRateLimiter {
         now: Timestamp,
         max_wait: Duration,
     ) -> Result<Admission, StoreError> {
-        let key = key.as_str();
-        let limit = self.micros.limit();
-        if cost > limit {
-            return Ok(Admission {
-                decision: Decision::never(limit, now),
-                reservation: None,
-            });
-        }
-        if let Some(decision) = self.denials.lookup(key, cost, max_wait, now) {
-            self.link
-                .cached_denials
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Admission {
-                decision,
-                reservation: None,
-            });
-        }
-        match self.script_acquire(key, cost, max_wait, -1).await {
-            Ok(reply) => {
-                let decision = self.decision(&reply, now);
-                if !decision.allowed {
-                    self.denials.insert(key, cost, decision, now);
-                }
-                let reservation =
-                    (decision.allowed && !decision.wait.is_zero()).then(|| Reservation {
-                        cost,
-                        before: self.state(reply.before),
-                        after: self.state(reply.after),
-                    });
-                Ok(Admission {
-                    decision,
-                    reservation,
-                })
-            }
-            Err(_) => Ok(self.degraded(key, cost, now, max_wait)),
-        }
+        Ok(self.admit(key.as_str(), cost, now, max_wait).await)
     }
 
     async fn cancel(

@@ -38,3 +38,37 @@ pub(crate) const LIMITER: &str = include_str!("limiter.lua");
 /// Reasons: 0 consecutive failures, 1 probe failed, 2 probe deadline, 3 open
 /// time elapsed, 4 probes succeeded.
 pub(crate) const BREAKER: &str = include_str!("breaker.lua");
+
+/// `EVALSHA <sha of script> 1 <key>`, with room for `args` more arguments.
+///
+/// Built straight into one command buffer: going through
+/// `redis::ScriptInvocation` allocated every argument on its own and then
+/// copied them all into the command, the larger part of the client's work
+/// per decision.
+pub(crate) fn evalsha(script: &redis::Script, key: &str, args: usize) -> redis::Cmd {
+    let hash = script.get_hash();
+    let mut cmd = redis::Cmd::with_capacity(4 + args, 8 + hash.len() + key.len() + 24 * args);
+    cmd.arg("EVALSHA").arg(hash).arg(1).arg(key);
+    cmd
+}
+
+/// Runs `cmd` (made by [`evalsha`]), loading `script` and running it once
+/// more after `NOSCRIPT` (a restarted, flushed or failed-over Redis), as
+/// `redis::ScriptInvocation::invoke_async` does.
+pub(crate) async fn run<T, C>(
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+    conn: &mut C,
+) -> redis::RedisResult<T>
+where
+    T: redis::FromRedisValue,
+    C: redis::aio::ConnectionLike,
+{
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
