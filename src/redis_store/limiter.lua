@@ -161,4 +161,9 @@ end
 local b1, b2, b3 = s[1], s[2], s[3]
 local allowed, remaining, reset_at, retry, wait = decide(s, tonumber(ARGV[6]), tonumber(ARGV[7]))
 if allowed == 1 then save(s) end
-return {allowed, remaining, reset_at, retry, wait, b1, b2, b3, s[1], s[2], s[3], now}
+-- The states only for a reservation (or when asked): the client parses
+-- every value of the reply, and these are the long ones.
+if wait > 0 or ARGV[8] == '1' then
+  return {allowed, remaining, reset_at - now, retry, wait, b1, b2, b3, s[1], s[2], s[3]}
+end
+return {allowed, remaining, reset_at - now, retry, wait}

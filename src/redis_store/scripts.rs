@@ -8,14 +8,15 @@
 ///
 /// `ARGV`: 1 now, 2 kind (1 fixed window, 2 sliding window, 3 token bucket,
 /// 4 leaky bucket), 3 limit (max or capacity), 4 window or interval (µs),
-/// 5 op (`a` acquire, `c` cancel), then for `a`: 6 cost, 7 max wait (µs);
-/// for `c`: 6..8 the state before the reservation, 9..11 the state after.
+/// 5 op (`a` acquire, `c` cancel), then for `a`: 6 cost, 7 max wait (µs),
+/// 8 `1` to have the states in every reply; for `c`: 6..8 the state before
+/// the reservation, 9..11 the state after.
 ///
-/// Reply to `a`: `{allowed, remaining, reset_at, retry_after (-1: never),
-/// wait, before_a, before_b, before_c, after_a, after_b, after_c, now}`
-/// (`now`: the time the script decided at, so the caller can turn
-/// `reset_at` into a duration on the clock that produced it); to `c`: `{1}`
-/// if refunded, `{0}` otherwise.
+/// Reply to `a`: `{allowed, remaining, reset_in, retry_after (-1: never),
+/// wait}` (`reset_in`: `reset_at` minus the time the script decided at, so
+/// the caller can put it on its own clock), followed by `before_a, before_b,
+/// before_c, after_a, after_b, after_c` when `wait > 0` (a reservation) or
+/// when asked; to `c`: `{1}` if refunded, `{0}` otherwise.
 pub(crate) const LIMITER: &str = include_str!("limiter.lua");
 
 /// Breaker: `KEYS[1]` = the key's state, `"state mode consecutive_failures
