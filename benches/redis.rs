@@ -157,7 +157,8 @@ fn strategy() -> RateLimitStrategy {
 }
 
 /// The command the limiter sends for a check: Redis time, token bucket,
-/// capacity, interval (µs), acquire, cost 1, no wait.
+/// capacity, interval (µs), acquire, cost 1, no wait, the states only with
+/// a reservation.
 fn limiter_cmd(limiter: &RedisRateLimiter) -> redis::Cmd {
     let mut cmd = evalsha(LIMITER_LUA, &limiter.redis_key(LIMITER_KEY));
     cmd.arg(-1)
@@ -166,6 +167,7 @@ fn limiter_cmd(limiter: &RedisRateLimiter) -> redis::Cmd {
         .arg(1_000_000 / REFILL_PER_S)
         .arg("a")
         .arg(1)
+        .arg(0)
         .arg(0);
     cmd
 }

@@ -54,15 +54,17 @@ local function expire()
 end
 
 local function save()
-  local parts = {st, mode, cf, hos, trips, opened, open_until, next_probe}
+  local quiet = st == 0 and mode == 0 and cf == 0 and hos == 0 and trips == 0 and next_probe == 0
+  -- A quiet breaker with no key stays without one: nothing to format.
+  if quiet and not v then return end
+  -- One format call for the fixed fields (each call costs about a GET).
+  local out = string.format('%.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f',
+    st, mode, cf, hos, trips, opened, open_until, next_probe)
   for _, p in ipairs(probes) do
-    parts[#parts + 1] = p[1]
-    parts[#parts + 1] = p[2]
+    out = out .. string.format(' %.0f %.0f', p[1], p[2])
   end
-  for k, x in ipairs(parts) do parts[k] = string.format('%.0f', x) end
-  local out = table.concat(parts, ' ')
   if out == v then return end
-  if st == 0 and mode == 0 and cf == 0 and hos == 0 and trips == 0 and next_probe == 0 then
+  if quiet then
     if v then redis.call('DEL', KEYS[1]) end
   elseif mode ~= 0 then
     -- An operator's mode lasts until it is reset, whatever the TTL.

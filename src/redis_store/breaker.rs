@@ -321,9 +321,8 @@ impl RedisBreakerStore {
         now_us: i64,
     ) -> Result<Vec<i64>, StoreError> {
         Self::supports(policy).map_err(|e| StoreError::Other(e.to_string()))?;
-        let mut invocation = self.script.key(self.redis_key(key));
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &self.redis_key(key), 10);
+        cmd.arg(now_us)
             .arg(op)
             .arg(policy.consecutive_failures)
             .arg(policy.success_threshold)
@@ -333,8 +332,9 @@ impl RedisBreakerStore {
             .arg(self.ttl_ms())
             .arg(result)
             .arg(probe);
+        let script = &self.script;
         self.link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call(|mut conn| async move { scripts::run(script, &cmd, &mut conn).await })
             .await
     }
 
@@ -398,9 +398,8 @@ impl RedisBreakerStore {
         mode: BreakerMode,
         now_us: i64,
     ) -> Result<(), StoreError> {
-        let mut invocation = self.script.key(self.redis_key(key));
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &self.redis_key(key), 10);
+        cmd.arg(now_us)
             .arg("m")
             .arg(0)
             .arg(0)
@@ -410,8 +409,9 @@ impl RedisBreakerStore {
             .arg(self.ttl_ms())
             .arg(mode_code(mode))
             .arg(-1);
+        let script = &self.script;
         self.link
-            .call(|mut conn| async move { invocation.invoke_async::<Vec<i64>>(&mut conn).await })
+            .call(|mut conn| async move { scripts::run::<Vec<i64>, _>(script, &cmd, &mut conn).await })
             .await
             .map(drop)
     }

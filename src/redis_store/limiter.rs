@@ -173,22 +173,21 @@ pub(crate) fn micro_policy(strategy: &RateLimitStrategy) -> Result<Policy, Confi
 pub(crate) struct ScriptReply {
     pub(crate) allowed: bool,
     pub(crate) remaining: u64,
-    pub(crate) reset_at: u64,
+    /// `reset_at` minus the Redis time the script decided at (µs).
+    pub(crate) reset_in: i64,
     /// `None`: never.
     pub(crate) retry_after: Option<u64>,
     pub(crate) wait: u64,
-    pub(crate) before: [u64; 3],
-    pub(crate) after: [u64; 3],
-    /// The Redis time the script decided at: `reset_at` and the states are
-    /// on this clock.
-    pub(crate) now: u64,
+    /// The states before and after, when the script sent them (a
+    /// reservation, or asked for).
+    pub(crate) states: Option<([u64; 3], [u64; 3])>,
 }
 
 impl ScriptReply {
     fn parse(r: &[i64]) -> Result<Self, StoreError> {
-        if r.len() != 12 {
+        if r.len() != 5 && r.len() != 11 {
             return Err(StoreError::Corrupt(format!(
-                "limiter script replied with {} values, expected 12",
+                "limiter script replied with {} values, expected 5 or 11",
                 r.len()
             )));
         }
@@ -196,12 +195,10 @@ impl ScriptReply {
         Ok(ScriptReply {
             allowed: r[0] == 1,
             remaining: u(1),
-            reset_at: u(2),
+            reset_in: r[2],
             retry_after: (r[3] >= 0).then(|| u(3)),
             wait: u(4),
-            before: [u(5), u(6), u(7)],
-            after: [u(8), u(9), u(10)],
-            now: u(11),
+            states: (r.len() == 11).then(|| ([u(5), u(6), u(7)], [u(8), u(9), u(10)])),
         })
     }
 }
@@ -305,28 +302,31 @@ impl RedisRateLimiter {
         self.micros
     }
 
-    /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in tests.
+    /// Runs the script's acquire; `now_us` is `-1` (Redis `TIME`) except in
+    /// tests, which also ask for the states in every reply (`with_states`).
     pub(crate) async fn script_acquire(
         &self,
         key: &str,
         cost: u32,
         max_wait: Duration,
         now_us: i64,
+        with_states: bool,
     ) -> Result<ScriptReply, StoreError> {
         let redis_key = self.redis_key(key);
         let max_wait = u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX);
-        let mut invocation = self.script.key(redis_key);
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &redis_key, 8);
+        cmd.arg(now_us)
             .arg(self.kind)
             .arg(self.p1)
             .arg(self.p2)
             .arg("a")
             .arg(cost)
-            .arg(max_wait.min(EXACT));
+            .arg(max_wait.min(EXACT))
+            .arg(u8::from(with_states));
+        let script = &self.script;
         let reply: Vec<i64> = self
             .link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call(|mut conn| async move { scripts::run(script, &cmd, &mut conn).await })
             .await?;
         ScriptReply::parse(&reply)
     }
@@ -340,18 +340,18 @@ impl RedisRateLimiter {
         now_us: i64,
     ) -> Result<bool, StoreError> {
         let redis_key = self.redis_key(key);
-        let mut invocation = self.script.key(redis_key);
-        invocation
-            .arg(now_us)
+        let mut cmd = scripts::evalsha(&self.script, &redis_key, 11);
+        cmd.arg(now_us)
             .arg(self.kind)
             .arg(self.p1)
             .arg(self.p2)
             .arg("c")
             .arg(&before[..])
             .arg(&after[..]);
+        let script = &self.script;
         let reply: Vec<i64> = self
             .link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call(|mut conn| async move { scripts::run(script, &cmd, &mut conn).await })
             .await?;
         Ok(reply.first() == Some(&1))
     }
@@ -364,7 +364,9 @@ impl RedisRateLimiter {
             allowed: r.allowed,
             remaining: to_u32(r.remaining),
             limit: self.micros.limit(),
-            reset_at: now.saturating_add(Duration::from_micros(r.reset_at.saturating_sub(r.now))),
+            reset_at: now.saturating_add(Duration::from_micros(
+                u64::try_from(r.reset_in).unwrap_or(0),
+            )),
             retry_after: if r.allowed {
                 Some(Duration::ZERO)
             } else {
@@ -411,6 +413,49 @@ impl RedisRateLimiter {
         })
     }
 
+    /// A decision from the denial cache, the script, or (Redis failing) the
+    /// failure policy.
+    async fn admit(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
+        let limit = self.micros.limit();
+        if cost > limit {
+            return Admission {
+                decision: Decision::never(limit, now),
+                reservation: None,
+            };
+        }
+        if let Some(decision) = self.denials.lookup(key, cost, max_wait, now) {
+            self.link
+                .cached_denials
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Admission {
+                decision,
+                reservation: None,
+            };
+        }
+        match self.script_acquire(key, cost, max_wait, -1, false).await {
+            Ok(reply) => {
+                let decision = self.decision(&reply, now);
+                if !decision.allowed {
+                    self.denials.insert(key, cost, decision, now);
+                }
+                // The script sends the states exactly when there is a wait.
+                let reservation = reply
+                    .states
+                    .filter(|_| decision.allowed && !decision.wait.is_zero())
+                    .map(|(before, after)| Reservation {
+                        cost,
+                        before: self.state(before),
+                        after: self.state(after),
+                    });
+                Admission {
+                    decision,
+                    reservation,
+                }
+            }
+            Err(_) => self.degraded(key, cost, now, max_wait),
+        }
+    }
+
     fn degraded(&self, key: &str, cost: u32, now: Timestamp, max_wait: Duration) -> Admission {
         self.link.count_degraded();
         let limit = self.micros.limit();
@@ -445,7 +490,11 @@ impl RateLimiter for RedisRateLimiter {
         cost: u32,
         now: Timestamp,
     ) -> Result<Decision, StoreError> {
-        Ok(self.acquire(key, cost, now, Duration::ZERO).await?.decision)
+        // Not through `acquire`: that would box a second future per check.
+        Ok(self
+            .admit(key.as_str(), cost, now, Duration::ZERO)
+            .await
+            .decision)
     }
 
     async fn acquire(
@@ -455,42 +504,7 @@ impl RateLimiter for RedisRateLimiter {
         now: Timestamp,
         max_wait: Duration,
     ) -> Result<Admission, StoreError> {
-        let key = key.as_str();
-        let limit = self.micros.limit();
-        if cost > limit {
-            return Ok(Admission {
-                decision: Decision::never(limit, now),
-                reservation: None,
-            });
-        }
-        if let Some(decision) = self.denials.lookup(key, cost, max_wait, now) {
-            self.link
-                .cached_denials
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Admission {
-                decision,
-                reservation: None,
-            });
-        }
-        match self.script_acquire(key, cost, max_wait, -1).await {
-            Ok(reply) => {
-                let decision = self.decision(&reply, now);
-                if !decision.allowed {
-                    self.denials.insert(key, cost, decision, now);
-                }
-                let reservation =
-                    (decision.allowed && !decision.wait.is_zero()).then(|| Reservation {
-                        cost,
-                        before: self.state(reply.before),
-                        after: self.state(reply.after),
-                    });
-                Ok(Admission {
-                    decision,
-                    reservation,
-                })
-            }
-            Err(_) => Ok(self.degraded(key, cost, now, max_wait)),
-        }
+        Ok(self.admit(key.as_str(), cost, now, max_wait).await)
     }
 
     async fn cancel(

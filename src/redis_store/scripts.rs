@@ -8,14 +8,15 @@
 ///
 /// `ARGV`: 1 now, 2 kind (1 fixed window, 2 sliding window, 3 token bucket,
 /// 4 leaky bucket), 3 limit (max or capacity), 4 window or interval (µs),
-/// 5 op (`a` acquire, `c` cancel), then for `a`: 6 cost, 7 max wait (µs);
-/// for `c`: 6..8 the state before the reservation, 9..11 the state after.
+/// 5 op (`a` acquire, `c` cancel), then for `a`: 6 cost, 7 max wait (µs),
+/// 8 `1` to have the states in every reply; for `c`: 6..8 the state before
+/// the reservation, 9..11 the state after.
 ///
-/// Reply to `a`: `{allowed, remaining, reset_at, retry_after (-1: never),
-/// wait, before_a, before_b, before_c, after_a, after_b, after_c, now}`
-/// (`now`: the time the script decided at, so the caller can turn
-/// `reset_at` into a duration on the clock that produced it); to `c`: `{1}`
-/// if refunded, `{0}` otherwise.
+/// Reply to `a`: `{allowed, remaining, reset_in, retry_after (-1: never),
+/// wait}` (`reset_in`: `reset_at` minus the time the script decided at, so
+/// the caller can put it on its own clock), followed by `before_a, before_b,
+/// before_c, after_a, after_b, after_c` when `wait > 0` (a reservation) or
+/// when asked; to `c`: `{1}` if refunded, `{0}` otherwise.
 pub(crate) const LIMITER: &str = include_str!("limiter.lua");
 
 /// Breaker: `KEYS[1]` = the key's state, `"state mode consecutive_failures
@@ -38,3 +39,37 @@ pub(crate) const LIMITER: &str = include_str!("limiter.lua");
 /// Reasons: 0 consecutive failures, 1 probe failed, 2 probe deadline, 3 open
 /// time elapsed, 4 probes succeeded.
 pub(crate) const BREAKER: &str = include_str!("breaker.lua");
+
+/// `EVALSHA <sha of script> 1 <key>`, with room for `args` more arguments.
+///
+/// Built straight into one command buffer: going through
+/// `redis::ScriptInvocation` allocated every argument on its own and then
+/// copied them all into the command, the larger part of the client's work
+/// per decision.
+pub(crate) fn evalsha(script: &redis::Script, key: &str, args: usize) -> redis::Cmd {
+    let hash = script.get_hash();
+    let mut cmd = redis::Cmd::with_capacity(4 + args, 8 + hash.len() + key.len() + 24 * args);
+    cmd.arg("EVALSHA").arg(hash).arg(1).arg(key);
+    cmd
+}
+
+/// Runs `cmd` (made by [`evalsha`]), loading `script` and running it once
+/// more after `NOSCRIPT` (a restarted, flushed or failed-over Redis), as
+/// `redis::ScriptInvocation::invoke_async` does.
+pub(crate) async fn run<T, C>(
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+    conn: &mut C,
+) -> redis::RedisResult<T>
+where
+    T: redis::FromRedisValue,
+    C: redis::aio::ConnectionLike,
+{
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
